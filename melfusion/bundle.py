@@ -1,0 +1,208 @@
+"""The model bundle: a diffusers pipeline folder plus `manifest.json` (classes, dtypes, sha256 of every file).
+
+`save_bundle` writes a bundle atomically, `verify_bundle` checks one without loading weights, and
+`load_pipeline` turns problems into a BundleError that names the missing or broken piece instead of a
+stack trace from inside transformers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import BundleError
+from .pipeline import MelFusionPipeline
+
+MANIFEST = "manifest.json"
+FORMAT = "melfusion-bundle"
+BUNDLE_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def component_names() -> list[str]:
+    """The pipeline's components, from its constructor (the arguments without defaults)."""
+    params = inspect.signature(MelFusionPipeline.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.default is inspect.Parameter.empty]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _component_dtype(module) -> str | None:
+    parameter = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+    return None if parameter is None else str(parameter.dtype).removeprefix("torch.")
+
+
+def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str) -> dict:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    components = {}
+    for name in component_names():
+        module = getattr(pipe, name)
+        components[name] = {
+            "library": type(module).__module__.split(".")[0],
+            "class": type(module).__name__,
+            "dtype": _component_dtype(module),
+            "files": [str(p.relative_to(directory)) for p in files if p.relative_to(directory).parts[0] == name],
+        }
+    manifest = {
+        "format": FORMAT,
+        "bundle_version": BUNDLE_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "components": components,
+        "files": {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def save_bundle(pipe: MelFusionPipeline, directory: str | os.PathLike, *, source: str) -> Path:
+    """`save_pretrained` + manifest into a temporary sibling, then swapped in: never half-written."""
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        write_manifest(pipe, staging, source=source)
+        if target.exists():
+            retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: no such bundle directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{directory}: not a MelFusion bundle ({MANIFEST} missing)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a MelFusion manifest (format {manifest.get('format')!r})")
+    if manifest.get("bundle_version") != BUNDLE_VERSION:
+        raise BundleError(f"{path}: bundle version {manifest.get('bundle_version')}, this code reads {BUNDLE_VERSION}")
+    return manifest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path.parent.name}: {path.name} missing") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+
+
+def check_compatibility(directory: Path) -> None:
+    """Configs that must agree across components for the synapse and the audio path to work."""
+    config = lambda name, file="config.json": _read_json(directory / name / file)  # noqa: E731
+    image_unet, music_unet = config("image_unet"), config("music_unet")
+    synapse = config("synapse")
+    pairs = [
+        ("image_unet.block_out_channels", image_unet["block_out_channels"], "music_unet.block_out_channels", music_unet["block_out_channels"]),
+        ("image_unet.layers_per_block", image_unet["layers_per_block"], "music_unet.layers_per_block", music_unet["layers_per_block"]),
+        ("image_vae.latent_channels", config("image_vae")["latent_channels"], "image_unet.in_channels", image_unet["in_channels"]),
+        ("mel_vae.latent_channels", config("mel_vae")["latent_channels"], "music_unet.in_channels", music_unet["in_channels"]),
+        ("text_encoder.d_model", config("text_encoder")["d_model"], "music_unet.cross_attention_dim", music_unet["cross_attention_dim"]),
+        ("image_text_encoder.hidden_size", config("image_text_encoder")["hidden_size"], "image_unet.cross_attention_dim", image_unet["cross_attention_dim"]),
+        ("image_scheduler.num_train_timesteps", config("image_scheduler", "scheduler_config.json")["num_train_timesteps"],
+         "scheduler.num_train_timesteps", config("scheduler", "scheduler_config.json")["num_train_timesteps"]),
+    ]
+    for left, a, right, b in pairs:
+        if a != b:
+            raise BundleError(f"{directory}: mismatched components: {left}={a} but {right}={b}")
+    blocks = {f"up_blocks.{i}" for i in range(len(music_unet["up_block_types"]))}
+    blocks |= {f"down_blocks.{i}" for i in range(len(music_unet["down_block_types"]))}
+    unknown = set(synapse["blocks"]) - blocks
+    if unknown:
+        raise BundleError(f"{directory}: synapse blocks {sorted(unknown)} do not exist in music_unet")
+
+
+def verify_bundle(directory: str | os.PathLike, *, hashes: bool = True) -> dict:
+    """Check structure, every listed file (size, and sha256 unless hashes=False) and cross-component configs.
+
+    Returns the manifest; raises BundleError naming the first missing, corrupt or mismatched piece.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    index = _read_json(directory / "model_index.json")
+    for name in component_names():
+        if name not in index or name not in manifest["components"]:
+            raise BundleError(f"{directory}: component {name!r} missing from model_index.json/manifest")
+        if not (directory / name).is_dir():
+            raise BundleError(f"{directory}: component folder {name}/ missing")
+    for relative, expected in manifest["files"].items():
+        path = directory / relative
+        if not path.is_file():
+            raise BundleError(f"{directory}: file {relative} missing")
+        if path.stat().st_size != expected["bytes"] or (hashes and _sha256(path) != expected["sha256"]):
+            raise BundleError(f"{directory}: file {relative} is corrupt (checksum mismatch)")
+    for path in directory.rglob("*"):
+        relative = str(path.relative_to(directory))
+        if path.suffix in WEIGHT_SUFFIXES and relative not in manifest["files"]:
+            raise BundleError(f"{directory}: weight file {relative} is not in the manifest")
+    check_compatibility(directory)
+    return manifest
+
+
+def load_pipeline(
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify_hashes: bool = True,
+) -> MelFusionPipeline:
+    """Verify, then `MelFusionPipeline.from_pretrained`, on `device` in `dtype`."""
+    verify_bundle(directory, hashes=verify_hashes)
+    try:
+        pipe = MelFusionPipeline.from_pretrained(str(directory), torch_dtype=dtype)
+    except Exception as exc:  # transformers/diffusers raise many types; name the bundle, keep the cause
+        raise BundleError(f"{directory}: could not load ({type(exc).__name__}: {exc})") from exc
+    return pipe.to(device)
+
+
+def default_tiny_bundle_dir() -> Path:
+    """Where the embedded tiny bundle lives: $MELFUSION_HOME (default ~/.cache/melfusion)."""
+    home = Path(os.environ.get("MELFUSION_HOME", Path.home() / ".cache" / "melfusion"))
+    return home / f"tiny-bundle-v{BUNDLE_VERSION}"
+
+
+def create_tiny_bundle(directory: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A tiny, randomly initialised, architecturally faithful bundle (same classes, tiny configs)."""
+    from .presets import build_components
+
+    return save_bundle(MelFusionPipeline(**build_components("tiny", seed=seed)), directory, source="create-tiny")
+
+
+def ensure_tiny_bundle(directory: str | os.PathLike | None = None) -> Path:
+    """The embedded default: reuse the tiny bundle if it verifies, else (re)build it (about a second)."""
+    directory = Path(directory) if directory else default_tiny_bundle_dir()
+    try:
+        verify_bundle(directory)
+        return directory
+    except BundleError:
+        return create_tiny_bundle(directory)

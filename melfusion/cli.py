@@ -1,0 +1,115 @@
+"""`melfusion` console script: `melfusion generate --image IMG --caption TEXT --out OUT.wav`.
+
+Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
+request fails in well under a second; the WAV is written atomically, so a failure leaves no file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
+from .images import load_image
+from .limits import IMAGE_GUIDANCE_MODES, SCHEDULERS, read_limits
+
+EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
+
+
+def add_generate_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="image + caption -> WAV")
+    parser.add_argument("--image", required=True, help="JPEG, PNG or WebP file")
+    parser.add_argument("--caption", required=True, help="a short description of the music")
+    parser.add_argument("--out", required=True, type=Path, help="WAV file to write")
+    parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
+    parser.add_argument("--seconds", type=float, help="clip length (bundle default if omitted)")
+    parser.add_argument("--steps", type=int, help="denoising steps (bundle default if omitted)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (paper: 7)")
+    parser.add_argument("--seed", type=int, help="random seed; printed so the clip can be reproduced")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument("--image-strength", type=float, default=1.0, help="0 = caption only, 1 = learned α")
+    parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, default="conditional")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .bundle import ensure_tiny_bundle
+
+    # 1. Validate everything that needs no model
+    image = load_image(args.image)
+    bundle = args.bundle or ensure_tiny_bundle()
+    limits = read_limits(bundle)
+    seconds = limits.default_seconds if args.seconds is None else args.seconds
+    steps = limits.default_steps if args.steps is None else args.steps
+    guidance = limits.default_guidance_scale if args.guidance is None else args.guidance
+    limits.check(
+        captions=[args.caption],
+        seconds=seconds,
+        steps=steps,
+        guidance_scale=guidance,
+        image_strength=args.image_strength,
+        scheduler=args.scheduler,
+        image_guidance=args.image_guidance,
+    )
+    if args.out.suffix.lower() != ".wav":
+        raise InputError("out", f"must end in .wav, got {args.out.name}")
+
+    # 2. Load and generate
+    import torch
+
+    from .audio import write_wav
+    from .bundle import load_pipeline
+
+    started = time.perf_counter()
+    pipe = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype))
+    loaded = time.perf_counter()
+    output = pipe(
+        args.caption,
+        image,
+        seconds=seconds,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        image_strength=args.image_strength,
+        image_guidance=args.image_guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+    )
+    path = write_wav(args.out, output.audios[0], output.sampling_rate)
+    print(
+        f"wrote {path.resolve()} ({seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
+        f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melfusion", description="MelFusion: image + caption -> music")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as exc:
+        print(f"melfusion: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except BundleError as exc:
+        print(f"melfusion: bundle error: {exc}", file=sys.stderr)
+        return EXIT_BUNDLE
+    except (KeyboardInterrupt, GenerationCancelled):
+        print("melfusion: interrupted; no file written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MelFusionError as exc:
+        print(f"melfusion: generation failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

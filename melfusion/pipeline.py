@@ -1,0 +1,442 @@
+"""MelFusionPipeline: image + caption -> music, the paper's Algorithm 2 (section 3.3) on diffusers parts.
+
+Image side (frozen Stable Diffusion 1.5 layout): VAE-encode the image, DDIM-invert it with the empty
+prompt to z_T (line 1), then denoise it again while recording the decoder self-attention K/V of every
+step (line 6). Music side (TANGO layout): FLAN-T5 caption embedding (line 3), Gaussian latent (line 2),
+a CFG denoising loop whose decoder cross-attention K/V are mixed with the image's (lines 4-10), mel VAE
+decode (line 11) and HiFi-GAN vocoder (line 12). Both loops share one timestep grid, so image step i is
+paired with music step i.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer, SpeechT5HifiGan, T5EncoderModel, T5Tokenizer
+
+from .attention import ImageFeatures, mixing_image_features, recording_self_attention
+from .audio import latent_frames
+from .errors import GenerationCancelled, InputError, MelFusionError
+from .images import fit_square
+from .limits import SCHEDULERS, GenerationLimits
+from .synapse import VisualSynapse
+
+ImageGuidance = Literal["conditional", "both"]
+Phase = Literal["image_inversion", "image_denoise", "music_denoise"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One finished UNet step, for progress reporting; `step` counts across all phases."""
+
+    phase: Phase
+    step: int
+    total: int
+    timestep: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total
+
+
+@dataclass
+class MelFusionOutput(BaseOutput):
+    audios: np.ndarray  # (B, samples) float32 in [-1, 1]-ish, at `sampling_rate`
+    sampling_rate: int
+    seeds: list[int]
+
+
+class _StepTracker:
+    """Counts steps over the phases of one call: progress bar, caller's callback, cooperative cancel."""
+
+    def __init__(self, pipe: "MelFusionPipeline", total: int, callback, should_cancel):
+        self.total, self.done = total, 0
+        self.callback, self.should_cancel = callback, should_cancel
+        self.bar = pipe.progress_bar(total=total)
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise GenerationCancelled(f"cancelled after {self.done} of {self.total} steps")
+
+    def advance(self, phase: Phase, timestep: torch.Tensor) -> None:
+        self.done += 1
+        self.bar.update()
+        if self.callback is not None:
+            self.callback(StepInfo(phase, self.done, self.total, int(timestep)))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MelFusionPipeline(DiffusionPipeline):
+    """Image + caption -> music waveform (MelFusion, CVPR 2024).
+
+    Components: the frozen SD 1.5 image side (`image_vae`, `image_unet`, `image_text_encoder`,
+    `image_tokenizer`, `image_scheduler`), the TANGO music side (`text_encoder`, `tokenizer`,
+    `music_unet`, `mel_vae`, `vocoder`, `scheduler`) and the `synapse` with its learned α.
+    """
+
+    model_cpu_offload_seq = "image_text_encoder->image_vae->image_unet->text_encoder->music_unet->mel_vae->vocoder"
+
+    def __init__(
+        self,
+        image_vae: AutoencoderKL,
+        image_unet: UNet2DConditionModel,
+        image_text_encoder: CLIPTextModel,
+        image_tokenizer: CLIPTokenizer,
+        image_scheduler: DDIMScheduler,
+        text_encoder: T5EncoderModel,
+        tokenizer: T5Tokenizer,
+        music_unet: UNet2DConditionModel,
+        mel_vae: AutoencoderKL,
+        vocoder: SpeechT5HifiGan,
+        scheduler: DDIMScheduler,
+        synapse: VisualSynapse,
+        hop_length: int = 160,
+        n_fft: int = 1024,
+        win_length: int = 1024,
+        mel_fmin: float = 0.0,
+        mel_fmax: float = 8000.0,
+        max_seconds: float = 30.0,
+        default_seconds: float = 10.0,
+        max_steps: int = 1000,
+        default_steps: int = 100,
+        default_guidance_scale: float = 7.0,
+    ):
+        super().__init__()
+        self.register_modules(
+            image_vae=image_vae,
+            image_unet=image_unet,
+            image_text_encoder=image_text_encoder,
+            image_tokenizer=image_tokenizer,
+            image_scheduler=image_scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            music_unet=music_unet,
+            mel_vae=mel_vae,
+            vocoder=vocoder,
+            scheduler=scheduler,
+            synapse=synapse,
+        )
+        # Mel/STFT settings (16 kHz, hop 160, 64 mels in TANGO) travel in model_index.json with the bundle.
+        self.register_to_config(
+            hop_length=hop_length,
+            n_fft=n_fft,
+            win_length=win_length,
+            mel_fmin=mel_fmin,
+            mel_fmax=mel_fmax,
+            max_seconds=max_seconds,
+            default_seconds=default_seconds,
+            max_steps=max_steps,
+            default_steps=default_steps,
+            default_guidance_scale=default_guidance_scale,
+        )
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
+        self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def image_vae_scale(self) -> int:
+        return 2 ** (len(self.image_vae.config.block_out_channels) - 1)
+
+    @property
+    def image_resolution(self) -> int:
+        """The square pixel size the SD side works at (512 for SD 1.5)."""
+        return self.image_unet.config.sample_size * self.image_vae_scale
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.vocoder.config.sampling_rate
+
+    @property
+    def limits(self) -> GenerationLimits:
+        c = self.config
+        return GenerationLimits(
+            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate
+        )
+
+    def music_latent_shape(self, batch_size: int, seconds: float) -> tuple[int, int, int, int]:
+        """(B, C, T, F): the mel VAE shrinks time and mel axes by its scale; T must halve through the UNet."""
+        vae_scale = 2 ** (len(self.mel_vae.config.block_out_channels) - 1)
+        unet_scale = 2 ** (len(self.music_unet.config.block_out_channels) - 1)
+        frames = latent_frames(
+            seconds,
+            sampling_rate=self.sampling_rate,
+            hop_length=self.config.hop_length,
+            vae_scale=vae_scale,
+            unet_scale=unet_scale,
+        )
+        mel_bins = self.vocoder.config.model_in_dim // vae_scale
+        return (batch_size, self.music_unet.config.in_channels, frames, mel_bins)
+
+    # -- schedulers -----------------------------------------------------------------------------
+    def timestep_grid(self, num_inference_steps: int) -> torch.Tensor:
+        """The descending timesteps shared by inversion, image denoising and music denoising."""
+        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        ddim.set_timesteps(num_inference_steps)
+        return ddim.timesteps
+
+    def make_scheduler(self, name: str, timesteps: torch.Tensor):
+        """A fresh music scheduler per call (schedulers are stateful), on the shared grid.
+
+        Both honour the bundle scheduler's `prediction_type` (epsilon in the paper, v for TANGO).
+        """
+        if name == "ddim":
+            scheduler = DDIMScheduler.from_config(self.scheduler.config)
+            scheduler.set_timesteps(len(timesteps))
+        elif name == "dpmpp":
+            scheduler = DPMSolverMultistepScheduler.from_config(
+                self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+            )
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
+        else:
+            raise InputError("scheduler", f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
+        return scheduler
+
+    def _image_schedulers(self, num_inference_steps: int) -> tuple[DDIMInverseScheduler, DDIMScheduler]:
+        # SD's betas with the music scheduler's spacing, so both image loops walk the music grid.
+        spacing = {k: self.scheduler.config[k] for k in ("timestep_spacing", "steps_offset")}
+        inverse = DDIMInverseScheduler.from_config(self.image_scheduler.config, **spacing)
+        forward = DDIMScheduler.from_config(self.image_scheduler.config, **spacing)
+        inverse.set_timesteps(num_inference_steps)
+        forward.set_timesteps(num_inference_steps)
+        return inverse, forward
+
+    # -- image side: Algorithm 2, lines 1 and 6 ---------------------------------------------------
+    def _empty_prompt_embeds(self, device: torch.device) -> torch.Tensor:
+        """CLIP embedding of "" (SD's unconditional prompt), computed once per device and dtype."""
+        key = (device, self.image_unet.dtype)
+        if key not in self._empty_prompt_cache:
+            ids = self.image_tokenizer(
+                "", padding="max_length", max_length=self.image_tokenizer.model_max_length, return_tensors="pt"
+            ).input_ids.to(device)
+            self._empty_prompt_cache[key] = self.image_text_encoder(ids)[0].to(self.image_unet.dtype)
+        return self._empty_prompt_cache[key]
+
+    def prepare_image_latents(self, image: Image.Image) -> torch.Tensor:
+        """E^I(I): resize/crop to the SD resolution, VAE-encode (the posterior mean: deterministic)."""
+        device = self._execution_device
+        pixels = self.image_processor.preprocess(fit_square(image, self.image_resolution))
+        pixels = pixels.to(device=device, dtype=self.image_vae.dtype)
+        latents = self.image_vae.encode(pixels).latent_dist.mean
+        return (latents * self.image_vae.config.scaling_factor).to(self.image_unet.dtype)
+
+    def invert_image_latents(self, latents: torch.Tensor, num_inference_steps: int, tracker=None) -> torch.Tensor:
+        """DDIM inversion (line 1): z_0 -> z_T with the empty prompt, up the shared grid."""
+        inverse, _ = self._image_schedulers(num_inference_steps)
+        empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
+        for t in inverse.timesteps:
+            tracker and tracker.check_cancel()
+            noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty).sample
+            latents = inverse.step(noise_pred, t, latents).prev_sample
+            tracker and tracker.advance("image_inversion", t)
+        return latents
+
+    def denoise_image_latents(
+        self, latents: torch.Tensor, num_inference_steps: int, tracker=None
+    ) -> tuple[torch.Tensor, ImageFeatures]:
+        """Reverse diffusion from z_T^I (line 6), recording the synapse blocks' self-attention K/V per step.
+
+        Returns the reconstructed z_0^I (used to check the inversion) and the recorded features.
+        """
+        _, scheduler = self._image_schedulers(num_inference_steps)
+        empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
+        with recording_self_attention(self.image_unet, self.synapse) as store:
+            for t in scheduler.timesteps:
+                tracker and tracker.check_cancel()
+                noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty).sample
+                latents = scheduler.step(noise_pred, t, latents).prev_sample
+                tracker and tracker.advance("image_denoise", t)
+        return latents, store.features(scheduler.timesteps)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, num_inference_steps: int, tracker=None) -> ImageFeatures:
+        """The image-features object for one image on the grid of `num_inference_steps` (cacheable)."""
+        z_0 = self.prepare_image_latents(image)
+        z_T = self.invert_image_latents(z_0, num_inference_steps, tracker)
+        _, features = self.denoise_image_latents(z_T, num_inference_steps, tracker)
+        return features
+
+    # -- music side ---------------------------------------------------------------------------------
+    def encode_captions(self, captions: list[str], with_unconditional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG, rows are [""]*B + captions (TANGO's uncond)."""
+        texts = [""] * len(captions) * with_unconditional + captions
+        tokens = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        ).to(self._execution_device)
+        states = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        return states.to(self.music_unet.dtype), tokens.attention_mask
+
+    def prepare_music_latents(self, shape: tuple[int, ...], seeds: list[int], scheduler) -> torch.Tensor:
+        """z_T^M ~ N(0, I) (line 2). Drawn on the CPU, one generator per item, so a seed gives the same
+        clip on any device and whether or not the item shares a batch."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+        latents = latents.to(device=self._execution_device, dtype=self.music_unet.dtype)
+        return latents * scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor, num_samples: int) -> np.ndarray:
+        """D^M then V (lines 11-12): latent -> mel -> waveform, trimmed to the requested length."""
+        mel = self.mel_vae.decode(latents / self.mel_vae.config.scaling_factor).sample  # (B, 1, T, mels)
+        audio = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))  # (B, samples)
+        audio = audio[:, :num_samples].float().cpu().numpy()
+        if not np.isfinite(audio).all():
+            raise MelFusionError("the model produced non-finite audio (NaN/inf); try float32")
+        return audio
+
+    def image_rows(self, batch_size: int, with_unconditional: bool, image_strength: float, image_guidance: str):
+        """Per-row synapse strength for the UNet batch [uncond…, cond…].
+
+        "conditional" (default): only the conditional branch sees the image, so the unconditional branch
+        is the true unconditional model and CFG amplifies image and caption together — the usual joint
+        guidance for several conditions, and at image_strength = 0 exactly TANGO's text CFG. "both": the
+        image enters both branches, so guidance amplifies the caption only and the image acts at strength
+        α whatever the guidance scale.
+        """
+        conditional = torch.full((batch_size,), float(image_strength))
+        if not with_unconditional:
+            return conditional
+        unconditional = conditional if image_guidance == "both" else torch.zeros(batch_size)
+        return torch.cat([unconditional, conditional])
+
+    # -- Algorithm 2 --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        caption: str | list[str],
+        image: Image.Image | list[Image.Image] | None = None,
+        *,
+        image_features: ImageFeatures | None = None,
+        seconds: float | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_strength: float = 1.0,
+        image_guidance: ImageGuidance = "conditional",
+        scheduler: str = "ddim",
+        seed: int | list[int] | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> MelFusionOutput:
+        """Generate one clip per caption.
+
+        Args:
+            caption: text prompt(s), one clip each.
+            image: one image for all captions, one per caption, or None (plain text-to-music).
+            image_features: features from `encode_image` on the same grid; skips the image side.
+            seconds: clip length (bundle default if None), at most the bundle's `max_seconds`.
+            num_inference_steps: denoising steps, shared by inversion and music sampling.
+            guidance_scale: CFG scale (bundle default, the paper's 7); <= 1 disables CFG.
+            image_strength: scales every α: 0 = caption only, 1 = the learned α.
+            image_guidance: which CFG branch sees the image, "conditional" or "both" (see `image_rows`).
+            scheduler: "ddim" (the paper's) or "dpmpp" (DPM-Solver++, good in ~20 steps).
+            seed: int (item i gets seed + i) or one per caption; random if None, echoed in the output.
+            callback: called with a StepInfo after every UNet step of every phase.
+            should_cancel: polled before every step; True raises GenerationCancelled.
+        """
+        # 1. Check inputs
+        captions = [caption] if isinstance(caption, str) else list(caption)
+        images = None if image is None else [image] if isinstance(image, Image.Image) else list(image)
+        seconds = self.config.default_seconds if seconds is None else seconds
+        steps = num_inference_steps or self.config.default_steps
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.limits.check(
+            captions=captions,
+            seconds=seconds,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            image_strength=image_strength,
+            scheduler=scheduler,
+            image_guidance=image_guidance,
+        )
+        if images is not None and len(images) not in (1, len(captions)):
+            raise InputError("image", f"give one image or one per caption ({len(captions)})")
+        seeds = self._seeds(seed, len(captions))
+        use_image = (images is not None or image_features is not None) and image_strength > 0
+        with_unconditional = guidance_scale > 1.0
+
+        # 2. Timestep grid shared by the image and music samplers
+        timesteps = self.timestep_grid(steps)
+        music_scheduler = self.make_scheduler(scheduler, timesteps)
+        image_phases = 2 * steps if use_image and image_features is None else 0
+        tracker = _StepTracker(self, image_phases + steps, callback, should_cancel)
+        try:
+            # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)), then K_l^I, V_l^I per step (lines 1, 6)
+            if use_image and image_features is None:
+                image_features = ImageFeatures.concat([self.encode_image(img, steps, tracker) for img in images])
+            if use_image:
+                self._check_features(image_features, timesteps, len(captions))
+
+            # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
+            text_states, text_mask = self.encode_captions(captions, with_unconditional)
+
+            # 5. Music latent z_T^M ~ N(0, I) (line 2)
+            latents = self.prepare_music_latents(self.music_latent_shape(len(captions), seconds), seeds, music_scheduler)
+
+            # 6. Denoising loop with the visual synapse (lines 4-10)
+            with contextlib.ExitStack() as stack:
+                mix = None
+                if use_image:
+                    rows = self.image_rows(len(captions), with_unconditional, image_strength, image_guidance)
+                    mix = stack.enter_context(
+                        mixing_image_features(
+                            self.music_unet,
+                            self.synapse,
+                            image_features.to(latents.device, latents.dtype),
+                            text_mask=text_mask,
+                            row_strength=rows.to(latents.device),
+                        )
+                    )
+                for i, t in enumerate(music_scheduler.timesteps):
+                    tracker.check_cancel()
+                    if mix is not None:
+                        mix.step = i  # K_l^I, V_l^I of image step i meet music step i (lines 7-9)
+                    model_input = torch.cat([latents] * 2) if with_unconditional else latents
+                    model_input = music_scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.music_unet(
+                        model_input, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask
+                    ).sample
+                    if with_unconditional:
+                        uncond, cond = noise_pred.chunk(2)
+                        noise_pred = uncond + guidance_scale * (cond - uncond)
+                    latents = music_scheduler.step(noise_pred, t, latents).prev_sample  # line 10
+                    tracker.advance("music_denoise", t)
+        finally:
+            tracker.close()
+
+        # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12)
+        audios = self.decode_latents(latents, num_samples=round(seconds * self.sampling_rate))
+        return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds)
+
+    @staticmethod
+    def _seeds(seed: int | list[int] | None, count: int) -> list[int]:
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        if isinstance(seed, int):
+            return [seed + i for i in range(count)]
+        if len(seed) != count:
+            raise InputError("seed", f"give one seed or one per caption ({count}), got {len(seed)}")
+        return list(seed)
+
+    @staticmethod
+    def _check_features(features: ImageFeatures, timesteps: torch.Tensor, batch_size: int) -> None:
+        if not torch.equal(features.timesteps.cpu(), timesteps.cpu()):
+            raise InputError("image_features", "captured on another timestep grid (different steps?)")
+        if features.batch_size not in (1, batch_size):
+            raise InputError("image_features", f"batch of {features.batch_size} for {batch_size} captions")

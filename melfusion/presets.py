@@ -1,0 +1,310 @@
+"""Architectures of the bundle's components at three sizes, built from configs with the real classes.
+
+"full" is Stable Diffusion 1.5 + TANGO (FLAN-T5-large, AudioLDM mel VAE, 16 kHz HiFi-GAN) as listed in
+`shared/REFERENCE.md`; "small" keeps every layout at a few % of the width (benchmarks); "tiny" is the
+diffusers test-suite pattern (channels of 32, one layer per block) for tests and the quick start.
+Weights are random; tokenizers are built in code, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    SpeechT5HifiGan,
+    SpeechT5HifiGanConfig,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from .synapse import VisualSynapse
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Widths and depths of every component; one instance per named size below."""
+
+    block_out_channels: tuple[int, ...]  # shared by both UNets so image and music K/V widths match per block
+    layers_per_block: int
+    image_heads: int | tuple[int, ...]  # diffusers' `attention_head_dim` (it is the number of heads)
+    music_heads: int | tuple[int, ...]
+    image_latent_size: int  # SD latent side; image resolution = this × 8
+    image_vae_channels: tuple[int, ...]
+    clip_hidden: int
+    clip_layers: int
+    clip_heads: int
+    clip_intermediate: int
+    t5_d_model: int
+    t5_layers: int
+    t5_heads: int
+    t5_d_kv: int
+    t5_d_ff: int
+    mel_vae_channels: tuple[int, ...]
+    mel_vae_layers: int
+    vocoder_channels: int
+    vocoder_resblock_kernels: tuple[int, ...]
+    image_grid: int  # synapse: stored image tokens per layer = image_grid²
+    # HiFi-GAN's default init (0.01) makes a random vocoder print ~1e-11: silence once written as 16-bit
+    # PCM. 0.2 gives audible noise, so tests that compare WAVs compare something.
+    vocoder_init: float = 0.2
+    norm_groups: int = 32
+    clip_vocab: int = 49408  # CLIP ViT-L/14
+    t5_vocab: int = 32128  # FLAN-T5
+
+
+SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        image_heads=2,
+        music_heads=(2, 2, 4, 4),
+        image_latent_size=8,
+        image_vae_channels=(32, 32, 32, 32),
+        clip_hidden=32,
+        clip_layers=2,
+        clip_heads=4,
+        clip_intermediate=37,
+        t5_d_model=32,
+        t5_layers=2,
+        t5_heads=4,
+        t5_d_kv=8,
+        t5_d_ff=37,
+        mel_vae_channels=(32, 32, 32),
+        mel_vae_layers=1,
+        vocoder_channels=32,
+        vocoder_resblock_kernels=(3,),
+        image_grid=4,
+        clip_vocab=1000,
+        t5_vocab=1000,
+    ),
+    "small": ModelSize(
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        image_heads=8,
+        music_heads=(2, 4, 8, 8),
+        image_latent_size=32,
+        image_vae_channels=(32, 64, 128, 128),
+        clip_hidden=256,
+        clip_layers=4,
+        clip_heads=4,
+        clip_intermediate=1024,
+        t5_d_model=256,
+        t5_layers=4,
+        t5_heads=4,
+        t5_d_kv=64,
+        t5_d_ff=704,
+        mel_vae_channels=(64, 128, 256),
+        mel_vae_layers=2,
+        vocoder_channels=256,
+        vocoder_resblock_kernels=(3, 7, 11),
+        image_grid=8,
+    ),
+    "full": ModelSize(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        image_heads=8,
+        music_heads=(5, 10, 20, 20),
+        image_latent_size=64,
+        image_vae_channels=(128, 256, 512, 512),
+        clip_hidden=768,
+        clip_layers=12,
+        clip_heads=12,
+        clip_intermediate=3072,
+        t5_d_model=1024,
+        t5_layers=24,
+        t5_heads=16,
+        t5_d_kv=64,
+        t5_d_ff=2816,
+        mel_vae_channels=(128, 256, 512),
+        mel_vae_layers=2,
+        vocoder_channels=1024,
+        vocoder_resblock_kernels=(3, 7, 11),
+        image_grid=8,
+        vocoder_init=0.01,
+    ),
+}
+
+# TANGO / AudioLDM audio settings (REFERENCE.md): 16 kHz, hop 160, 64 mel bins, mel VAE ÷4.
+SAMPLING_RATE = 16000
+MEL_BINS = 64
+MEL_VAE_SCALING = 0.9227914214134216
+SD_VAE_SCALING = 0.18215
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD 1.5's DDIM settings; TANGO's (SD 2.1's) are the same betas with v-prediction."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def _unet(size: ModelSize, *, in_channels: int, cross_attention_dim: int, heads, sample_size, music: bool):
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=size.block_out_channels,
+        layers_per_block=size.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,
+        norm_num_groups=size.norm_groups,
+        use_linear_projection=music,  # TANGO: linear projections and fp32 attention scores
+        upcast_attention=music,
+    )
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE vocabulary: real CLIPTokenizer class, no download."""
+    symbols = string.ascii_lowercase + string.digits + ".,!?'-"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols:
+        vocab.setdefault(symbol, len(vocab))
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A small Unigram vocabulary (FLAN-T5's model type) of music words and single characters."""
+    words = (
+        "a the and of with in on for to calm happy sad upbeat slow fast piano guitar drums bass violin strings "
+        "synth beat song music melody rhythm jazz rock pop ambient electronic orchestral acoustic soft loud "
+        "dreamy epic sunset beach city night forest rain summer party"
+    ).split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{word}", -5.0) for word in words]
+    pieces += [(char, -8.0) for char in string.ascii_lowercase + string.digits + ".,!?'-"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae: AutoencoderKL, sample_shape: tuple[int, ...]) -> None:
+    """Set `scaling_factor` = 1 / std of the latents, the rule SD's 0.18215 came from, so a random VAE
+    hands the diffusion loops unit-variance latents (a random VAE's latents are ~20x smaller)."""
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.rand((4, *sample_shape), generator=generator) * 2 - 1
+    std = vae.encode(samples).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+
+
+def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """Every component of a MelFusionPipeline at `size_name`, randomly initialised from `seed`."""
+    size = SIZES[size_name]
+    torch.manual_seed(seed)
+    image_tokenizer, tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+    image_vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(size.image_vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(size.image_vae_channels),
+        block_out_channels=size.image_vae_channels,
+        layers_per_block=size.mel_vae_layers,
+        latent_channels=4,
+        norm_num_groups=size.norm_groups,
+        sample_size=size.image_latent_size * 8,
+        scaling_factor=SD_VAE_SCALING,
+    )
+    image_text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=size.clip_vocab,
+            hidden_size=size.clip_hidden,
+            intermediate_size=size.clip_intermediate,
+            num_hidden_layers=size.clip_layers,
+            num_attention_heads=size.clip_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    image_unet = _unet(
+        size,
+        in_channels=4,
+        cross_attention_dim=size.clip_hidden,
+        heads=size.image_heads,
+        sample_size=size.image_latent_size,
+        music=False,
+    )
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=size.t5_vocab,
+            d_model=size.t5_d_model,
+            d_kv=size.t5_d_kv,
+            d_ff=size.t5_d_ff,
+            num_layers=size.t5_layers,
+            num_heads=size.t5_heads,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    music_unet = _unet(
+        size,
+        in_channels=8,
+        cross_attention_dim=size.t5_d_model,
+        heads=size.music_heads,
+        sample_size=(256, MEL_BINS // 4),  # 10.24 s; any multiple of 8 frames works
+        music=True,
+    )
+    mel_vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * len(size.mel_vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(size.mel_vae_channels),
+        block_out_channels=size.mel_vae_channels,
+        layers_per_block=size.mel_vae_layers,
+        latent_channels=8,
+        norm_num_groups=size.norm_groups,
+        sample_size=1024,
+        scaling_factor=MEL_VAE_SCALING,
+    )
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=MEL_BINS,
+            sampling_rate=SAMPLING_RATE,
+            upsample_initial_channel=size.vocoder_channels,
+            upsample_rates=[5, 4, 2, 2, 2],  # product 160 = hop length
+            upsample_kernel_sizes=[16, 16, 8, 4, 4],
+            resblock_kernel_sizes=list(size.vocoder_resblock_kernels),
+            resblock_dilation_sizes=[[1, 3, 5]] * len(size.vocoder_resblock_kernels),
+            normalize_before=False,
+            initializer_range=size.vocoder_init,
+        )
+    )
+    synapse = VisualSynapse(image_grid=size.image_grid)
+    if size_name != "full":  # full size keeps SD's and AudioLDM's published factors for real weights
+        calibrate_scaling_factor(image_vae, (3, size.image_latent_size * 8, size.image_latent_size * 8))
+        calibrate_scaling_factor(mel_vae, (1, 256, MEL_BINS))
+    for model in (image_vae, image_text_encoder, image_unet, text_encoder, music_unet, mel_vae, vocoder):
+        model.eval()
+    return dict(
+        image_vae=image_vae,
+        image_unet=image_unet,
+        image_text_encoder=image_text_encoder,
+        image_tokenizer=image_tokenizer,
+        image_scheduler=sd_scheduler("epsilon"),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        music_unet=music_unet,
+        mel_vae=mel_vae,
+        vocoder=vocoder,
+        scheduler=sd_scheduler(prediction_type),
+        synapse=synapse,
+    )
