@@ -37,11 +37,12 @@ def add_generate_parser(commands) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .bundle import ensure_tiny_bundle
+    from .bundle import ensure_tiny_bundle, verify_bundle
 
-    # 1. Validate everything that needs no model
+    # 1. Validate everything that needs no model weights
     image = load_image(args.image)
     bundle = args.bundle or ensure_tiny_bundle()
+    verify_bundle(bundle, hashes=False)
     limits = read_limits(bundle)
     seconds = limits.default_seconds if args.seconds is None else args.seconds
     steps = limits.default_steps if args.steps is None else args.steps

@@ -354,7 +354,7 @@ class MelFusionPipeline(DiffusionPipeline):
         captions = [caption] if isinstance(caption, str) else list(caption)
         images = None if image is None else [image] if isinstance(image, Image.Image) else list(image)
         seconds = self.config.default_seconds if seconds is None else seconds
-        steps = num_inference_steps or self.config.default_steps
+        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         self.limits.check(
             captions=captions,

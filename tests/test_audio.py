@@ -1,0 +1,36 @@
+"""WAV encoding and the all-or-nothing file write."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from melfusion import audio
+
+
+def test_latent_frames_cover_the_clip_and_divide_by_the_unet_scale():
+    frames = audio.latent_frames(10.0, sampling_rate=16000, hop_length=160, vae_scale=4, unet_scale=8)
+    assert frames == 256  # 1000 mel frames -> 250 latent frames -> next multiple of 8
+    assert frames * 4 * 160 >= 10.0 * 16000
+
+
+def test_encode_wav_clips_to_pcm16_range():
+    data = audio.encode_wav(np.array([0.0, 2.0, -2.0, 0.5], dtype=np.float32), 16000)
+    samples, rate = sf.read(io.BytesIO(data), dtype="int16")
+    assert rate == 16000
+    assert samples.tolist() == [0, 32767, -32768, 16384]
+
+
+def test_failed_write_leaves_neither_file_nor_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "clip.wav"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(audio.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        audio.write_wav(target, np.zeros(160, dtype=np.float32), 16000)
+    assert list(tmp_path.iterdir()) == []

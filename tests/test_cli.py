@@ -1,0 +1,80 @@
+"""`melfusion generate` as a user runs it: a WAV on success; a clear message, exit 2 and no file on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from melfusion.cli import EXIT_INPUT, main
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory, image) -> Path:
+    path = tmp_path_factory.mktemp("images") / "photo.png"
+    image.save(path)
+    return path
+
+
+def test_generate_with_the_embedded_default_bundle_writes_a_wav(tmp_path, png):
+    out = tmp_path / "clip.wav"
+    env = {**os.environ, "MELFUSION_HOME": str(tmp_path / "home")}
+    args = ["generate", "--image", str(png), "--caption", "calm piano", "--out", str(out), "--seconds", "1.5"]
+    result = subprocess.run(
+        [sys.executable, "-m", "melfusion", *args, "--steps", "3", "--seed", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(out.resolve()) in result.stdout and "seed 5" in result.stdout
+    info = sf.info(out)
+    assert (info.samplerate, info.channels, info.frames) == (16000, 1, 24000)
+    assert (tmp_path / "home" / "tiny-bundle-v1" / "manifest.json").is_file()
+
+
+def _bad_image_files(directory: Path, png: Path) -> dict[str, Path]:
+    text = directory / "notes.png"
+    text.write_text("this is not an image")
+    truncated = directory / "truncated.png"
+    truncated.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    return {"text": text, "truncated": truncated, "missing": directory / "absent.jpg"}
+
+
+@pytest.mark.parametrize(
+    "case, overrides, field",
+    [
+        ("not an image", {"--image": "text"}, "image"),
+        ("truncated image", {"--image": "truncated"}, "image"),
+        ("missing image", {"--image": "missing"}, "image"),
+        ("empty caption", {"--caption": "  "}, "caption"),
+        ("zero seconds", {"--seconds": "0"}, "seconds"),
+        ("too long", {"--seconds": "31"}, "seconds"),
+        ("zero steps", {"--steps": "0"}, "steps"),
+        ("negative strength", {"--image-strength": "-0.1"}, "image_strength"),
+    ],
+)
+def test_bad_input_fails_clearly_and_leaves_no_file(tmp_path, png, tiny_bundle, capsys, case, overrides, field):
+    images = _bad_image_files(tmp_path, png)
+    out = tmp_path / "out" / "clip.wav"
+    options = {"--image": str(png), "--caption": "calm piano", "--out": str(out), "--bundle": str(tiny_bundle)}
+    options["--steps"] = "2"
+    for flag, value in overrides.items():
+        options[flag] = str(images[value]) if flag == "--image" else value
+    code = main(["generate", *[item for pair in options.items() for item in pair]])
+    message = capsys.readouterr().err
+    assert code == EXIT_INPUT, case
+    assert message.startswith(f"melfusion: error: {field}:"), message
+    assert not out.exists()
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_unknown_bundle_is_a_bundle_error_not_a_traceback(tmp_path, png, capsys):
+    code = main(["generate", "--image", str(png), "--caption", "x", "--out", str(tmp_path / "a.wav"), "--bundle", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 3 and "not a MelFusion bundle" in err and "Traceback" not in err

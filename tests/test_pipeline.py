@@ -1,0 +1,142 @@
+"""Algorithm 2 end to end on tiny real components: the synapse's contract and the sampler's guarantees."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import make_pipeline
+from melfusion.audio import encode_wav
+from melfusion.errors import GenerationCancelled, InputError
+from melfusion.synapse import VisualSynapse
+
+CAPTION = "calm piano at sunset"
+FAST = dict(seconds=1.0, num_inference_steps=4)
+
+
+def generate(pipe, caption=CAPTION, image=None, **kwargs):
+    return pipe(caption, image, **{**FAST, "seed": 7, **kwargs}).audios
+
+
+def test_alpha_zero_reproduces_text_to_music_exactly(image):
+    pipe = make_pipeline(synapse=VisualSynapse(initial_alphas=(0.0, 0.0, 0.0), image_grid=4))
+    text_only = generate(pipe)
+    for mode in ("conditional", "both"):
+        assert np.array_equal(generate(pipe, image=image, image_guidance=mode), text_only)
+
+
+def test_zero_image_strength_reproduces_text_to_music_exactly(pipe, image):
+    assert np.array_equal(generate(pipe, image=image, image_strength=0.0), generate(pipe))
+
+
+def test_image_and_caption_each_change_the_music(pipe, image, other_image):
+    base = generate(pipe, image=image)
+    assert not np.allclose(base, generate(pipe))  # the synapse is active at the bundle's α
+    assert not np.allclose(base, generate(pipe, image=other_image))
+    assert not np.allclose(base, generate(pipe, caption="fast drums and electric guitar", image=image))
+
+
+def test_image_strength_scales_the_image_effect(pipe, image):
+    text_only = generate(pipe)
+    half = np.abs(generate(pipe, image=image, image_strength=0.5) - text_only).mean()
+    full = np.abs(generate(pipe, image=image, image_strength=1.0) - text_only).mean()
+    assert 0 < half < full
+
+
+def test_cfg_branch_that_sees_the_image_is_a_real_choice(pipe, image):
+    assert not np.allclose(
+        generate(pipe, image=image, image_guidance="conditional"), generate(pipe, image=image, image_guidance="both")
+    )
+
+
+def test_same_seed_gives_identical_wav_bytes_and_other_seeds_differ(pipe, image):
+    first = encode_wav(generate(pipe, image=image, seed=11)[0], 16000)
+    again = encode_wav(generate(pipe, image=image, seed=11)[0], 16000)
+    other = encode_wav(generate(pipe, image=image, seed=12)[0], 16000)
+    assert first == again
+    assert first != other
+
+
+def test_a_batch_item_matches_the_same_request_alone(pipe, image, other_image):
+    batch = pipe([CAPTION, "rainy jazz night"], [image, other_image], seed=[3, 4], **FAST)
+    alone = pipe("rainy jazz night", other_image, seed=4, **FAST)
+    assert batch.seeds == [3, 4]
+    np.testing.assert_allclose(batch.audios[1], alone.audios[0], atol=1e-4)
+
+
+def test_wav_is_16khz_mono_with_the_requested_duration(pipe, image):
+    seconds = 1.37  # not a multiple of the latent granularity: the waveform must still be trimmed
+    audio = generate(pipe, image=image, seconds=seconds)
+    assert np.isfinite(audio).all()
+    info = sf.info(io.BytesIO(encode_wav(audio[0], 16000)))
+    assert (info.samplerate, info.channels) == (16000, 1)
+    assert abs(info.frames - seconds * 16000) <= pipe.config.hop_length
+
+
+def test_cached_image_features_give_the_same_clip(pipe, image):
+    features = pipe.encode_image(image, FAST["num_inference_steps"])
+    assert np.array_equal(generate(pipe, image=image), generate(pipe, image_features=features))
+    with pytest.raises(InputError, match="image_features"):
+        generate(pipe, image_features=features, num_inference_steps=5)
+
+
+def test_dpm_solver_runs_on_the_shared_grid_and_differs_from_ddim(pipe, image):
+    dpm = generate(pipe, image=image, scheduler="dpmpp")
+    assert np.isfinite(dpm).all()
+    assert not np.allclose(dpm, generate(pipe, image=image, scheduler="ddim"))
+
+
+def test_schedulers_honour_the_bundle_prediction_type(image):
+    from melfusion.presets import sd_scheduler
+
+    epsilon, v_pred = make_pipeline(), make_pipeline(scheduler=sd_scheduler("v_prediction"))
+    grid = v_pred.timestep_grid(4)
+    for name in ("ddim", "dpmpp"):
+        assert v_pred.make_scheduler(name, grid).config.prediction_type == "v_prediction"
+        assert torch.equal(v_pred.make_scheduler(name, grid).timesteps, grid)
+    assert not np.allclose(generate(v_pred, image=image), generate(epsilon, image=image))
+
+
+def test_progress_callback_covers_every_phase_in_order(pipe, image):
+    seen = []
+    generate(pipe, image=image, callback=seen.append)
+    steps = FAST["num_inference_steps"]
+    assert [s.phase for s in seen] == ["image_inversion"] * steps + ["image_denoise"] * steps + ["music_denoise"] * steps
+    assert [s.step for s in seen] == list(range(1, 3 * steps + 1))
+    assert seen[-1].fraction == 1.0
+
+
+def test_cancel_check_stops_between_steps(pipe, image):
+    seen = []
+    with pytest.raises(GenerationCancelled):
+        generate(pipe, image=image, callback=seen.append, should_cancel=lambda: len(seen) >= 5)
+    assert len(seen) == 5
+
+
+def test_synapse_on_encoder_blocks_also_reaches_the_music(image):
+    encoder = VisualSynapse(blocks=("down_blocks.0", "down_blocks.1", "down_blocks.2"), image_grid=4)
+    pipe = make_pipeline(synapse=encoder)
+    assert not np.allclose(generate(pipe, image=image), generate(pipe))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(caption=" "), "caption"),
+        (dict(seconds=0), "seconds"),
+        (dict(seconds=31), "seconds"),
+        (dict(num_inference_steps=0), "steps"),
+        (dict(image_strength=1.5), "image_strength"),
+        (dict(scheduler="euler"), "scheduler"),
+        (dict(guidance_scale=-1), "guidance_scale"),
+    ],
+)
+def test_bad_requests_name_the_field(pipe, kwargs, field):
+    caption = kwargs.pop("caption", CAPTION)
+    with pytest.raises(InputError) as error:
+        pipe(caption, None, **{**FAST, **kwargs})
+    assert error.value.field == field
