@@ -10,8 +10,8 @@ their stock processors otherwise.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,8 @@ class ImageFeatures:
     def batch_size(self) -> int:
         return next(iter(self.keys.values())).shape[1]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageFeatures":
-        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageFeatures:
+        move = lambda t: t.to(device=device, dtype=dtype)
         return ImageFeatures(
             self.timesteps.to(device),
             {k: move(v) for k, v in self.keys.items()},
@@ -48,7 +48,7 @@ class ImageFeatures:
         )
 
     @classmethod
-    def concat(cls, parts: list["ImageFeatures"]) -> "ImageFeatures":
+    def concat(cls, parts: list[ImageFeatures]) -> ImageFeatures:
         """Join features of single images into one batch; all must share one timestep grid."""
         first = parts[0]
         for other in parts[1:]:
@@ -125,7 +125,7 @@ def _check_supported(name: str, attn: Attention) -> None:
 class SelfAttentionRecorder(KeyValueHookProcessor):
     """Write side: stores the pooled self-attention K/V of one image-UNet layer at the current step."""
 
-    def __init__(self, site: str, store: "_FeatureStore"):
+    def __init__(self, site: str, store: _FeatureStore):
         self.site = site
         self.store = store
 
@@ -142,7 +142,7 @@ class SynapseMixer(KeyValueHookProcessor):
     w = α_block · image_strength, per batch row (zero on CFG rows that must not see the image).
     """
 
-    def __init__(self, site: str, block: str, state: "_MixState"):
+    def __init__(self, site: str, block: str, state: _MixState):
         self.site = site
         self.block = block
         self.state = state
@@ -165,7 +165,7 @@ class _FeatureStore:
     values: dict[str, list[torch.Tensor]]
 
     def features(self, timesteps: torch.Tensor) -> ImageFeatures:
-        stack = lambda steps: torch.stack(steps)  # noqa: E731  (steps, B, N, D)
+        stack = lambda steps: torch.stack(steps)
         return ImageFeatures(
             timesteps.cpu(),
             {site: stack(v) for site, v in self.keys.items()},

@@ -60,7 +60,7 @@ def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str) -> 
     manifest = {
         "format": FORMAT,
         "bundle_version": BUNDLE_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": source,
         "components": components,
         "files": {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
@@ -119,7 +119,7 @@ def _read_json(path: Path) -> dict:
 
 def check_compatibility(directory: Path) -> None:
     """Configs that must agree across components for the synapse and the audio path to work."""
-    config = lambda name, file="config.json": _read_json(directory / name / file)  # noqa: E731
+    config = lambda name, file="config.json": _read_json(directory / name / file)
     image_unet, music_unet = config("image_unet"), config("music_unet")
     synapse = config("synapse")
     pairs = [

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class MelFusionOutput(BaseOutput):
 class _StepTracker:
     """Counts steps over the phases of one call: progress bar, caller's callback, cooperative cancel."""
 
-    def __init__(self, pipe: "MelFusionPipeline", total: int, callback, should_cancel):
+    def __init__(self, pipe: MelFusionPipeline, total: int, callback, should_cancel):
         self.total, self.done = total, 0
         self.callback, self.should_cancel = callback, should_cancel
         self.bar = pipe.progress_bar(total=total)

@@ -181,11 +181,7 @@ def build_clip_tokenizer() -> CLIPTokenizer:
 
 def build_t5_tokenizer() -> T5Tokenizer:
     """A small Unigram vocabulary (FLAN-T5's model type) of music words and single characters."""
-    words = (
-        "a the and of with in on for to calm happy sad upbeat slow fast piano guitar drums bass violin strings "
-        "synth beat song music melody rhythm jazz rock pop ambient electronic orchestral acoustic soft loud "
-        "dreamy epic sunset beach city night forest rain summer party"
-    ).split()
+    words = ["a", "the", "and", "of", "with", "in", "on", "for", "to", "calm", "happy", "sad", "upbeat", "slow", "fast", "piano", "guitar", "drums", "bass", "violin", "strings", "synth", "beat", "song", "music", "melody", "rhythm", "jazz", "rock", "pop", "ambient", "electronic", "orchestral", "acoustic", "soft", "loud", "dreamy", "epic", "sunset", "beach", "city", "night", "forest", "rain", "summer", "party"]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(f"▁{word}", -5.0) for word in words]
     pieces += [(char, -8.0) for char in string.ascii_lowercase + string.digits + ".,!?'-"]
