@@ -47,7 +47,7 @@ class ModelSize:
     t5_d_kv: int
     t5_d_ff: int
     mel_vae_channels: tuple[int, ...]
-    mel_vae_layers: int
+    vae_layers: int
     vocoder_channels: int
     vocoder_resblock_kernels: tuple[int, ...]
     image_grid: int  # synapse: stored image tokens per layer = image_grid²
@@ -77,7 +77,7 @@ SIZES: dict[str, ModelSize] = {
         t5_d_kv=8,
         t5_d_ff=37,
         mel_vae_channels=(32, 32, 32),
-        mel_vae_layers=1,
+        vae_layers=1,
         vocoder_channels=32,
         vocoder_resblock_kernels=(3,),
         image_grid=4,
@@ -101,7 +101,7 @@ SIZES: dict[str, ModelSize] = {
         t5_d_kv=64,
         t5_d_ff=704,
         mel_vae_channels=(64, 128, 256),
-        mel_vae_layers=2,
+        vae_layers=2,
         vocoder_channels=256,
         vocoder_resblock_kernels=(3, 7, 11),
         image_grid=8,
@@ -123,7 +123,7 @@ SIZES: dict[str, ModelSize] = {
         t5_d_kv=64,
         t5_d_ff=2816,
         mel_vae_channels=(128, 256, 512),
-        mel_vae_layers=2,
+        vae_layers=2,
         vocoder_channels=1024,
         vocoder_resblock_kernels=(3, 7, 11),
         image_grid=8,
@@ -169,6 +169,20 @@ def _unet(size: ModelSize, *, in_channels: int, cross_attention_dim: int, heads,
     )
 
 
+def _vae(size: ModelSize, channels: tuple[int, ...], *, in_channels: int, latent_channels: int, sample_size: int):
+    return AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=size.vae_layers,
+        latent_channels=latent_channels,
+        norm_num_groups=size.norm_groups,
+        sample_size=sample_size,
+    )
+
+
 def build_clip_tokenizer() -> CLIPTokenizer:
     """A character-level CLIP BPE vocabulary: real CLIPTokenizer class, no download."""
     symbols = string.ascii_lowercase + string.digits + ".,!?'-"
@@ -181,7 +195,11 @@ def build_clip_tokenizer() -> CLIPTokenizer:
 
 def build_t5_tokenizer() -> T5Tokenizer:
     """A small Unigram vocabulary (FLAN-T5's model type) of music words and single characters."""
-    words = ["a", "the", "and", "of", "with", "in", "on", "for", "to", "calm", "happy", "sad", "upbeat", "slow", "fast", "piano", "guitar", "drums", "bass", "violin", "strings", "synth", "beat", "song", "music", "melody", "rhythm", "jazz", "rock", "pop", "ambient", "electronic", "orchestral", "acoustic", "soft", "loud", "dreamy", "epic", "sunset", "beach", "city", "night", "forest", "rain", "summer", "party"]
+    words = (
+        "a the and of with in on for to calm happy sad upbeat slow fast piano guitar drums bass violin strings "
+        "synth beat song music melody rhythm jazz rock pop ambient electronic orchestral acoustic soft loud "
+        "dreamy epic sunset beach city night forest rain summer party"
+    ).split()
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(f"▁{word}", -5.0) for word in words]
     pieces += [(char, -8.0) for char in string.ascii_lowercase + string.digits + ".,!?'-"]
@@ -203,18 +221,8 @@ def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type:
     size = SIZES[size_name]
     torch.manual_seed(seed)
     image_tokenizer, tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
-    image_vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(size.image_vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(size.image_vae_channels),
-        block_out_channels=size.image_vae_channels,
-        layers_per_block=size.mel_vae_layers,
-        latent_channels=4,
-        norm_num_groups=size.norm_groups,
-        sample_size=size.image_latent_size * 8,
-        scaling_factor=SD_VAE_SCALING,
-    )
+    image_vae = _vae(size, size.image_vae_channels, in_channels=3, latent_channels=4, sample_size=size.image_latent_size * 8)
+    image_vae.register_to_config(scaling_factor=SD_VAE_SCALING)
     image_text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=size.clip_vocab,
@@ -259,18 +267,8 @@ def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type:
         sample_size=(256, MEL_BINS // 4),  # 10.24 s; any multiple of 8 frames works
         music=True,
     )
-    mel_vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * len(size.mel_vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(size.mel_vae_channels),
-        block_out_channels=size.mel_vae_channels,
-        layers_per_block=size.mel_vae_layers,
-        latent_channels=8,
-        norm_num_groups=size.norm_groups,
-        sample_size=1024,
-        scaling_factor=MEL_VAE_SCALING,
-    )
+    mel_vae = _vae(size, size.mel_vae_channels, in_channels=1, latent_channels=8, sample_size=1024)
+    mel_vae.register_to_config(scaling_factor=MEL_VAE_SCALING)
     vocoder = SpeechT5HifiGan(
         SpeechT5HifiGanConfig(
             model_in_dim=MEL_BINS,
