@@ -78,12 +78,14 @@ class _StepTracker:
 
     def advance(self, phase: Phase, timestep: torch.Tensor) -> None:
         self.done += 1
-        self.bar.update()
+        if self.bar is not None:
+            self.bar.update()
         if self.callback is not None:
             self.callback(StepInfo(phase, self.done, self.total, int(timestep)))
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MelFusionPipeline(DiffusionPipeline):
@@ -239,36 +241,42 @@ class MelFusionPipeline(DiffusionPipeline):
         latents = self.image_vae.encode(pixels).latent_dist.mean
         return (latents * self.image_vae.config.scaling_factor).to(self.image_unet.dtype)
 
-    def invert_image_latents(self, latents: torch.Tensor, num_inference_steps: int, tracker=None) -> torch.Tensor:
+    def invert_image_latents(
+        self, latents: torch.Tensor, num_inference_steps: int, tracker: _StepTracker | None = None
+    ) -> torch.Tensor:
         """DDIM inversion (line 1): z_0 -> z_T with the empty prompt, up the shared grid."""
+        tracker = tracker or _StepTracker(num_inference_steps)
         inverse, _ = self._image_schedulers(num_inference_steps)
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
         for t in inverse.timesteps:
-            tracker and tracker.check_cancel()
+            tracker.check_cancel()
             noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty).sample
             latents = inverse.step(noise_pred, t, latents).prev_sample
-            tracker and tracker.advance("image_inversion", t)
+            tracker.advance("image_inversion", t)
         return latents
 
     def denoise_image_latents(
-        self, latents: torch.Tensor, num_inference_steps: int, tracker=None
+        self, latents: torch.Tensor, num_inference_steps: int, tracker: _StepTracker | None = None
     ) -> tuple[torch.Tensor, ImageFeatures]:
         """Reverse diffusion from z_T^I (line 6), recording the synapse blocks' self-attention K/V per step.
 
         Returns the reconstructed z_0^I (used to check the inversion) and the recorded features.
         """
+        tracker = tracker or _StepTracker(num_inference_steps)
         _, scheduler = self._image_schedulers(num_inference_steps)
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
         with recording_self_attention(self.image_unet, self.synapse) as store:
             for t in scheduler.timesteps:
-                tracker and tracker.check_cancel()
+                tracker.check_cancel()
                 noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty).sample
                 latents = scheduler.step(noise_pred, t, latents).prev_sample
-                tracker and tracker.advance("image_denoise", t)
+                tracker.advance("image_denoise", t)
         return latents, store.features(scheduler.timesteps)
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, num_inference_steps: int, tracker=None) -> ImageFeatures:
+    def encode_image(
+        self, image: Image.Image, num_inference_steps: int, tracker: _StepTracker | None = None
+    ) -> ImageFeatures:
         """The image-features object for one image on the grid of `num_inference_steps` (cacheable)."""
         z_0 = self.prepare_image_latents(image)
         z_T = self.invert_image_latents(z_0, num_inference_steps, tracker)
@@ -316,6 +324,13 @@ class MelFusionPipeline(DiffusionPipeline):
             return conditional
         unconditional = conditional if image_guidance == "both" else torch.zeros(batch_size)
         return torch.cat([unconditional, conditional])
+
+    def attach_synapse(self, features: ImageFeatures, text_mask: torch.Tensor, rows: torch.Tensor):
+        """Context in which the music UNet's synapse cross-attentions mix in `features` (lines 7-9)."""
+        device, dtype = text_mask.device, self.music_unet.dtype
+        return mixing_image_features(
+            self.music_unet, self.synapse, features.to(device, dtype), text_mask=text_mask, row_strength=rows.to(device)
+        )
 
     # -- Algorithm 2 --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -375,8 +390,9 @@ class MelFusionPipeline(DiffusionPipeline):
         # 2. Timestep grid shared by the image and music samplers
         timesteps = self.timestep_grid(steps)
         music_scheduler = self.make_scheduler(scheduler, timesteps)
-        image_phases = 2 * steps if use_image and image_features is None else 0
-        tracker = _StepTracker(self, image_phases + steps, callback, should_cancel)
+        image_steps = 2 * steps * len(images) if use_image and image_features is None else 0
+        total = image_steps + steps
+        tracker = _StepTracker(total, callback, should_cancel, bar=self.progress_bar(total=total))
         try:
             # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)), then K_l^I, V_l^I per step (lines 1, 6)
             if use_image and image_features is None:
@@ -391,19 +407,9 @@ class MelFusionPipeline(DiffusionPipeline):
             latents = self.prepare_music_latents(self.music_latent_shape(len(captions), seconds), seeds, music_scheduler)
 
             # 6. Denoising loop with the visual synapse (lines 4-10)
-            with contextlib.ExitStack() as stack:
-                mix = None
-                if use_image:
-                    rows = self.image_rows(len(captions), with_unconditional, image_strength, image_guidance)
-                    mix = stack.enter_context(
-                        mixing_image_features(
-                            self.music_unet,
-                            self.synapse,
-                            image_features.to(latents.device, latents.dtype),
-                            text_mask=text_mask,
-                            row_strength=rows.to(latents.device),
-                        )
-                    )
+            rows = self.image_rows(len(captions), with_unconditional, image_strength, image_guidance)
+            synapse = self.attach_synapse(image_features, text_mask, rows) if use_image else contextlib.nullcontext()
+            with synapse as mix:
                 for i, t in enumerate(music_scheduler.timesteps):
                     tracker.check_cancel()
                     if mix is not None:
