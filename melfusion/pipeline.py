@@ -67,10 +67,10 @@ class MelFusionOutput(BaseOutput):
 class _StepTracker:
     """Counts steps over the phases of one call: progress bar, caller's callback, cooperative cancel."""
 
-    def __init__(self, pipe: MelFusionPipeline, total: int, callback, should_cancel):
+    def __init__(self, total: int, callback=None, should_cancel=None, bar=None):
         self.total, self.done = total, 0
         self.callback, self.should_cancel = callback, should_cancel
-        self.bar = pipe.progress_bar(total=total)
+        self.bar = bar
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
