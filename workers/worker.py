@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 
 from rq import SimpleWorker
@@ -34,6 +35,7 @@ class MelFusionWorker(SimpleWorker):
         """What /readyz and the tests see of this worker."""
         return {
             "name": self.name,
+            "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": self.queue_names(),
             "state": str(self.get_state()),
