@@ -58,8 +58,10 @@ def main() -> int:
                 print(f"job {job.status}: {job.error}; logs in {logs}")
                 return 1
             path = client.download(job, workdir / f"{job.id}.wav")
-            print(f"wrote {path} ({job.result['seconds']:g} s, {job.result['sample_rate']} Hz, seed "
-                  f"{job.params['seed']}, sha256 {job.result['sha256'][:12]}…) in {time.perf_counter() - started:.1f} s")  # fmt: skip
+            took = time.perf_counter() - started
+            result = job.result
+            print(f"wrote {path} ({result['seconds']:g} s at {result['sample_rate']} Hz, seed {job.params['seed']}, "
+                  f"sha256 {result['sha256'][:12]}…; submit to download {took:.1f} s)")  # fmt: skip
         if args.keep_running:
             print(f"API at {base_url}/docs; Ctrl+C stops it")
             children[-1].popen.wait()

@@ -9,14 +9,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TypeVar
 
 import httpx
 from redis import Redis
 from redis.exceptions import RedisError
 
+T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # children import this checkout's packages
 
 
@@ -27,15 +29,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str, process: "Child | None" = None) -> None:
-    """Poll `predicate` until true; fail early, with the child's log, if the child died meanwhile."""
+def wait_until(predicate: Callable[[], T], *, timeout: float, what: str, process: Child | None = None) -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail early, with the child's
+    log, if the child died meanwhile."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if process is not None and process.popen.poll() is not None:
-            raise RuntimeError(f"{process.name} exited with {process.popen.returncode} before {what}:\n{process.log_tail()}")
+            raise RuntimeError(
+                f"{process.name} exited with {process.popen.returncode} before {what}:\n{process.log_tail()}"
+            )
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout:g} s")
         time.sleep(0.1)
+    return value
 
 
 @dataclass

@@ -74,7 +74,7 @@ def cancel_key(job_id: str) -> str:
 
 def request_cancel(redis: Redis, job_id: str, *, ttl_seconds: int) -> dt.datetime:
     """Raise the job's cancel flag (first request wins) and return when it was first raised."""
-    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    now = dt.datetime.now(dt.UTC).isoformat()
     redis.set(cancel_key(job_id), now, nx=True, ex=ttl_seconds)
     return get_cancel_requested_at(redis, job_id) or dt.datetime.fromisoformat(now)
 

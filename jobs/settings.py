@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         return [key.strip() for key in value.split(",") if key.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def require_one_storage(self) -> "Settings":
+    def require_one_storage(self) -> Settings:
         if self.storage_dir is None and not self.s3_endpoint_url:
             raise ValueError("set MELFUSION_STORAGE_DIR (local files) or MELFUSION_S3_ENDPOINT_URL (S3 storage)")
         if self.storage_dir is None and not (self.s3_access_key and self.s3_secret_key):

@@ -64,7 +64,7 @@ class Storage(Protocol):
 
 
 def _expiry(ttl_seconds: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.UTC)
 
 
 class LocalStorage:
@@ -132,7 +132,7 @@ class S3Storage:
             read_timeout=30,
             retries={"max_attempts": 2},
         )
-        make_client = lambda endpoint: boto3.client(  # noqa: E731
+        make_client = lambda endpoint: boto3.client(
             "s3",
             endpoint_url=endpoint,
             region_name=region,

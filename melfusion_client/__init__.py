@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 import httpx
 
@@ -42,7 +43,7 @@ class Job:
     raw: dict[str, Any]
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Job":
+    def from_json(cls, data: dict[str, Any]) -> Job:
         fields = ("id", "status", "progress", "queue_position", "params", "result", "error")
         return cls(**{name: data[name] for name in fields}, raw=data)
 
@@ -56,7 +57,7 @@ class MelFusionClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, **httpx_options)
 
-    def __enter__(self) -> "MelFusionClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from redis import Redis
 
 from jobs.queue import open_queue
-from jobs.settings import Settings
+from jobs.settings import Settings, load_settings
 from jobs.storage import LocalStorage, open_storage
 from melfusion.limits import read_limits
 
@@ -54,3 +54,11 @@ def create_app(settings: Settings) -> FastAPI:
     if isinstance(app.state.storage, LocalStorage):
         app.include_router(files.router)
     return app
+
+
+def serve() -> None:
+    """Run the API with uvicorn; every setting from MELFUSION_* (console script `melfusion-api`)."""
+    import uvicorn
+
+    settings = load_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

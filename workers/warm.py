@@ -36,7 +36,9 @@ class Runtime:
             pipe.set_progress_bar_config(disable=True)
             self._pipeline = pipe
             self.pipeline_loads += 1
-            log.info("loaded pipeline from %s on %s in %.1f s", bundle, self.settings.device, time.perf_counter() - started)
+            log.info(
+                "loaded pipeline from %s on %s in %.1f s", bundle, self.settings.device, time.perf_counter() - started
+            )
         return self._pipeline
 
 

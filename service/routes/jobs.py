@@ -39,14 +39,23 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         storage: StorageDep,
         owner: OwnerDep,
         base_url: BaseUrlDep,
-        image: Annotated[UploadFile, File(description=f"JPEG, PNG or WebP, ≤ {settings.max_upload_bytes} bytes, "
-                                                      f"≤ {settings.max_image_pixels} pixels")],
+        image: Annotated[
+            UploadFile,
+            File(
+                description=f"JPEG, PNG or WebP, ≤ {settings.max_upload_bytes} bytes, "
+                f"≤ {settings.max_image_pixels} pixels"
+            ),
+        ],
         caption: Annotated[str, Form(min_length=1, max_length=settings.max_caption_chars)],
-        seconds: Annotated[float | None, Form(gt=0, le=limits.max_seconds,
-                                              description=f"default {limits.default_seconds}")] = None,
-        steps: Annotated[int | None, Form(ge=1, le=limits.max_steps, description=f"default {limits.default_steps}")] = None,
-        guidance_scale: Annotated[float | None, Form(ge=0, le=MAX_GUIDANCE_SCALE,
-                                                     description=f"default {limits.default_guidance_scale}")] = None,
+        seconds: Annotated[
+            float | None, Form(gt=0, le=limits.max_seconds, description=f"default {limits.default_seconds}")
+        ] = None,
+        steps: Annotated[
+            int | None, Form(ge=1, le=limits.max_steps, description=f"default {limits.default_steps}")
+        ] = None,
+        guidance_scale: Annotated[
+            float | None, Form(ge=0, le=MAX_GUIDANCE_SCALE, description=f"default {limits.default_guidance_scale}")
+        ] = None,
         image_strength: Annotated[float, Form(ge=0, le=1, description="0 = caption only, 1 = learned α")] = 1.0,
         scheduler: Annotated[Scheduler, Form()] = "ddim",
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="chosen and echoed if omitted")] = None,
@@ -65,13 +74,20 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
 
     @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
-    def get_job(job_id: JobId, redis: RedisDep, storage: StorageDep, owner: OwnerDep, base_url: BaseUrlDep) -> JobPublic:
+    def get_job(
+        job_id: JobId, redis: RedisDep, storage: StorageDep, owner: OwnerDep, base_url: BaseUrlDep
+    ) -> JobPublic:
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
 
     @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**ERRORS, 409: {"model": ErrorResponse}})
     def cancel(
-        job_id: JobId, redis: RedisDep, storage: StorageDep, owner: OwnerDep, base_url: BaseUrlDep, settings: SettingsDep
+        job_id: JobId,
+        redis: RedisDep,
+        storage: StorageDep,
+        owner: OwnerDep,
+        base_url: BaseUrlDep,
+        settings: SettingsDep,
     ) -> JobPublic:
         """A queued job never runs; a running one stops at its next step, then reads `canceled`."""
         cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, settings=settings)

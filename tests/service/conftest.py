@@ -3,12 +3,10 @@ keys; S3 store without). Every child process is stopped at the end of the sessio
 
 from __future__ import annotations
 
-
 import pytest
+from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, S3Server, Stack, launch_stack, start_seaweedfs
 
 from embedded.processes import PROJECT_ROOT, free_port, start_redis
-
-from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, S3Server, Stack, launch_stack, start_seaweedfs
 
 SAMPLE_IMAGE = PROJECT_ROOT / "docs" / "sample.png"
 ALICE, BOB = "alice-key-0123", "bob-key-4567"

@@ -127,7 +127,7 @@ def test_streamed_oversized_body_is_cut_off(local_stack):
     head = (f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n"
             "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
     part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
-    chunk = lambda data: b"%x\r\n%s\r\n" % (len(data), data)  # noqa: E731
+    chunk = lambda data: b"%x\r\n%s\r\n" % (len(data), data)
     answer, sent = raw_request(local_stack, head, [chunk(part)] + [chunk(b"\0" * 65536)] * 1600)  # 100 MB
     assert answer.startswith(b"HTTP/1.1 413") and b'"field":"image"' in answer
     assert sent < 30 * 1024 * 1024
@@ -170,7 +170,9 @@ def test_idempotency_key(local_stack, sample_png):
     assert other_key.json()["id"] != first.json()["id"]
     bob_same_key = post_job(local_stack, files, GOOD_FORM, api_key=BOB, headers={"Idempotency-Key": "order-42"})
     assert bob_same_key.json()["id"] != first.json()["id"]  # keys are per API key
-    changed = post_job(local_stack, files, {**GOOD_FORM, "caption": "loud drums"}, headers={"Idempotency-Key": "order-42"})
+    changed = post_job(
+        local_stack, files, {**GOOD_FORM, "caption": "loud drums"}, headers={"Idempotency-Key": "order-42"}
+    )
     assert_error(changed, 422, "Idempotency-Key")
 
 

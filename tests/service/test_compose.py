@@ -61,7 +61,9 @@ def test_one_worker_service_per_gpu_from_one_anchor():
 
 @pytest.mark.parametrize("name", ["api", "worker-gpu0", "worker-gpu1"])
 def test_bundle_volume_is_read_only(name):
-    (bundle,) = [v for v in SERVICES[name]["volumes"] if v["target"] == SERVICES[name]["environment"]["MELFUSION_BUNDLE_DIR"]]
+    (bundle,) = [
+        v for v in SERVICES[name]["volumes"] if v["target"] == SERVICES[name]["environment"]["MELFUSION_BUNDLE_DIR"]
+    ]
     assert bundle["read_only"] is True
 
 

@@ -9,7 +9,6 @@ import httpx
 import pytest
 import soundfile as sf
 from conftest import ALICE
-
 from servers import S3_BUCKET
 
 SECONDS, STEPS = 1.0, 3
@@ -57,7 +56,9 @@ def test_full_path(stack_and_key, sample_png, tmp_path):
         audio = http.get(f"/jobs/{job.id}/audio")
         if api_key is None:
             assert audio.status_code == 307
-            assert audio.headers["location"].startswith(stack.env["MELFUSION_S3_PUBLIC_ENDPOINT_URL"] + f"/{S3_BUCKET}/")
+            assert audio.headers["location"].startswith(
+                stack.env["MELFUSION_S3_PUBLIC_ENDPOINT_URL"] + f"/{S3_BUCKET}/"
+            )
             audio = httpx.get(audio.headers["location"])
         assert audio.status_code == 200
         assert audio.headers["content-type"] == "audio/wav"

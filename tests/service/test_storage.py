@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 from botocore.exceptions import ClientError
+from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY
 
 from jobs.storage import WAV, LocalStorage, S3Storage, StorageKeyInvalid, StorageUnavailable
-from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY
 
 
 def s3_storage(s3_server, *, secret_key: str = S3_SECRET_KEY, bucket: str = S3_BUCKET) -> S3Storage:

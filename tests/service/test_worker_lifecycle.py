@@ -6,7 +6,6 @@ import datetime as dt
 import signal
 
 import pytest
-
 from servers import launch_stack, wait_for_job
 
 SHORT = {"seconds": 0.5, "steps": 2}
@@ -25,7 +24,7 @@ def test_sigterm_finishes_the_current_job_then_exits(lifecycle_stack, sample_png
     job = client.submit(sample_png, "finish me", seconds=1.0, steps=150)
     wait_for_job(client, job.id, lambda j: j.status == "running" and 0 < j.progress < 0.5, what="running")
     worker = lifecycle_stack.workers[0]
-    signalled_at = dt.datetime.now(dt.timezone.utc)
+    signalled_at = dt.datetime.now(dt.UTC)
     worker.popen.send_signal(signal.SIGTERM)
 
     assert worker.popen.wait(timeout=180) == 0
