@@ -6,6 +6,7 @@ presigned GETs for S3, HMAC-signed `/files/...` URLs (served by the API) for the
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -53,7 +54,8 @@ def check_key(key: str) -> str:
 
 
 class Storage(Protocol):
-    def put(self, key: str, data: bytes, *, content_type: str) -> None: ...
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        """Store `data`; raise StorageUnavailable if the store refuses or cannot be reached."""
 
     def get(self, key: str) -> bytes: ...
 
@@ -79,7 +81,10 @@ class LocalStorage:
         return self.root / check_key(key)
 
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
-        write_atomically(self.path(key), data)
+        try:
+            write_atomically(self.path(key), data)
+        except OSError as exc:
+            raise StorageUnavailable(f"local storage {self.root}: {exc.strerror}") from None
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
@@ -148,16 +153,23 @@ class S3Storage:
         self.url_ttl_seconds = url_ttl_seconds
 
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type)
+        with self._unavailable_on_error():
+            self.client.put_object(Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
 
     def check(self) -> None:
+        with self._unavailable_on_error():
+            self.client.head_bucket(Bucket=self.bucket)
+
+    @contextlib.contextmanager
+    def _unavailable_on_error(self):
+        """Refusals (wrong key, no bucket) and network errors become StorageUnavailable naming the cause."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            yield
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "error")
             raise StorageUnavailable(f"S3 bucket {self.bucket!r} at {self.endpoint_url}: {code}") from None

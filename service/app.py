@@ -24,7 +24,6 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries aro
 
 
 def create_app(settings: Settings) -> FastAPI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redis = Redis.from_url(settings.redis_url)
     limits = read_limits(settings.resolve_bundle_dir())
 
@@ -60,5 +59,6 @@ def serve() -> None:
     """Run the API with uvicorn; every setting from MELFUSION_* (console script `melfusion-api`)."""
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -4,12 +4,20 @@ keys; S3 store without). Every child process is stopped at the end of the sessio
 from __future__ import annotations
 
 import pytest
-from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, S3Server, Stack, launch_stack, start_seaweedfs
+from servers import (
+    ALICE,
+    BOB,
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_SECRET_KEY,
+    SAMPLE_IMAGE,
+    S3Server,
+    Stack,
+    launch_stack,
+    start_seaweedfs,
+)
 
-from embedded.processes import PROJECT_ROOT, free_port, start_redis
-
-SAMPLE_IMAGE = PROJECT_ROOT / "docs" / "sample.png"
-ALICE, BOB = "alice-key-0123", "bob-key-4567"
+from embedded.processes import free_port, start_redis
 
 
 @pytest.fixture(scope="session")

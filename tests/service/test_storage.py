@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from botocore.exceptions import ClientError
-from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY
+from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, launch_stack
 
 from jobs.storage import WAV, LocalStorage, S3Storage, StorageKeyInvalid, StorageUnavailable
 
@@ -30,7 +29,7 @@ def test_s3_refuses_a_wrong_key(s3_server):
     wrong = s3_storage(s3_server, secret_key="not-the-secret")
     with pytest.raises(StorageUnavailable, match=S3_BUCKET):
         wrong.check()
-    with pytest.raises(ClientError):
+    with pytest.raises(StorageUnavailable):
         wrong.put("outputs/nope.wav", b"x", content_type=WAV)
     with pytest.raises(StorageUnavailable, match="missing-bucket"):
         s3_storage(s3_server, bucket="missing-bucket").check()
@@ -41,3 +40,19 @@ def test_keys_outside_the_pattern_are_refused(tmp_path, key):
     storage = LocalStorage(tmp_path, signing_key=b"k", url_ttl_seconds=60)
     with pytest.raises(StorageKeyInvalid):
         storage.put(key, b"x", content_type=WAV)
+
+
+def test_api_with_a_refused_s3_key_is_not_ready_and_says_why(workdir, redis_port, tiny_bundle, s3_server, sample_png):
+    stack = launch_stack("s3-wrong-key", workdir=workdir, redis_port=redis_port, db=4, bundle=tiny_bundle,
+                         with_worker=False, s3_endpoint_url=s3_server.endpoint_url, s3_bucket=S3_BUCKET,
+                         s3_access_key=S3_ACCESS_KEY, s3_secret_key="not-the-secret")  # fmt: skip
+    try:
+        with stack.http() as http:
+            readiness = http.get("/readyz")
+            submitted = http.post("/jobs", data={"caption": "x"}, files={"image": ("s.png", sample_png, "image/png")})
+    finally:
+        stack.stop()
+    assert readiness.status_code == 503
+    storage = readiness.json()["checks"]["storage"]
+    assert not storage["ok"] and S3_BUCKET in storage["detail"] and s3_server.endpoint_url in storage["detail"]
+    assert submitted.status_code == 503 and submitted.json()["error"]["code"] == "unavailable"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ALICE
-from servers import wait_for_job
+from servers import ALICE, wait_for_job
 
 from embedded.processes import PROJECT_ROOT, wait_until
 from jobs.heartbeat import read_heartbeats

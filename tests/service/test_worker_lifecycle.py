@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+from pathlib import Path
 
 import pytest
 from servers import launch_stack, wait_for_job
@@ -44,10 +45,16 @@ def test_jobs_wait_without_a_worker_and_run_when_one_comes(lifecycle_stack, samp
         assert http.get("/livez").status_code == 200
 
     client = lifecycle_stack.client()
-    waiting = [client.submit(sample_png, f"waiting {i}", **SHORT) for i in range(2)]
-    assert [client.get(job.id).queue_position for job in waiting] == [0, 1]
+    waiting = [client.submit(sample_png, f"waiting {i}", **SHORT) for i in range(3)]
+    assert [client.get(job.id).queue_position for job in waiting] == [0, 1, 2]
     assert all(client.get(job.id).status == "queued" for job in waiting)
+    lost_input = waiting.pop()
+    (Path(lifecycle_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs" / f"{lost_input.id}.png").unlink()
 
     lifecycle_stack.add_worker()  # returns once /readyz is 200 again
     for job in waiting:
         assert client.wait(job.id, timeout=120).status == "succeeded"
+    failed = client.wait(lost_input.id, timeout=120)
+    assert failed.status == "failed" and failed.result is None
+    assert failed.error == {"code": "internal_error", "message": "generation failed; see the worker log"}
+    assert "FileNotFoundError" in lifecycle_stack.workers[-1].log_path.read_text()  # the details stay in the log
