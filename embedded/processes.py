@@ -83,11 +83,13 @@ def find_redis_server(*, install: bool) -> str:
     path = shutil.which("redis-server")
     if path is None and install:
         print("redis-server not found; installing it with apt-get ...", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True)
+        apt = [] if os.geteuid() == 0 else ["sudo"]
+        for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+            if subprocess.run(apt + step, check=False).returncode != 0:
+                break
         path = shutil.which("redis-server")
     if path is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        raise SystemExit("redis-server is not installed and could not be installed: apt-get install redis-server")
     return path
 
 

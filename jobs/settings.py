@@ -83,7 +83,11 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = [
-            f"  MELFUSION_{'_'.join(map(str, error['loc'])).upper() or '*'}: {error['msg']}" for error in exc.errors()
-        ]
+        problems = [_describe_problem(error) for error in exc.errors()]
         raise SystemExit("invalid settings:\n" + "\n".join(problems)) from None
+
+
+def _describe_problem(error: dict) -> str:
+    """`  MELFUSION_PORT: Input should be ...`, or just the message for checks across several variables."""
+    variable = "_".join(map(str, error["loc"])).upper()
+    return f"  MELFUSION_{variable}: {error['msg']}" if variable else f"  {error['msg'].removeprefix('Value error, ')}"

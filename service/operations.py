@@ -99,9 +99,10 @@ def submit_job(
     record_key = None
     if idempotency_key is not None:
         record_key = _idempotency_record_key(owner, idempotency_key)
-        record = json.dumps({"job_id": job_id, "fingerprint": _fingerprint(image, request)})
+        fingerprint = _fingerprint(image, request)
+        record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         if not redis.set(record_key, record, nx=True, ex=settings.job_ttl_seconds):
-            return _replay(redis, record_key, owner=owner, fingerprint=_fingerprint(image, request)), True
+            return _replay(redis, record_key, fingerprint=fingerprint), True
     try:
         image_key = input_key(job_id, image_type.extension)
         storage.put(image_key, image, content_type=image_type.mime)
@@ -122,7 +123,7 @@ def submit_job(
     return job, False
 
 
-def _replay(redis: Redis, record_key: str, *, owner: str, fingerprint: str) -> Job:
+def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
     record = json.loads(redis.get(record_key) or "{}")
     if record.get("fingerprint") != fingerprint:
         raise IdempotencyConflict("this key was used with a different request", field="Idempotency-Key")

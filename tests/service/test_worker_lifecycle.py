@@ -22,8 +22,8 @@ def lifecycle_stack(workdir, redis_port, tiny_bundle):
 
 def test_sigterm_finishes_the_current_job_then_exits(lifecycle_stack, sample_png):
     client = lifecycle_stack.client()
-    job = client.submit(sample_png, "finish me", seconds=1.0, steps=150)
-    wait_for_job(client, job.id, lambda j: j.status == "running" and 0 < j.progress < 0.5, what="running")
+    job = client.submit(sample_png, "finish me", seconds=1.0, steps=300)  # seconds of work left after the signal
+    wait_for_job(client, job.id, lambda j: j.status == "running" and 0 < j.progress < 0.75, what="running")
     worker = lifecycle_stack.workers[0]
     signalled_at = dt.datetime.now(dt.UTC)
     worker.popen.send_signal(signal.SIGTERM)
