@@ -11,6 +11,7 @@ from rq.serializers import JSONSerializer
 from jobs.queue import open_queue
 from jobs.settings import load_settings
 from jobs.storage import open_storage
+from melfusion.errors import BundleError
 
 from .warm import Runtime, install_runtime
 from .worker import MelFusionWorker
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings.torch_threads)
     redis = Redis.from_url(settings.redis_url)
     runtime = Runtime(settings=settings, storage=open_storage(settings))
-    runtime.get_pipeline()  # load before taking jobs: the first job pays no load, and a bad bundle fails here
+    try:
+        runtime.get_pipeline()  # load before taking jobs: the first job pays no load, and a bad bundle fails here
+    except BundleError as exc:
+        raise SystemExit(f"cannot load the model bundle: {exc}") from None
     install_runtime(runtime)
     worker = MelFusionWorker(
         [open_queue(redis, settings)], connection=redis, serializer=JSONSerializer, runtime=runtime

@@ -12,6 +12,7 @@ import socket
 import threading
 
 from rq import SimpleWorker
+from rq.worker import WorkerStatus
 
 from jobs.heartbeat import clear_heartbeat, write_heartbeat
 
@@ -38,7 +39,7 @@ class MelFusionWorker(SimpleWorker):
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "queues": self.queue_names(),
-            "state": str(self.get_state()),
+            "state": WorkerStatus(self.get_state()).value,  # "idle" / "busy", not the enum's repr
             "current_job": self.get_current_job_id(),
             "jobs_done": self.jobs_done,
             "pipeline_loads": self.runtime.pipeline_loads,

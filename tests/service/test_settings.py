@@ -30,3 +30,12 @@ def test_api_keys_are_comma_separated(monkeypatch, tmp_path):
     monkeypatch.setenv("MELFUSION_STORAGE_DIR", str(tmp_path))
     monkeypatch.setenv("MELFUSION_API_KEYS", "alpha, beta,,")
     assert load_settings().api_keys == ["alpha", "beta"]
+
+
+def test_worker_with_a_missing_bundle_stops_with_a_message(tmp_path):
+    env = settings_env(storage_dir=tmp_path, bundle_dir=tmp_path / "no-such-bundle")
+    start = subprocess.run([sys.executable, "-m", "workers"], env=env, cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=120, check=False)  # fmt: skip
+    assert start.returncode != 0
+    assert "cannot load the model bundle" in start.stderr and "no-such-bundle" in start.stderr
+    assert "Traceback" not in start.stderr
