@@ -190,3 +190,4 @@ def cancel_job(job: Job, *, redis: Redis, settings: Settings) -> None:
             job.cancel()
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
+        redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
