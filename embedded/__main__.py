@@ -1,0 +1,77 @@
+"""`python -m embedded`: redis-server, one worker, the API, local storage and the tiny bundle, then one
+job through HTTP (docs/sample.png + a caption), polled to the end and downloaded. Prints the WAV's path.
+
+Everything lives under --workdir (default outputs/embedded); the processes stop when this exits
+unless --keep-running is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from melfusion_client import MelFusionClient
+
+from .processes import PROJECT_ROOT, free_port, settings_env, start_api, start_redis, start_worker, wait_until
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m embedded", description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, default=PROJECT_ROOT / "docs" / "sample.png")
+    parser.add_argument("--caption", default="calm piano at sunset")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workdir", type=Path, default=Path("outputs/embedded"))
+    parser.add_argument("--port", type=int, default=8000, help="API port (0 = any free port)")
+    parser.add_argument("--keep-running", action="store_true", help="leave the stack up; Ctrl+C stops it")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = args.workdir.resolve()
+    from melfusion.bundle import ensure_tiny_bundle  # imports torch; the API then reads this bundle torch-free
+
+    bundle = ensure_tiny_bundle(workdir / "tiny-bundle")
+    redis_port, api_port = free_port(), args.port or free_port()
+    env = settings_env(
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        bundle_dir=bundle,
+        storage_dir=workdir / "storage",
+        host="127.0.0.1",
+        port=api_port,
+    )
+    logs = workdir / "logs"
+    children = [start_redis(port=redis_port, data_dir=workdir / "redis", install=True)]
+    try:
+        children.append(start_worker(env=env, log_dir=logs))
+        children.append(start_api(env=env, log_dir=logs))
+        base_url = f"http://127.0.0.1:{api_port}"
+        with MelFusionClient(base_url) as client:
+            wait_until(lambda: client.http.get("/readyz").status_code == 200, timeout=120, what="/readyz")
+            started = time.perf_counter()
+            job = client.submit(args.image, args.caption, seconds=args.seconds, steps=args.steps)
+            print(f"submitted job {job.id} to {base_url}/jobs/{job.id}", flush=True)
+            job = client.wait(job.id, on_progress=lambda j: print(f"  {j.status:9} {j.progress:4.0%}", flush=True))
+            if job.status != "succeeded":
+                print(f"job {job.status}: {job.error}; logs in {logs}")
+                return 1
+            path = client.download(job, workdir / f"{job.id}.wav")
+            took = time.perf_counter() - started
+            result = job.result
+            print(f"wrote {path} ({result['seconds']:g} s at {result['sample_rate']} Hz, seed {job.params['seed']}, "
+                  f"sha256 {result['sha256'][:12]}…; submit to download {took:.1f} s)")  # fmt: skip
+        if args.keep_running:
+            print(f"API at {base_url}/docs; Ctrl+C stops it")
+            children[-1].popen.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

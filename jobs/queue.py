@@ -1,0 +1,84 @@
+"""The job contract: queue, task name, statuses, `job.meta` fields and the cancel flag, shared by both sides.
+
+An RQ job is the record. The API writes `meta.owner` and `meta.params` when it enqueues; the worker
+writes `meta.progress`, then `meta.result` or `meta.error`. Cancelling is a separate Redis key, not a
+meta field, because the worker rewrites meta at every step and would erase it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import Enum
+
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+
+from .settings import Settings
+
+TASK = "workers.tasks.generate_clip"  # by name, so the API never imports the worker
+KEY_PREFIX = "melfusion"
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class ErrorCode(str, Enum):
+    CANCELED = "canceled"
+    INVALID_INPUT = "invalid_input"
+    INTERNAL = "internal_error"
+
+
+_FROM_RQ = {
+    RQStatus.CREATED: JobStatus.QUEUED,
+    RQStatus.QUEUED: JobStatus.QUEUED,
+    RQStatus.DEFERRED: JobStatus.QUEUED,
+    RQStatus.SCHEDULED: JobStatus.QUEUED,
+    RQStatus.READY_TO_ENQUEUE: JobStatus.QUEUED,
+    RQStatus.RATE_LIMITED: JobStatus.QUEUED,
+    RQStatus.STARTED: JobStatus.RUNNING,
+    RQStatus.FINISHED: JobStatus.SUCCEEDED,
+    RQStatus.FAILED: JobStatus.FAILED,
+    RQStatus.STOPPED: JobStatus.CANCELED,
+    RQStatus.CANCELED: JobStatus.CANCELED,
+}
+
+
+def open_queue(redis: Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+
+
+def fetch_job(redis: Redis, job_id: str) -> Job | None:
+    """The job, or None if it does not exist (or has expired)."""
+    return Job.fetch(job_id, connection=redis, serializer=JSONSerializer) if Job.exists(job_id, redis) else None
+
+
+def get_status(job: Job) -> JobStatus:
+    """The public status; a job the worker stopped on a cancel request ends 'finished' in RQ, 'canceled' here."""
+    status = _FROM_RQ.get(job.get_status(refresh=False), JobStatus.QUEUED)
+    if status is JobStatus.SUCCEEDED and job.meta.get("error", {}).get("code") == ErrorCode.CANCELED:
+        return JobStatus.CANCELED
+    return status
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:cancel:{job_id}"
+
+
+def request_cancel(redis: Redis, job_id: str, *, ttl_seconds: int) -> dt.datetime:
+    """Raise the job's cancel flag (first request wins) and return when it was first raised."""
+    now = dt.datetime.now(dt.UTC).isoformat()
+    redis.set(cancel_key(job_id), now, nx=True, ex=ttl_seconds)
+    return get_cancel_requested_at(redis, job_id) or dt.datetime.fromisoformat(now)
+
+
+def get_cancel_requested_at(redis: Redis, job_id: str) -> dt.datetime | None:
+    value = redis.get(cancel_key(job_id))
+    return dt.datetime.fromisoformat(value.decode()) if value else None

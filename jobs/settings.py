@@ -1,0 +1,93 @@
+"""One settings class for the API and the workers, read from `MELFUSION_*` environment variables."""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Validated once at start-up: a bad value stops the process with a message naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="MELFUSION_", extra="ignore")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    public_url: str | None = None  # how clients reach the API, for file URLs behind a proxy; else the request's host
+    api_keys: Annotated[list[str], NoDecode] = []  # comma-separated; empty = no auth, one shared namespace
+
+    # Queue
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "melfusion"
+    job_ttl_seconds: int = Field(86_400, gt=0)  # how long finished jobs and idempotency keys are kept
+    job_timeout_seconds: int = Field(3_600, gt=0)  # longer than any job; compose's stop_grace_period matches it
+    heartbeat_seconds: float = Field(5.0, gt=0)  # a worker is "fresh" if it beat within 3 intervals
+
+    # Model
+    bundle_dir: Path | None = None  # None = the embedded tiny bundle (built on first use; imports torch)
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    torch_threads: int | None = Field(None, gt=0)  # cap CPU threads when workers share cores
+
+    # Request limits (the bundle adds seconds/steps ranges)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_caption_chars: int = Field(1000, gt=0)
+
+    # Storage: MELFUSION_STORAGE_DIR selects the local back end, otherwise S3
+    storage_dir: Path | None = None
+    signing_secret: SecretStr | None = None  # HMAC key of local file URLs; random per process if unset
+    url_ttl_seconds: int = Field(3_600, gt=0)
+    s3_endpoint_url: str | None = None  # as the API and workers reach it (e.g. http://seaweedfs:8333)
+    s3_public_endpoint_url: str | None = None  # as clients reach it; presigned URLs are signed for this host
+    s3_bucket: str = "melfusion"
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def split_api_keys(cls, value):
+        return [key.strip() for key in value.split(",") if key.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def require_one_storage(self) -> Settings:
+        if self.storage_dir is None and not self.s3_endpoint_url:
+            raise ValueError("set MELFUSION_STORAGE_DIR (local files) or MELFUSION_S3_ENDPOINT_URL (S3 storage)")
+        if self.storage_dir is None and not (self.s3_access_key and self.s3_secret_key):
+            raise ValueError("S3 storage needs MELFUSION_S3_ACCESS_KEY and MELFUSION_S3_SECRET_KEY")
+        return self
+
+    @cached_property
+    def url_signing_key(self) -> bytes:
+        secret = self.signing_secret.get_secret_value() if self.signing_secret else secrets.token_hex(32)
+        return secret.encode()
+
+    def resolve_bundle_dir(self) -> Path:
+        """The configured bundle, or the embedded tiny one (imports torch only in that case)."""
+        if self.bundle_dir is not None:
+            return self.bundle_dir
+        from melfusion.bundle import ensure_tiny_bundle
+
+        return ensure_tiny_bundle()
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment (overrides win), or exit with one line per bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [_describe_problem(error) for error in exc.errors()]
+        raise SystemExit("invalid settings:\n" + "\n".join(problems)) from None
+
+
+def _describe_problem(error: dict) -> str:
+    """`  MELFUSION_PORT: Input should be ...`, or just the message for checks across several variables."""
+    variable = "_".join(map(str, error["loc"])).upper()
+    return f"  MELFUSION_{variable}: {error['msg']}" if variable else f"  {error['msg'].removeprefix('Value error, ')}"

@@ -1,0 +1,202 @@
+"""Where input images and output clips live: one interface, a local directory or an S3-compatible store.
+
+Keys are made server-side only (`input_key`, `output_key`); clients get time-limited URLs, never keys:
+presigned GETs for S3, HMAC-signed `/files/...` URLs (served by the API) for the local directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlencode
+
+from melfusion.audio import write_atomically
+
+from .settings import Settings
+
+WAV = "audio/wav"
+_SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|wav)$")
+
+
+class StorageUnavailable(Exception):
+    """The store cannot be reached or refuses us; the message says which and why (shown by /readyz)."""
+
+
+class StorageKeyInvalid(Exception):
+    """A key that this service never generates (path tricks included)."""
+
+
+@dataclass(frozen=True)
+class SignedUrl:
+    url: str  # absolute for S3; relative to the API for the local store
+    expires_at: dt.datetime
+
+
+def input_key(job_id: str, extension: str) -> str:
+    return f"inputs/{job_id}.{extension}"
+
+
+def output_key(job_id: str) -> str:
+    return f"outputs/{job_id}.wav"
+
+
+def check_key(key: str) -> str:
+    if not _SAFE_KEY.match(key):
+        raise StorageKeyInvalid(key)
+    return key
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        """Store `data`; raise StorageUnavailable if the store refuses or cannot be reached."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def signed_url(self, key: str) -> SignedUrl: ...
+
+    def check(self) -> None:
+        """Raise StorageUnavailable unless reads and writes can work."""
+
+
+def _expiry(ttl_seconds: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.UTC)
+
+
+class LocalStorage:
+    """A directory shared by the API and the workers (the embedded default, one machine)."""
+
+    def __init__(self, root: Path, *, signing_key: bytes, url_ttl_seconds: int):
+        self.root = root
+        self.signing_key = signing_key
+        self.url_ttl_seconds = url_ttl_seconds
+
+    def path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        try:
+            write_atomically(self.path(key), data)
+        except OSError as exc:
+            raise StorageUnavailable(f"local storage {self.root}: {exc.strerror}") from None
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageUnavailable(f"local storage {self.root}: {exc.strerror}") from None
+
+    def _signature(self, key: str, expires: int) -> str:
+        return hmac.new(self.signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def signed_url(self, key: str) -> SignedUrl:
+        expires_at = _expiry(self.url_ttl_seconds)
+        expires = int(expires_at.timestamp())
+        query = urlencode({"expires": expires, "signature": self._signature(check_key(key), expires)})
+        return SignedUrl(f"/files/{key}?{query}", expires_at)
+
+    def is_valid_signature(self, key: str, *, expires: int, signature: str) -> bool:
+        """True if the URL was signed by us for this key and has not expired."""
+        fresh = expires >= time.time()
+        return fresh and hmac.compare_digest(self._signature(key, expires), signature)
+
+
+class S3Storage:
+    """Any S3-compatible store (SeaweedFS, AWS, R2...), path-style; URLs presigned for the public endpoint."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str,
+        public_endpoint_url: str | None,
+        bucket: str,
+        region: str,
+        access_key: str,
+        secret_key: str,
+        url_ttl_seconds: int,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=3,
+            read_timeout=30,
+            retries={"max_attempts": 2},
+        )
+        make_client = lambda endpoint: boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=config,
+        )
+        self.client = make_client(endpoint_url)
+        # Presigning is offline, but the signature covers the host: sign for the host clients will call.
+        self.public_client = make_client(public_endpoint_url or endpoint_url)
+        self.endpoint_url = endpoint_url
+        self.bucket = bucket
+        self.url_ttl_seconds = url_ttl_seconds
+
+    def put(self, key: str, data: bytes, *, content_type: str) -> None:
+        with self._unavailable_on_error():
+            self.client.put_object(Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
+
+    def check(self) -> None:
+        with self._unavailable_on_error():
+            self.client.head_bucket(Bucket=self.bucket)
+
+    @contextlib.contextmanager
+    def _unavailable_on_error(self):
+        """Refusals (wrong key, no bucket) and network errors become StorageUnavailable naming the cause."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            raise StorageUnavailable(f"S3 bucket {self.bucket!r} at {self.endpoint_url}: {code}") from None
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 at {self.endpoint_url}: {exc}") from None
+
+    def signed_url(self, key: str) -> SignedUrl:
+        url = self.public_client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": WAV},
+            ExpiresIn=self.url_ttl_seconds,
+        )
+        return SignedUrl(url, _expiry(self.url_ttl_seconds))
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The back end the settings select: MELFUSION_STORAGE_DIR means local, otherwise S3."""
+    if settings.storage_dir is not None:
+        return LocalStorage(
+            settings.storage_dir, signing_key=settings.url_signing_key, url_ttl_seconds=settings.url_ttl_seconds
+        )
+    return S3Storage(
+        endpoint_url=settings.s3_endpoint_url,
+        public_endpoint_url=settings.s3_public_endpoint_url,
+        bucket=settings.s3_bucket,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        url_ttl_seconds=settings.url_ttl_seconds,
+    )

@@ -1,0 +1,145 @@
+"""A small typed client for the MelFusion service: `submit`, `wait` (with progress), `download`.
+
+    client = MelFusionClient("http://127.0.0.1:8000", api_key=None)
+    job = client.submit("photo.jpg", "calm piano at sunset", seconds=10)
+    job = client.wait(job.id, on_progress=lambda j: print(f"{j.status} {j.progress:.0%}"))
+    client.download(job, "clip.wav")  # checks the sha256 the service reported
+
+Depends only on httpx, so an app can vendor it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class ServiceError(Exception):
+    """An error response: HTTP status, machine-readable code, the offending field and a message."""
+
+    def __init__(self, status_code: int, code: str, message: str, field: str | None):
+        super().__init__(f"{status_code} {code}" + (f" ({field})" if field else "") + f": {message}")
+        self.status_code, self.code, self.message, self.field = status_code, code, message, field
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    progress: float
+    queue_position: int | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, str] | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Job:
+        fields = ("id", "status", "progress", "queue_position", "params", "result", "error")
+        return cls(**{name: data[name] for name in fields}, raw=data)
+
+    @property
+    def is_done(self) -> bool:
+        return self.status in TERMINAL
+
+
+class MelFusionClient:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 30.0, **httpx_options):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, **httpx_options)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.http.close()
+
+    def _job(self, response: httpx.Response) -> Job:
+        if response.is_error:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": response.text[:200], "field": None}
+            raise ServiceError(response.status_code, error["code"], error["message"], error.get("field"))
+        return Job.from_json(response.json())
+
+    def submit(
+        self,
+        image: str | os.PathLike | bytes,
+        caption: str,
+        *,
+        seconds: float | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_strength: float | None = None,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """POST /jobs. Retrying with the same `idempotency_key` can never create a second job."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        form = {"caption": caption, "seconds": seconds, "steps": steps, "guidance_scale": guidance_scale,
+                "image_strength": image_strength, "scheduler": scheduler, "seed": seed}  # fmt: skip
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self.http.post(
+            "/jobs",
+            data={name: str(value) for name, value in form.items() if value is not None},
+            files={"image": ("image", data, "application/octet-stream")},
+            headers=headers,
+        )
+        return self._job(response)
+
+    def get(self, job_id: str) -> Job:
+        return self._job(self.http.get(f"/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._job(self.http.post(f"/jobs/{job_id}/cancel"))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float = 600.0,
+        poll_seconds: float = 0.25,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Poll until the job ends; `on_progress` sees every change of status or progress.
+
+        Raises:
+            TimeoutError: the job did not end within `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            job = self.get(job_id)
+            if on_progress is not None and (job.status, job.progress) != last:
+                on_progress(job)
+                last = (job.status, job.progress)
+            if job.is_done:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout:g} s")
+            time.sleep(poll_seconds)
+
+    def download(self, job: Job, path: str | os.PathLike) -> Path:
+        """Fetch the WAV from the job's result URL and check it against the sha256 the service reported."""
+        if job.result is None:
+            raise ValueError(f"job {job.id} is {job.status}; it has no result")
+        # A plain GET: the URL carries its own signature, and S3 refuses a second one in an Authorization header.
+        response = httpx.get(job.result["url"], follow_redirects=True, timeout=self.http.timeout)
+        response.raise_for_status()
+        if hashlib.sha256(response.content).hexdigest() != job.result["sha256"]:
+            raise ServiceError(response.status_code, "checksum_mismatch", "downloaded bytes differ", "result")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(response.content)
+        return path

@@ -1,0 +1,64 @@
+"""`create_app(settings)`: wires Redis, the queue, storage and the bundle's limits into a FastAPI app."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from redis import Redis
+
+from jobs.queue import open_queue
+from jobs.settings import Settings, load_settings
+from jobs.storage import LocalStorage, open_storage
+from melfusion.limits import read_limits
+
+from .body_limit import BodySizeLimit
+from .errors import install_error_handlers
+from .metrics import JobMetricsCollector
+from .routes import files, health
+from .routes.jobs import build_jobs_router
+
+FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
+
+
+def create_app(settings: Settings) -> FastAPI:
+    redis = Redis.from_url(settings.redis_url)
+    limits = read_limits(settings.resolve_bundle_dir())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        redis.close()
+
+    app = FastAPI(
+        title="MelFusion service",
+        version="0.1.0",
+        summary="Image + caption → music clip (MelFusion, CVPR 2024) as asynchronous jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redis = redis
+    app.state.queue = open_queue(redis, settings)
+    app.state.storage = open_storage(settings)
+    app.state.limits = limits
+    app.state.metrics_registry = CollectorRegistry()
+    app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue))
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    install_error_handlers(app)
+    app.include_router(build_jobs_router(limits, settings))
+    app.include_router(health.router)
+    if isinstance(app.state.storage, LocalStorage):
+        app.include_router(files.router)
+    return app
+
+
+def serve() -> None:
+    """Run the API with uvicorn; every setting from MELFUSION_* (console script `melfusion-api`)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,105 @@
+"""Domain errors of the service and the one place that turns them (and everything else) into JSON.
+
+Every error response is `{"error": {"code", "message", "field"}}`; nothing carries a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs.storage import StorageUnavailable
+from melfusion.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    """An error with its HTTP status; subclasses fix the status and code."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+class PayloadTooLarge(ApiError):
+    status_code, code = 413, "too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class IdempotencyConflict(ApiError):
+    status_code, code = 422, "idempotency_key_reused"
+
+
+class Unauthorized(ApiError):
+    status_code, code = 401, "unauthorized"
+
+
+class JobNotFound(ApiError):
+    status_code, code = 404, "not_found"
+
+
+class JobStateConflict(ApiError):
+    status_code, code = 409, "conflict"
+
+
+class LinkInvalid(ApiError):
+    status_code, code = 403, "link_invalid"
+
+
+def error_response(status_code: int, code: str, message: str, field: str | None = None, **kwargs) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, field=field))
+    return JSONResponse(body.model_dump(), status_code=status_code, **kwargs)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    def handle_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(InputError)
+    def handle_input_error(request: Request, exc: InputError) -> JSONResponse:
+        return error_response(422, "invalid_parameter", exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = next((part for part in reversed(first["loc"]) if isinstance(part, str)), None)
+        return error_response(422, "invalid_parameter", first["msg"], field)
+
+    @app.exception_handler(StarletteHTTPException)
+    def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(StorageUnavailable)
+    @app.exception_handler(RedisError)
+    def handle_backend_down(request: Request, exc: Exception) -> JSONResponse:
+        log.error("backend unavailable on %s: %s", request.url.path, exc)
+        return error_response(503, "unavailable", "a backend service is unavailable; retry later")
+
+    @app.exception_handler(Exception)
+    def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", "internal error")

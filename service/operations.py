@@ -1,0 +1,193 @@
+"""What the routes do, below HTTP: submit, look up, describe and cancel jobs (keyword-only arguments)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from dataclasses import asdict, dataclass
+from urllib.parse import urljoin
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation
+from rq.job import Job
+
+from jobs.params import JobParams
+from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_cancel_requested_at, get_status
+from jobs.queue import request_cancel as raise_cancel_flag
+from jobs.settings import Settings
+from jobs.storage import Storage, input_key
+from melfusion.images import load_image
+from melfusion.limits import GenerationLimits
+
+from .errors import IdempotencyConflict, JobNotFound, JobStateConflict
+from .schemas import JobError, JobPublic, JobResult
+from .uploads import ImageType
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """The form fields as the client sent them (None = not given)."""
+
+    caption: str
+    seconds: float | None
+    steps: int | None
+    guidance_scale: float | None
+    image_strength: float
+    scheduler: str
+    seed: int | None
+
+
+def resolve_params(request: JobRequest, limits: GenerationLimits) -> JobParams:
+    """Apply bundle defaults, choose a seed, and check ranges (InputError names the field)."""
+    params = JobParams(
+        caption=request.caption,
+        seconds=limits.default_seconds if request.seconds is None else request.seconds,
+        steps=limits.default_steps if request.steps is None else request.steps,
+        guidance_scale=limits.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
+        image_strength=request.image_strength,
+        scheduler=request.scheduler,
+        seed=secrets.randbelow(MAX_SEED) if request.seed is None else request.seed,
+    )
+    limits.check(
+        captions=[params.caption],
+        seconds=params.seconds,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        image_strength=params.image_strength,
+        scheduler=params.scheduler,
+    )
+    return params
+
+
+def _idempotency_record_key(owner: str, key: str) -> str:
+    return f"{KEY_PREFIX}:idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _fingerprint(image: bytes, request: JobRequest) -> str:
+    digest = hashlib.sha256(image)
+    digest.update(json.dumps(asdict(request), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def submit_job(
+    *,
+    redis: Redis,
+    queue: Queue,
+    storage: Storage,
+    settings: Settings,
+    limits: GenerationLimits,
+    owner: str,
+    image: bytes,
+    image_type: ImageType,
+    request: JobRequest,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
+
+    Raises:
+        InputError: a bad image or parameter (names the field).
+        IdempotencyConflict: the key was used before with a different request.
+    """
+    load_image(image, max_pixels=settings.max_image_pixels)  # decodes fully: truncated files and bombs stop here
+    params = resolve_params(request, limits)
+    job_id = str(uuid.uuid4())
+    record_key = None
+    if idempotency_key is not None:
+        record_key = _idempotency_record_key(owner, idempotency_key)
+        fingerprint = _fingerprint(image, request)
+        record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+        if not redis.set(record_key, record, nx=True, ex=settings.job_ttl_seconds):
+            return _replay(redis, record_key, fingerprint=fingerprint), True
+    try:
+        image_key = input_key(job_id, image_type.extension)
+        storage.put(image_key, image, content_type=image_type.mime)
+        job = queue.enqueue_call(
+            TASK,
+            kwargs={"image_key": image_key, "params": params.model_dump()},
+            job_id=job_id,
+            timeout=settings.job_timeout_seconds,
+            result_ttl=settings.job_ttl_seconds,
+            failure_ttl=settings.job_ttl_seconds,
+            meta={"owner": owner, "progress": 0.0},
+            description=f"melfusion job {job_id}",
+        )
+    except BaseException:
+        if record_key is not None:
+            redis.delete(record_key)  # let the client retry with the same key
+        raise
+    return job, False
+
+
+def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
+    record = json.loads(redis.get(record_key) or "{}")
+    if record.get("fingerprint") != fingerprint:
+        raise IdempotencyConflict("this key was used with a different request", field="Idempotency-Key")
+    job = fetch_job(redis, record["job_id"])
+    if job is None:
+        raise JobStateConflict("the first request with this key is still being created; retry", field="Idempotency-Key")
+    return job
+
+
+def find_job(*, redis: Redis, job_id: str, owner: str) -> Job:
+    """The caller's job; someone else's is reported exactly like a missing one."""
+    job = fetch_job(redis, job_id)
+    if job is None or job.meta.get("owner") != owner:
+        raise JobNotFound(f"no job {job_id}", field="id")
+    return job
+
+
+def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> JobPublic:
+    """The public view of a job, with a fresh download URL if it succeeded."""
+    status = get_status(job)
+    meta = job.meta
+    result = None
+    if status is JobStatus.SUCCEEDED:
+        stored = meta["result"]
+        signed = storage.signed_url(stored["key"])
+        fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
+        result = JobResult(url=urljoin(base_url, signed.url), expires_at=signed.expires_at, **fields)
+    error = None
+    if status is JobStatus.FAILED:
+        error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
+    elif status is JobStatus.CANCELED:
+        error = JobError(**meta.get("error", {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
+    finished_at = job.ended_at
+    if status is JobStatus.CANCELED and finished_at is None:
+        finished_at = get_cancel_requested_at(redis, job.id)
+    return JobPublic(
+        id=job.id,
+        status=status,
+        progress=meta.get("progress", 0.0),
+        queue_position=job.get_position() if status is JobStatus.QUEUED else None,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
+        params=JobParams(**job.kwargs["params"]),
+        result=result,
+        error=error,
+    )
+
+
+def cancel_job(job: Job, *, redis: Redis, settings: Settings) -> None:
+    """A queued job leaves the queue; a running one stops before its next step (the worker polls the flag).
+
+    Raises:
+        JobStateConflict: the job already succeeded or failed.
+    """
+    status = get_status(job)
+    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise JobStateConflict(f"job {job.id} already {status.value}", field="id")
+    if status is JobStatus.CANCELED:
+        return
+    raise_cancel_flag(redis, job.id, ttl_seconds=settings.job_ttl_seconds)
+    if status is JobStatus.QUEUED:
+        try:
+            job.cancel()
+        except InvalidJobOperation:  # canceled by a concurrent request
+            pass
+        redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
