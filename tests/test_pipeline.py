@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_pipeline
+from dummies import make_pipeline
 
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_pipeline
+from dummies import make_pipeline
 
 from melfusion.attention import mixing_image_features
 from melfusion.synapse import VisualSynapse

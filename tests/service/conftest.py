@@ -26,13 +26,6 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(workdir):
-    from melfusion.bundle import ensure_tiny_bundle
-
-    return ensure_tiny_bundle(workdir / "tiny-bundle")
-
-
-@pytest.fixture(scope="session")
 def redis_port(workdir):
     port = free_port()
     server = start_redis(port=port, data_dir=workdir / "redis")
