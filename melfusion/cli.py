@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .images import load_image
 from .limits import IMAGE_GUIDANCE_MODES, SCHEDULERS, read_limits
+from .training.cli import add_train_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melfusion", description="MelFusion: image + caption -> music")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
+    add_train_parser(commands)
     return parser
 
 
