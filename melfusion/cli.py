@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
+from .evaluation.cli import add_eval_parser
 from .images import load_image
 from .limits import IMAGE_GUIDANCE_MODES, SCHEDULERS, read_limits
 from .training.cli import add_train_parser
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 

@@ -38,11 +38,11 @@ def files_of(bundle, component: str) -> dict:
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(make_config):
-    config = make_config(max_steps=12, unet_lr=1e-3, alpha_lr=1e-2, text_dropout=0.0)
+    config = make_config(max_steps=8, unet_lr=1e-3, alpha_lr=1e-2, text_dropout=0.0)
     before = fixed_batch_loss(config, config.bundle)
     result = train(config)
     after = fixed_batch_loss(config, result.bundle)
-    assert len(result.losses) == 12
+    assert len(result.losses) == 8
     assert after < 0.95 * before, (before, after)
 
 
@@ -79,11 +79,11 @@ def test_fixed_alpha_stays_put_while_the_unet_trains(make_config):
 
 
 def test_resume_gives_the_same_next_steps_as_uninterrupted_training(make_config):
-    straight = train(make_config("straight", max_steps=4, checkpoint_every=2, unet_lr=1e-3, alpha_lr=1e-2))
+    straight = train(make_config("straight", max_steps=3, checkpoint_every=2, unet_lr=1e-3, alpha_lr=1e-2))
     halfway = straight.checkpoints[0]
     assert load_checkpoint(halfway)["step"] == 2
-    resumed = train(make_config("resumed", max_steps=4, unet_lr=1e-3, alpha_lr=1e-2, resume=halfway))
-    assert resumed.losses == straight.losses[2:]
+    resumed = train(make_config("resumed", max_steps=3, unet_lr=1e-3, alpha_lr=1e-2, resume=halfway))
+    assert len(resumed.losses) == 1 and resumed.losses == straight.losses[2:]
     a, b = load_pipeline(straight.bundle), load_pipeline(resumed.bundle)
     assert torch.equal(a.synapse.alphas, b.synapse.alphas)
     assert all(torch.equal(x, y) for x, y in zip(a.music_unet.parameters(), b.music_unet.parameters()))
