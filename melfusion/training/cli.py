@@ -45,9 +45,5 @@ def run_train(args: argparse.Namespace) -> int:
 
     fields = TrainConfig.__dataclass_fields__
     config = TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
-    result = train(config)
-    losses = result.losses
-    if losses:
-        print(f"trained {len(losses)} steps to step {result.step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    print(f"wrote bundle {result.bundle.resolve()}; log and checkpoints in {config.work_dir.resolve()}")
+    train(config)
     return 0

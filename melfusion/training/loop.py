@@ -155,7 +155,7 @@ def train(config: TrainConfig) -> TrainResult:
     # 2. The bundle, the synapse to train, and the state to resume from
     pipe = load_pipeline(config.bundle, device=accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.register_modules(synapse=training_synapse(pipe.synapse, config))
+    pipe.register_modules(synapse=training_synapse(pipe.synapse, config).to(accelerator.device))
     checkpoint = load_checkpoint(config.resume) if config.resume else None
     if checkpoint is not None:
         restore_weights(pipe, checkpoint)
@@ -218,4 +218,8 @@ def train(config: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         save_bundle(pipe, config.out, source="melfusion-train")
     accelerator.wait_for_everyone()
+    if result.losses:
+        accelerator.print(f"trained {len(result.losses)} steps to step {step}: "
+                          f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    accelerator.print(f"wrote bundle {config.out.resolve()}; log and checkpoints in {config.work_dir.resolve()}")
     return result
