@@ -7,6 +7,8 @@ labels; `melfusion eval` defaults to CLAP for all three (see evaluation/evaluato
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import linalg
 
@@ -15,12 +17,17 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     """‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between two (N, D) embedding sets (FAD, FD, FID).
 
     Small sets give singular covariances; as in pytorch-fid/frechet_audio_distance, `eps`·I is added to
-    both when the square root comes out non-finite.
+    both when the square root of their product is singular or non-finite.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        try:
+            root = linalg.sqrtm(cov_a @ cov_b)
+        except linalg.LinAlgWarning:  # singular product: fewer samples than dimensions
+            root = np.full_like(cov_a, np.nan)
     if not np.isfinite(root).all():
         offset = np.eye(cov_a.shape[0]) * eps
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -34,7 +34,7 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--freeze-unet", action="store_true", help="train α only")
     parser.add_argument("--share-alpha", action="store_true", help="one α for all synapse blocks")
     parser.add_argument("--placement", choices=tuple(PLACEMENTS), default=defaults.placement, help="synapse blocks")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=defaults.mixed_precision)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: as accelerate launch says")
     parser.add_argument("--resume", type=Path, help="checkpoint (.pt) to continue from")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default OUT.train/cache)")
     parser.set_defaults(run=run_train)

@@ -37,7 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one more is written at the end)
     resume: Path | None = None  # checkpoint to continue from, exactly
     seed: int = 0  # every random draw of the loop derives from it (see loop.step_generator)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # passed to Accelerate; fp32 on CPU
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: as `accelerate launch` says (else fp32)
     cache_dir: Path | None = None  # image-feature and audio-latent cache; None: `<out>.train/cache`
 
     @property

@@ -10,7 +10,7 @@ from synthetic import write_triplets
 from melfusion.bundle import create_tiny_bundle
 from melfusion.training.config import TrainConfig
 
-SECONDS = 1.0  # latent (8, 32, 16) on the tiny bundle: a training step in well under a second
+SECONDS = 0.5  # latent (8, 16, 16) on the tiny bundle: a training step in well under a second
 FEATURE_STEPS = 4  # a coarse grid keeps the one-off image encoding cheap
 
 

@@ -93,7 +93,7 @@ def test_cli_trains_and_the_exported_bundle_serves(make_config, capsys):
     config = make_config()
     code = main([
         "train", "--bundle", str(config.bundle), "--data", str(config.data), "--out", str(config.out),
-        "--max-steps", "2", "--seconds", "1", "--feature-steps", "4", "--cache-dir", str(config.cache_dir),
+        "--max-steps", "2", "--seconds", str(config.seconds), "--feature-steps", "4", "--cache-dir", str(config.cache_dir),
     ])
     assert code == 0
     assert "trained 2 steps" in capsys.readouterr().out
