@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..bundle import load_pipeline, save_bundle
-from ..dataset.manifest import BadRow, read_triplets
+from ..dataset.manifest import read_triplets
 from ..errors import InputError
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
@@ -38,7 +38,6 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # one per optimiser step run by this call
     checkpoints: list[Path] = field(default_factory=list)
-    bad_rows: list[BadRow] = field(default_factory=list)
 
 
 def training_synapse(bundle_synapse: VisualSynapse, config: TrainConfig) -> VisualSynapse:
@@ -92,6 +91,18 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
 
 
+def training_target(
+    noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet must predict: ε (the paper's eq. 7), or v = √ᾱ·ε − √(1−ᾱ)·z_0 for a v-prediction bundle."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise InputError("scheduler", f"training supports epsilon and v_prediction, not {prediction_type!r}")
+
+
 def diffusion_loss(
     pipe: MelFusionPipeline,
     model: torch.nn.Module,
@@ -112,10 +123,7 @@ def diffusion_loss(
     latents = (mean + std * torch.randn(mean.shape, generator=generator)) * pipe.mel_vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator)  # ε_t^M (line 2)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = training_target(noise_scheduler, latents, noise, timesteps)
     # CFG dropout: a dropped caption takes the image with it (the unconditional branch sees neither)
     drop_text = torch.rand(count, generator=generator) < text_dropout
     drop_image = drop_text | (torch.rand(count, generator=generator) < image_dropout)
@@ -183,7 +191,7 @@ def train(config: TrainConfig) -> TrainResult:
     grid = pipe.timestep_grid(config.feature_steps)
 
     # 5. The loop: Algorithm 1, one optimiser step per `gradient_accumulation` micro-batches
-    result = TrainResult(bundle=config.out, step=step, bad_rows=triplets.bad)
+    result = TrainResult(bundle=config.out, step=step)
     log = LossLog(config.work_dir / "loss.csv", len(pipe.synapse.alphas), append=checkpoint is not None,
                   enabled=accelerator.is_main_process)
     bar = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)

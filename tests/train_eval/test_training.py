@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -9,9 +10,10 @@ from melfusion.bundle import load_pipeline, read_manifest, verify_bundle
 from melfusion.cli import main
 from melfusion.dataset.manifest import read_triplets
 from melfusion.images import load_image
+from melfusion.presets import sd_scheduler
 from melfusion.training.checkpoint import load_checkpoint
 from melfusion.training.denoiser import SynapseDenoiser
-from melfusion.training.loop import diffusion_loss, step_generator, train
+from melfusion.training.loop import diffusion_loss, step_generator, train, training_target
 from melfusion.training.prepare import frozen_fingerprint, prepare_examples
 
 FROZEN = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
@@ -105,3 +107,17 @@ def test_cli_trains_and_the_exported_bundle_serves(make_config, capsys):
     image = load_image(read_triplets(config.data).rows[0].image)
     output = pipe("calm piano", image, seconds=0.5, num_inference_steps=2, seed=0)
     assert output.audios.shape == (1, 8000) and abs(output.audios).max() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_targets_what_the_bundle_scheduler_predicts(prediction_type):
+    scheduler = DDPMScheduler.from_config(sd_scheduler(prediction_type).config)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 8, 4, 4, generator=generator)
+    timesteps = torch.tensor([10, 900])
+    target = training_target(scheduler, latents, noise, timesteps)
+    if prediction_type == "epsilon":
+        assert torch.equal(target, noise)
+    else:
+        alpha_bar = scheduler.alphas_cumprod[timesteps][:, None, None, None]
+        assert torch.allclose(target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
