@@ -46,6 +46,11 @@ class Triplets:
     def skip(self, where: str, reason: str) -> None:
         self.bad.append(BadRow(where, reason))
 
+    def reject(self, row: Triplet, reason: str) -> None:
+        """Move a row whose files turned out unusable on decoding from `rows` to `bad`."""
+        self.rows.remove(row)
+        self.skip(row.where, reason)
+
     def summary(self) -> str:
         lines = [f"{len(self.rows)} usable rows, {len(self.bad)} skipped"]
         return "\n".join(lines + [f"  skipped {bad}" for bad in self.bad])

@@ -79,27 +79,26 @@ def evaluate(
     fd_embedder: AudioEmbedder | None = None,
     classifier: Classifier | None = None,
 ) -> list[Scores]:
-    """One Scores per variant; rows whose files fail to decode move to `triplets.bad`."""
+    """One Scores per variant; rows whose files fail to decode move from `triplets.rows` to `triplets.bad`."""
     fad_embedder = fad_embedder or evaluators.audio_embeddings
     fd_embedder = fd_embedder or evaluators.audio_pooled
     classifier = classifier or evaluators.label_distribution
     rate, length = pipe.sampling_rate, round(seconds * pipe.sampling_rate)
 
     # 1. References and image features, once per row
-    rows, references, images, features = [], [], [], []
-    for row in tqdm(triplets.rows, desc="encoding references", unit="row"):
+    references, images, features = [], [], []
+    for row in tqdm(list(triplets.rows), desc="encoding references", unit="row"):
         try:
             reference, image = fit_length(load_audio(row.audio, rate), length), load_image(row.image)
         except (InputError, ValueError) as exc:
-            triplets.skip(row.where, str(exc))
+            triplets.reject(row, str(exc))
             continue
-        rows.append(row)
         references.append(reference)
         images.append(image)
         features.append(pipe.encode_image(image, steps))
-    if len(rows) < 2:
+    if len(triplets.rows) < 2:
         raise InputError("data", "evaluation needs at least two usable rows (covariances, IMSM)")
-    captions = [row.caption for row in rows]
+    captions = [row.caption for row in triplets.rows]
     image_embeddings, clip_text = evaluators.image_embeddings(images), evaluators.clip_text_embeddings(captions)
     clap_text = evaluators.clap_text_embeddings(captions)
     reference_fad, reference_fd = fad_embedder(references, rate), fd_embedder(references, rate)
@@ -118,7 +117,7 @@ def evaluate(
                              clip_scale=evaluators.clip_scale, clap_scale=evaluators.clap_scale)
         results.append(Scores(
             variant.name,
-            len(rows),
+            len(captions),
             fad=frechet_distance(reference_fad, fad_embedder(generated, rate)),
             kl=kl_divergence(reference_labels, classifier(generated, rate)),
             fd=frechet_distance(reference_fd, fd_embedder(generated, rate)),

@@ -87,7 +87,7 @@ def prepare_examples(
     """Encode every usable row (cache hits are free); rows whose files fail to decode move to `triplets.bad`."""
     log_mel, synapse = LogMel.for_pipeline(pipe), pipe.synapse.config
     examples = []
-    for row in tqdm(triplets.rows, desc="encoding data set", unit="row"):
+    for row in tqdm(list(triplets.rows), desc="encoding data set", unit="row"):
         image_key = {"file": _sha256(row.image), "steps": steps, "blocks": list(synapse.blocks),
                      "grid": synapse.image_grid, "bundle": fingerprint}
         audio_key = {"file": _sha256(row.audio), "seconds": seconds, "bundle": fingerprint}
@@ -95,7 +95,7 @@ def prepare_examples(
             features = _cached(cache_dir / "images", image_key, partial(image_features, pipe, row.image, steps))
             latents = _cached(cache_dir / "audio", audio_key, partial(music_posterior, pipe, log_mel, row.audio, seconds))
         except (InputError, ValueError) as exc:
-            triplets.skip(row.where, str(exc))
+            triplets.reject(row, str(exc))
             continue
         examples.append(Example(row.caption, features, latents, row.where))
     return examples

@@ -76,6 +76,7 @@ def test_corrupt_files_are_skipped_with_their_row_named(train_bundle, manifest, 
                                 steps=2, seconds=0.5)
     assert [e.where for e in examples] == ["rows.jsonl line 1"]
     assert [bad.where for bad in found.bad] == ["rows.jsonl line 2", "rows.jsonl line 3"]
+    assert found.summary().startswith("1 usable rows, 2 skipped")
     assert f"audio file {tmp_path / 'bad.wav'} is not readable" in found.bad[0].reason
     assert found.bad[1].reason.startswith("image: not a readable image")
 
