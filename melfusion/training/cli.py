@@ -30,7 +30,8 @@ def add_train_parser(commands) -> None:
         ("seed", int, "seed of every random draw"),
     ]:
         default = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{text} (default {default})")
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text + shown)
     parser.add_argument("--freeze-unet", action="store_true", help="train α only")
     parser.add_argument("--share-alpha", action="store_true", help="one α for all synapse blocks")
     parser.add_argument("--placement", choices=tuple(PLACEMENTS), default=defaults.placement, help="synapse blocks")
