@@ -79,7 +79,9 @@ def epoch_order(size: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def batch_examples(examples: list[Example], micro_step: int, batch_size: int, rank: int, world: int, seed: int):
+def batch_examples(
+    examples: list[Example], micro_step: int, batch_size: int, rank: int, world: int, seed: int
+) -> list[Example]:
     """This process's share of micro-batch `micro_step`: a pure function of the step, hence exact resume."""
     start = (micro_step * world + rank) * batch_size
     return [examples[epoch_order(len(examples), p // len(examples), seed)[p % len(examples)]]
