@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
+from .evaluation.cli import add_eval_parser
 from .images import load_image
 from .limits import IMAGE_GUIDANCE_MODES, SCHEDULERS, read_limits
+from .training.cli import add_train_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melfusion", description="MelFusion: image + caption -> music")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
+    add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""(image, caption, music) triplets for training and evaluation: manifest reading and audio features."""

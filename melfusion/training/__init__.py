@@ -1,0 +1,1 @@
+"""Training the visual synapse (and optionally the music UNet): the paper's Algorithm 1 under Accelerate."""

@@ -1,0 +1,50 @@
+"""The one training config: a plain dataclass, saved inside every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Placement = Literal["decoder", "encoder", "both"]
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "decoder": ("up_blocks.1", "up_blocks.2", "up_blocks.3"),  # the paper's choice (Table 2, best)
+    "encoder": ("down_blocks.0", "down_blocks.1", "down_blocks.2"),
+    "both": ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"),
+}
+
+
+@dataclass
+class TrainConfig:
+    bundle: Path  # the starting model bundle (its frozen SD side encodes the images)
+    data: Path  # JSONL/CSV manifest or folder of (image, caption, audio) triplets
+    out: Path  # where the trained bundle is exported; work files go to `<out>.train/` beside it
+    max_steps: int = 20  # optimiser steps; the default is a brief smoke run, real runs use tens of thousands
+    batch_size: int = 2  # per process; TANGO used 8 per GPU with gradient accumulation
+    gradient_accumulation: int = 1  # micro-batches per optimiser step (Accelerate's accumulate())
+    unet_lr: float = 3e-5  # TANGO's fine-tuning learning rate for the music UNet
+    alpha_lr: float = 1e-5  # the paper's best α learning rate (Table 3)
+    weight_decay: float = 1e-2  # AdamW default, UNet only: decay would pull α towards 0 (text-only)
+    freeze_unet: bool = False  # α-only training (the authors' released `--train_only_alpha` recipe)
+    fix_alpha: float | None = None  # hold every α at this value (paper Table 14); None learns α
+    share_alpha: bool = False  # one α for all blocks (Table 2, "same α")
+    placement: Placement = "decoder"  # synapse blocks (Table 2): decoder, encoder or both
+    initial_alpha: float | None = None  # start of a new synapse; None keeps the bundle's α if the layout matches
+    text_dropout: float = 0.1  # CFG: caption -> "" and the image hidden too (the pipeline's unconditional branch)
+    image_dropout: float = 0.0  # CFG: hide the image alone, so guidance can also amplify the image
+    seconds: float | None = None  # clip length; None takes the bundle's default_seconds (10 s for TANGO)
+    feature_steps: int = 50  # DDIM grid on which image features are captured; training draws t from it
+    checkpoint_every: int = 500  # steps between checkpoints (one more is written at the end)
+    resume: Path | None = None  # checkpoint to continue from, exactly
+    seed: int = 0  # every random draw of the loop derives from it (see loop.step_generator)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: as `accelerate launch` says (else fp32)
+    cache_dir: Path | None = None  # image-feature and audio-latent cache; None: `<out>.train/cache`
+
+    @property
+    def work_dir(self) -> Path:
+        """Checkpoints, loss log and cache: beside the bundle, since exporting replaces `out` as a whole."""
+        return self.out.with_name(self.out.name + ".train")
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return PLACEMENTS[self.placement]

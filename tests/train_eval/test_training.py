@@ -1,0 +1,123 @@
+"""Algorithm 1 on the tiny bundle: loss goes down, α and UNet move at their own lr, resume is exact, export serves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from melfusion.bundle import load_pipeline, read_manifest, verify_bundle
+from melfusion.cli import main
+from melfusion.dataset.manifest import read_triplets
+from melfusion.images import load_image
+from melfusion.presets import sd_scheduler
+from melfusion.training.checkpoint import load_checkpoint
+from melfusion.training.denoiser import SynapseDenoiser
+from melfusion.training.loop import diffusion_loss, step_generator, train, training_target
+from melfusion.training.prepare import frozen_fingerprint, prepare_examples
+
+FROZEN = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
+
+
+def fixed_batch_loss(config, bundle) -> float:
+    """Eq. 7 on the whole synthetic set with the same t, ε and posterior draws for every bundle compared."""
+    pipe = load_pipeline(bundle)
+    examples = prepare_examples(
+        pipe, read_triplets(config.data), fingerprint=frozen_fingerprint(config.bundle), cache_dir=config.cache_dir,
+        steps=config.feature_steps, seconds=config.seconds,
+    )
+    model = SynapseDenoiser(pipe.music_unet, pipe.synapse)
+    scheduler, grid = DDPMScheduler.from_config(pipe.scheduler.config), pipe.timestep_grid(config.feature_steps)
+    with torch.no_grad():
+        losses = [diffusion_loss(pipe, model, scheduler, grid, examples, step_generator(99, i, 0)) for i in range(4)]
+    return float(torch.stack(losses).mean())
+
+
+def files_of(bundle, component: str) -> dict:
+    """Checksums of a component's weight files (configs gain a `_name_or_path` on the way through)."""
+    files = read_manifest(bundle)["files"].items()
+    return {k: v["sha256"] for k, v in files if k.startswith(component + "/") and k.endswith(".safetensors")}
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(make_config):
+    config = make_config(max_steps=8, unet_lr=1e-3, alpha_lr=1e-2, text_dropout=0.0)
+    before = fixed_batch_loss(config, config.bundle)
+    result = train(config)
+    after = fixed_batch_loss(config, result.bundle)
+    assert len(result.losses) == 8
+    assert after < 0.95 * before, (before, after)
+
+
+def test_every_alpha_gets_gradient_and_moves_at_its_own_lr(make_config):
+    config = make_config(max_steps=1, unet_lr=1e-4, alpha_lr=1e-2, weight_decay=0.0, text_dropout=0.0)
+    start = load_pipeline(config.bundle)
+    result = train(config)
+    trained = load_pipeline(result.bundle)
+    # Adam's first step moves each parameter by lr · g/(|g| + eps): exactly lr wherever the gradient is non-zero
+    alpha_moves = (trained.synapse.alphas - start.synapse.alphas).abs()
+    assert torch.allclose(alpha_moves, torch.full_like(alpha_moves, 1e-2), rtol=1e-3), alpha_moves
+    unet_moves = torch.cat([(a - b).abs().flatten() for a, b in zip(trained.music_unet.parameters(), start.music_unet.parameters())])
+    assert 0.99e-4 <= unet_moves.max() <= 1.001e-4
+    for component in FROZEN:
+        assert files_of(config.bundle, component), component
+        assert files_of(result.bundle, component) == files_of(config.bundle, component), component
+
+
+def test_alpha_only_training_leaves_the_unet_unchanged(make_config):
+    config = make_config(freeze_unet=True, alpha_lr=1e-2, placement="both", share_alpha=True, initial_alpha=0.4)
+    result = train(config)
+    assert files_of(result.bundle, "music_unet") == files_of(config.bundle, "music_unet")
+    synapse = load_pipeline(result.bundle).synapse
+    assert synapse.config.share_alpha and len(synapse.config.blocks) == 6
+    assert synapse.alphas.shape == (1,) and abs(synapse.alphas.item() - 0.4) > 1e-3
+
+
+def test_fixed_alpha_stays_put_while_the_unet_trains(make_config):
+    config = make_config(fix_alpha=0.3, unet_lr=1e-4)
+    result = train(config)
+    trained = load_pipeline(result.bundle)
+    assert torch.equal(trained.synapse.alphas, torch.full((3,), 0.3))
+    assert files_of(result.bundle, "music_unet") != files_of(config.bundle, "music_unet")
+
+
+def test_resume_gives_the_same_next_steps_as_uninterrupted_training(make_config):
+    straight = train(make_config("straight", max_steps=3, checkpoint_every=2, unet_lr=1e-3, alpha_lr=1e-2))
+    halfway = straight.checkpoints[0]
+    assert load_checkpoint(halfway)["step"] == 2
+    resumed = train(make_config("resumed", max_steps=3, unet_lr=1e-3, alpha_lr=1e-2, resume=halfway))
+    assert len(resumed.losses) == 1 and resumed.losses == straight.losses[2:]
+    a, b = load_pipeline(straight.bundle), load_pipeline(resumed.bundle)
+    assert torch.equal(a.synapse.alphas, b.synapse.alphas)
+    assert all(torch.equal(x, y) for x, y in zip(a.music_unet.parameters(), b.music_unet.parameters()))
+
+
+def test_cli_trains_and_the_exported_bundle_serves(make_config, capsys):
+    config = make_config()
+    code = main([
+        "train", "--bundle", str(config.bundle), "--data", str(config.data), "--out", str(config.out),
+        "--max-steps", "2", "--seconds", str(config.seconds), "--feature-steps", "4", "--cache-dir", str(config.cache_dir),
+    ])
+    assert code == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    log = (config.work_dir / "loss.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss,seconds,alpha_0") and len(log) == 3
+    verify_bundle(config.out)
+    pipe = load_pipeline(config.out)
+    pipe.set_progress_bar_config(disable=True)
+    image = load_image(read_triplets(config.data).rows[0].image)
+    output = pipe("calm piano", image, seconds=0.5, num_inference_steps=2, seed=0)
+    assert output.audios.shape == (1, 8000) and abs(output.audios).max() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_targets_what_the_bundle_scheduler_predicts(prediction_type):
+    scheduler = DDPMScheduler.from_config(sd_scheduler(prediction_type).config)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 8, 4, 4, generator=generator)
+    timesteps = torch.tensor([10, 900])
+    target = training_target(scheduler, latents, noise, timesteps)
+    if prediction_type == "epsilon":
+        assert torch.equal(target, noise)
+    else:
+        alpha_bar = scheduler.alphas_cumprod[timesteps][:, None, None, None]
+        assert torch.allclose(target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
