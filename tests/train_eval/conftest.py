@@ -8,7 +8,6 @@ import pytest
 import torch
 from synthetic import write_triplets
 
-from melfusion.bundle import create_tiny_bundle
 from melfusion.training.config import TrainConfig
 
 SECONDS = 0.5  # latent (8, 16, 16) on the tiny bundle: a training step in well under a second
@@ -26,11 +25,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def train_bundle(tmp_path_factory) -> Path:
-    return create_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
-
-
-@pytest.fixture(scope="session")
 def manifest(tmp_path_factory) -> Path:
     return write_triplets(tmp_path_factory.mktemp("data"), count=4, seconds=SECONDS)
 
@@ -41,12 +35,12 @@ def feature_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def make_config(train_bundle, manifest, feature_cache, tmp_path):
+def make_config(tiny_bundle, manifest, feature_cache, tmp_path):
     """TrainConfig for the tiny bundle and synthetic set; every batch is the whole set (4 rows)."""
 
     def make(name: str = "out", **overrides) -> TrainConfig:
         settings = {"max_steps": 2, "batch_size": 4, "seconds": SECONDS, "feature_steps": FEATURE_STEPS,
                     "cache_dir": feature_cache, "checkpoint_every": 1000}
-        return TrainConfig(bundle=train_bundle, data=manifest, out=tmp_path / name, **(settings | overrides))
+        return TrainConfig(bundle=tiny_bundle, data=manifest, out=tmp_path / name, **(settings | overrides))
 
     return make

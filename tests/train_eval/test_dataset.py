@@ -61,7 +61,7 @@ def test_a_folder_pairs_files_by_name(manifest, tmp_path):
     assert str(found.bad[0]) == f"{tmp_path.name}/lonely: no image or audio file named lonely.*"
 
 
-def test_corrupt_files_are_skipped_with_their_row_named(train_bundle, manifest, tmp_path):
+def test_corrupt_files_are_skipped_with_their_row_named(tiny_bundle, manifest, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"RIFF not really audio")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     shutil.copy(manifest.parent / "img0.png", tmp_path / "img0.png")
@@ -70,9 +70,9 @@ def test_corrupt_files_are_skipped_with_their_row_named(train_bundle, manifest, 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"image": i, "caption": "piano", "audio": a}) + "\n" for i, a in rows))
     found = read_triplets(path)
-    pipe = load_pipeline(train_bundle)
+    pipe = load_pipeline(tiny_bundle)
     pipe.set_progress_bar_config(disable=True)
-    examples = prepare_examples(pipe, found, fingerprint=frozen_fingerprint(train_bundle), cache_dir=tmp_path / "cache",
+    examples = prepare_examples(pipe, found, fingerprint=frozen_fingerprint(tiny_bundle), cache_dir=tmp_path / "cache",
                                 steps=2, seconds=0.5)
     assert [e.where for e in examples] == ["rows.jsonl line 1"]
     assert [bad.where for bad in found.bad] == ["rows.jsonl line 2", "rows.jsonl line 3"]

@@ -12,9 +12,9 @@ from melfusion.evaluation.evaluators import MUSIC_LABELS, Evaluators
 from melfusion.evaluation.run import MEANINGLESS, Variant, evaluate
 
 
-def test_eval_cli_writes_a_table_and_says_random_evaluators_are_meaningless(train_bundle, manifest, tmp_path, capsys):
+def test_eval_cli_writes_a_table_and_says_random_evaluators_are_meaningless(tiny_bundle, manifest, tmp_path, capsys):
     out = tmp_path / "table.md"
-    code = main(["eval", "--bundle", str(train_bundle), "--data", str(manifest), "--out", str(out),
+    code = main(["eval", "--bundle", str(tiny_bundle), "--data", str(manifest), "--out", str(out),
                  "--steps", "2", "--seconds", "0.5", "--alphas", "0.5", "--limit", "2"])
     assert code == 0
     assert MEANINGLESS in capsys.readouterr().out
@@ -29,8 +29,8 @@ def test_eval_cli_writes_a_table_and_says_random_evaluators_are_meaningless(trai
         assert all(np.isfinite(values)) and all(v >= 0 for v in values) and 0 < values[3] <= 1
 
 
-def test_the_image_changes_the_music_and_fixed_alphas_are_restored(train_bundle, manifest):
-    pipe = load_pipeline(train_bundle)
+def test_the_image_changes_the_music_and_fixed_alphas_are_restored(tiny_bundle, manifest):
+    pipe = load_pipeline(tiny_bundle)
     pipe.set_progress_bar_config(disable=True)
     learned = pipe.synapse.alphas.detach().clone()
     triplets = read_triplets(manifest)
