@@ -22,8 +22,10 @@ def describe(directory: Path, manifest: dict) -> str:
     """Summary lines of a bundle's manifest: source, total size, one line per component."""
     total = sum(entry["bytes"] for entry in manifest["files"].values())
     lines = [
-        f"{directory}: {len(manifest['components'])} components, {len(manifest['files'])} files, "
-        f"{total:,} bytes ({total / 2**30:.2f} GiB), source {manifest['source']}, created {manifest['created']}"
+        (
+            f"{directory}: {len(manifest['components'])} components, {len(manifest['files'])} files, "
+            f"{total:,} bytes ({total / 2**30:.2f} GiB), source {manifest['source']}, created {manifest['created']}"
+        )
     ]
     for repo, commit in manifest.get("origin", {}).items():
         lines.append(f"  from {repo} @ {commit}")

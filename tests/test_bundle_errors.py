@@ -34,7 +34,10 @@ def edit_json(bundle: Path, relative: str, change) -> None:
     path.write_text(json.dumps(config))
     manifest = json.loads((bundle / MANIFEST).read_text())
     if relative in manifest["files"]:
-        manifest["files"][relative] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        manifest["files"][relative] = {
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -89,7 +92,11 @@ def test_weight_file_outside_the_manifest(bundle_copy):
             r"image_unet.block_out_channels=\[32, 32, 64, 64\] but music_unet.block_out_channels=\[32, 64, 64, 64\]",
         ),
         ("image_unet/config.json", lambda c: c.pop("layers_per_block"), "lacks 'layers_per_block'"),
-        ("synapse/config.json", lambda c: c.update(blocks=["up_blocks.1", "up_blocks.7"]), r"synapse blocks \['up_blocks.7'\]"),
+        (
+            "synapse/config.json",
+            lambda c: c.update(blocks=["up_blocks.1", "up_blocks.7"]),
+            r"synapse blocks \['up_blocks.7'\]",
+        ),
     ],
     ids=["model-index-entry", "unet-block-widths", "config-setting", "synapse-block"],
 )

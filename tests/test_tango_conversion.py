@@ -50,7 +50,9 @@ def tiny() -> dict:
     return build_components("tiny", seed=3)
 
 
-def write_tango_folder(folder: Path, tiny: dict, *, extra_keys: dict | None = None, prefix: str = "", **overrides) -> Path:
+def write_tango_folder(
+    folder: Path, tiny: dict, *, extra_keys: dict | None = None, prefix: str = "", **overrides
+) -> Path:
     """A TANGO-layout checkpoint of the tiny music UNet and T5 encoder; `overrides` edit the UNet config."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {k: tiny["music_unet"].config[k] for k in TANGO_UNET_CONFIG}
@@ -73,7 +75,9 @@ def write_tango_folder(folder: Path, tiny: dict, *, extra_keys: dict | None = No
 
 
 def convert(folder: Path, tiny: dict) -> dict:
-    return convert_tango_checkpoint(folder, text_encoder_config=tiny["text_encoder"].config, scheduler_config=SD21_SCHEDULER)
+    return convert_tango_checkpoint(
+        folder, text_encoder_config=tiny["text_encoder"].config, scheduler_config=SD21_SCHEDULER
+    )
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -120,8 +124,14 @@ def test_scheduler_keeps_tangos_v_prediction_and_noise_schedule():
 
 
 def test_sd15_pndm_config_becomes_epsilon_ddim():
-    pndm = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                         steps_offset=1, set_alpha_to_one=False)
+    pndm = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
     scheduler = ddim_scheduler(dict(pndm.config))
     assert scheduler.config.prediction_type == "epsilon"
     assert not scheduler.config.clip_sample
