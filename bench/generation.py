@@ -8,10 +8,12 @@ absolute times on a shared machine drift.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,31 +28,45 @@ SAMPLE_IMAGE = Path(__file__).parents[1] / "docs" / "sample.png"
 CAPTION = "calm piano at sunset"
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall seconds of each run, `repeats` rounds of one call each, after one warm-up call each.
+@dataclass
+class Timings:
+    """Seconds per call: wall clock, and CPU time of this process (less disturbed by other jobs)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timings]:
+    """`repeats` rounds of one call of each run, after one warm-up call each.
 
     Round-robin rather than one run after the other, so load from other jobs on the machine falls on
     all runs alike; the first call of a shape pays one-off kernel set-up, hence the warm-up.
     """
     for run in runs.values():
         run()
-    times: dict[str, list[float]] = {label: [] for label in runs}
+    times = {label: Timings() for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             run()
-            times[label].append(time.perf_counter() - started)
+            times[label].wall.append(time.perf_counter() - wall)
+            times[label].cpu.append(time.process_time() - cpu)
     return times
 
 
-def report(times: dict[str, list[float]]) -> None:
-    for label, walls in times.items():
-        print(f"  {label:<52} median {statistics.median(walls):7.3f} s   min {min(walls):7.3f} s")
+def report(times: dict[str, Timings]) -> None:
+    for label, t in times.items():
+        print(
+            f"  {label:<50} wall median {statistics.median(t.wall):7.3f} s, min {min(t.wall):7.3f} s;"
+            f" CPU median {statistics.median(t.cpu):7.3f} s"
+        )
 
 
-def ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
-    """Median over rounds of top/bottom: each round's two runs saw the same machine load."""
-    return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
+def ratio(times: dict[str, Timings], top: str, bottom: str) -> str:
+    """Median over rounds of top/bottom (each round's runs saw the same machine load), wall and CPU."""
+    wall = statistics.median(a / b for a, b in zip(times[top].wall, times[bottom].wall))
+    cpu = statistics.median(a / b for a, b in zip(times[top].cpu, times[bottom].cpu))
+    return f"{wall:.3f} wall, {cpu:.3f} CPU"
 
 
 def tiny_generations(image: Image.Image, repeats: int, seconds: float, steps: int) -> None:
@@ -70,8 +86,8 @@ def tiny_generations(image: Image.Image, repeats: int, seconds: float, steps: in
         repeats,
     )
     report(times)
-    print(f"  ratio DPM-Solver++/DDIM {ratio(times, dpmpp, ddim):.2f}")
-    print(f"  ratio caption-only/image+caption {ratio(times, caption_only, ddim):.2f}")
+    print(f"  ratio DPM-Solver++/DDIM: {ratio(times, dpmpp, ddim)}")
+    print(f"  ratio caption-only/image+caption: {ratio(times, caption_only, ddim)}")
 
 
 @torch.no_grad()
@@ -107,7 +123,7 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
         repeats,
     )
     report(times)
-    print(f"  synapse overhead: mixed/plain music step {ratio(times, mixed, plain):.3f} (processor swap included)")
+    print(f"  synapse overhead, mixed/plain music step (processor swap included): {ratio(times, mixed, plain)}")
 
 
 def main() -> None:
@@ -115,11 +131,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the tiny generations")
+    parser.add_argument("--only", choices=("tiny", "small"), help="run one of the two parts")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     image = Image.open(SAMPLE_IMAGE).convert("RGB")
-    tiny_generations(image, args.repeats, args.seconds, args.steps)
-    small_unet_steps(image, args.repeats, args.seconds)
+    if args.only != "small":
+        tiny_generations(image, args.repeats, args.seconds, args.steps)
+    if args.only != "tiny":
+        small_unet_steps(image, args.repeats, args.seconds)
 
 
 if __name__ == "__main__":

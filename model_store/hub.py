@@ -2,9 +2,9 @@
 
 Image side from Stable Diffusion 1.5, mel VAE and vocoder from AudioLDM (TANGO decodes with AudioLDM's),
 music UNet + FLAN-T5 encoder + noise schedule from a TANGO checkpoint (converted by `model_store.tango`),
-the FLAN-T5 tokenizer and config from the encoder that TANGO's `main_config.json` names. The hub is asked about every
-repository first, under a short deadline, so an offline machine fails in seconds with one clear line
-instead of stalling in a download; the commits it answers with are pinned and recorded in the manifest.
+tokenizer and config from the text encoder TANGO's `main_config.json` names. The hub is asked about
+every repository first, under a short deadline, so an offline machine fails in seconds with one clear
+line instead of stalling in a download; the commits it answers with are pinned and recorded in the manifest.
 """
 
 from __future__ import annotations

@@ -87,6 +87,11 @@ def test_weight_file_outside_the_manifest(bundle_copy):
     [
         ("model_index.json", lambda c: c.pop("mel_vae"), "component 'mel_vae' missing from model_index.json"),
         (
+            "model_index.json",
+            lambda c: c.update(synapse=["melfusion_plugins", "VisualSynapse"]),
+            "could not load .*melfusion_plugins",
+        ),
+        (
             "music_unet/config.json",
             lambda c: c.update(block_out_channels=[32, 64, 64, 64]),
             r"image_unet.block_out_channels=\[32, 32, 64, 64\] but music_unet.block_out_channels=\[32, 64, 64, 64\]",
@@ -98,7 +103,7 @@ def test_weight_file_outside_the_manifest(bundle_copy):
             r"synapse blocks \['up_blocks.7'\]",
         ),
     ],
-    ids=["model-index-entry", "unet-block-widths", "config-setting", "synapse-block"],
+    ids=["model-index-entry", "unknown-library", "unet-block-widths", "config-setting", "synapse-block"],
 )
 def test_inconsistent_configs_are_named(bundle_copy, relative, change, message):
     """Checksums re-recorded after the edit, so only the cross-component checks can catch these."""
