@@ -102,12 +102,15 @@ def main() -> None:
     try:
         built = run_phase("build", args, directory)
         print(
-            f"{args.size} size, build + save ({args.dtype}): {built['seconds']:.0f} s, peak RSS {built['peak_rss'] / GIB:.2f} GiB, "
-            f"{built['parameters'] / 1e9:.3f} B parameters, bundle {built['bundle_bytes']:,} bytes "
+            f"{args.size} size, build + save ({args.dtype}): {built['seconds']:.0f} s, "
+            f"peak RSS {built['peak_rss'] / GIB:.2f} GiB, {built['parameters'] / 1e9:.3f} B parameters, bundle {built['bundle_bytes']:,} bytes "
             f"({built['bundle_bytes'] / GIB:.2f} GiB)"
         )
         ran = run_phase("generate", args, directory)
-        print(f"verify + load (float32): {ran['load_seconds']:.0f} s, peak RSS {ran['load_peak_rss'] / GIB:.2f} GiB")
+        print(
+            f"verify + load (float32): {ran['load_seconds']:.0f} s, peak RSS {ran['load_peak_rss'] / GIB:.2f} GiB "
+            "(safetensors are memory-mapped: weights page in on first use)"
+        )
         print(
             f"one generation (1 step, 1 s, image + CFG): {ran['generate_seconds']:.0f} s, "
             f"peak RSS of the whole process {ran['peak_rss'] / GIB:.2f} GiB"

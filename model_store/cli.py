@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from melfusion.errors import BundleError, MelFusionError
@@ -76,7 +77,7 @@ def run_pull(args: argparse.Namespace) -> int:
     from .hub import PullSources, pull_bundle, resolve_revisions
 
     sources = PullSources(image=args.image_repo, tango=args.tango, audio=args.audio_repo)
-    revisions = resolve_revisions(sources)  # fails in seconds when offline, before torch and the models load
+    revisions = resolve_revisions(asdict(sources).values())  # fails in seconds offline, before torch loads
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -120,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = commands.add_parser("pull", help="assemble the real models from the Hugging Face hub (needs network)")
     pull.add_argument("directory", type=Path)
-    pull.add_argument("--tango", default=TANGO_REPO, help="TANGO checkpoint repository (music UNet, T5 encoder)")
-    pull.add_argument("--image-repo", default=SD_REPO, help="Stable Diffusion 1.5 repository (image side)")
-    pull.add_argument("--audio-repo", default=AUDIOLDM_REPO, help="AudioLDM repository (mel VAE, vocoder)")
+    pull.add_argument("--tango", default=TANGO_REPO, help="TANGO checkpoint (music UNet, T5 encoder): repo or folder")
+    pull.add_argument("--image-repo", default=SD_REPO, help="Stable Diffusion 1.5 (image side): repo or folder")
+    pull.add_argument("--audio-repo", default=AUDIOLDM_REPO, help="AudioLDM (mel VAE, vocoder): repo or folder")
     pull.add_argument("--dtype", choices=DTYPES, default="float32")
     pull.set_defaults(run=run_pull)
     return parser

@@ -9,9 +9,9 @@ line instead of stalling in a download; the commits it answers with are pinned a
 
 from __future__ import annotations
 
-import json
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,12 +40,20 @@ class PullSources:
     audio: str = AUDIOLDM_REPO
 
 
-def resolve_revisions(sources: PullSources, *, deadline_s: float = HUB_DEADLINE_S) -> dict[str, str]:
-    """Ask the hub for each repository's current commit; raise HubUnavailable within `deadline_s`.
+def is_local(source: str) -> bool:
+    """A source may be a local folder in the hub repository's layout (a copy for machines without the hub)."""
+    return Path(source).is_dir()
 
-    httpx's timeouts do not cover name resolution, so the questions run in a daemon thread that is
-    abandoned at the deadline.
+
+def resolve_revisions(sources: Iterable[str], *, deadline_s: float = HUB_DEADLINE_S) -> dict[str, str]:
+    """Ask the hub for the current commit of each source that is not a local folder.
+
+    Raises HubUnavailable within `deadline_s`: httpx's timeouts do not cover name resolution, so the
+    questions run in a daemon thread that is abandoned at the deadline.
     """
+    repos = [source for source in dict.fromkeys(sources) if not is_local(source)]
+    if not repos:
+        return {}
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -55,7 +63,7 @@ def resolve_revisions(sources: PullSources, *, deadline_s: float = HUB_DEADLINE_
 
     def ask() -> None:
         try:
-            for repo in dict.fromkeys(asdict(sources).values()):
+            for repo in repos:
                 answers[repo] = _commit_of(repo, timeout=deadline_s)
         except HubUnavailable as exc:
             failures.append(exc)
@@ -87,13 +95,13 @@ def _commit_of(repo: str, *, timeout: float) -> str:
         ) from None
 
 
-def _scheduler_config(repo: str, revision: str) -> dict:
-    from huggingface_hub import hf_hub_download
+def _scheduler_config(source: str, revision: str | None) -> dict:
+    from diffusers import DDIMScheduler
 
-    return json.loads(Path(hf_hub_download(repo, "scheduler/scheduler_config.json", revision=revision)).read_text())
+    return DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision)
 
 
-def image_components(repo: str, revision: str) -> dict:
+def image_components(source: str, revision: str | None) -> dict:
     """SD 1.5's VAE, UNet, CLIP text encoder + tokenizer and noise schedule (as the pipeline's DDIM)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -101,49 +109,52 @@ def image_components(repo: str, revision: str) -> dict:
     from .tango import ddim_scheduler
 
     return {
-        "image_vae": AutoencoderKL.from_pretrained(repo, subfolder="vae", revision=revision),
-        "image_unet": UNet2DConditionModel.from_pretrained(repo, subfolder="unet", revision=revision),
-        "image_text_encoder": CLIPTextModel.from_pretrained(repo, subfolder="text_encoder", revision=revision),
-        "image_tokenizer": CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer", revision=revision),
-        "image_scheduler": ddim_scheduler(_scheduler_config(repo, revision)),
+        "image_vae": AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision),
+        "image_unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+        "image_text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision),
+        "image_tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
+        "image_scheduler": ddim_scheduler(_scheduler_config(source, revision)),
     }
 
 
-def audio_components(repo: str, revision: str) -> dict:
+def audio_components(source: str, revision: str | None) -> dict:
     """AudioLDM's mel VAE and HiFi-GAN vocoder (diffusers layout, 16 kHz, 64 mels)."""
     from diffusers import AutoencoderKL
     from transformers import SpeechT5HifiGan
 
     return {
-        "mel_vae": AutoencoderKL.from_pretrained(repo, subfolder="vae", revision=revision),
-        "vocoder": SpeechT5HifiGan.from_pretrained(repo, subfolder="vocoder", revision=revision),
+        "mel_vae": AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision),
+        "vocoder": SpeechT5HifiGan.from_pretrained(source, subfolder="vocoder", revision=revision),
     }
 
 
-def music_components(repo: str, revision: str) -> tuple[dict, dict[str, str]]:
+def music_components(source: str, revision: str | None) -> tuple[dict, dict[str, str]]:
     """TANGO's converted UNet, T5 encoder and schedule, plus the FLAN-T5 tokenizer.
 
-    Returns the components and the extra repositories used (the text encoder's, the scheduler's) with
-    their commits, for the manifest.
+    Returns the components and the further sources they came from (the text encoder and scheduler
+    that TANGO's `main_config.json` names) with their commits, for the manifest.
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     from .tango import MAIN_WEIGHTS, convert_tango_checkpoint, read_main_config
 
-    folder = Path(snapshot_download(repo, revision=revision, allow_patterns=["*.json", MAIN_WEIGHTS]))
+    if is_local(source):
+        folder = Path(source)
+    else:
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=["*.json", MAIN_WEIGHTS]))
     main_config = read_main_config(folder)
-    t5_repo, scheduler_repo = main_config["text_encoder_name"], main_config["scheduler_name"]
-    extra = {r: HfApi().model_info(r).sha for r in (t5_repo, scheduler_repo)}
+    t5, scheduler = main_config["text_encoder_name"], main_config["scheduler_name"]
+    revisions = resolve_revisions([t5, scheduler])
     components = convert_tango_checkpoint(
         folder,
-        text_encoder_config=T5Config.from_pretrained(t5_repo, revision=extra[t5_repo]),
-        scheduler_config=_scheduler_config(scheduler_repo, extra[scheduler_repo]),
+        text_encoder_config=T5Config.from_pretrained(t5, revision=revisions.get(t5)),
+        scheduler_config=_scheduler_config(scheduler, revisions.get(scheduler)),
     )
     if "text_encoder" not in components:
-        components["text_encoder"] = T5EncoderModel.from_pretrained(t5_repo, revision=extra[t5_repo]).eval()
-    components["tokenizer"] = T5Tokenizer.from_pretrained(t5_repo, revision=extra[t5_repo])
-    return components, extra
+        components["text_encoder"] = T5EncoderModel.from_pretrained(t5, revision=revisions.get(t5)).eval()
+    components["tokenizer"] = T5Tokenizer.from_pretrained(t5, revision=revisions.get(t5))
+    return components, {t5: revisions.get(t5, "local folder"), scheduler: revisions.get(scheduler, "local folder")}
 
 
 def pull_bundle(
@@ -151,18 +162,20 @@ def pull_bundle(
 ) -> Path:
     """Download, convert and save a bundle of the real models into `directory` (written atomically).
 
-    `revisions` (from `resolve_revisions`) pins each repository to the commit the hub answered with.
+    `revisions` (from `resolve_revisions`) pins each hub repository to the commit the hub answered with;
+    sources that are local folders have none.
     """
     from melfusion.bundle import save_bundle
     from melfusion.pipeline import MelFusionPipeline
     from melfusion.synapse import VisualSynapse
 
-    music, extra = music_components(sources.tango, revisions[sources.tango])
+    music, further = music_components(sources.tango, revisions.get(sources.tango))
     components = {
-        **image_components(sources.image, revisions[sources.image]),
-        **audio_components(sources.audio, revisions[sources.audio]),
+        **image_components(sources.image, revisions.get(sources.image)),
+        **audio_components(sources.audio, revisions.get(sources.audio)),
         **music,
         "synapse": VisualSynapse(),  # the paper's learned α until a trained synapse is released
     }
+    origin = {source: revisions.get(source, "local folder") for source in asdict(sources).values()} | further
     pipe = MelFusionPipeline(**components).to(dtype=dtype)
-    return save_bundle(pipe, directory, source="pull", origin={**revisions, **extra})
+    return save_bundle(pipe, directory, source="pull", origin=origin)

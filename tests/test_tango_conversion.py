@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from PIL import Image
 
-from melfusion.bundle import load_pipeline, save_bundle
+from melfusion.bundle import load_pipeline, save_bundle, verify_bundle
 from melfusion.pipeline import MelFusionPipeline
 from melfusion.presets import build_components
+from melfusion.synapse import VisualSynapse
+from model_store.cli import main
 from model_store.tango import (
     TANGO_UNET_CONFIG,
     ConversionError,
@@ -45,13 +48,32 @@ SD21_SCHEDULER = {
 UNET_CONFIG_PATH = "configs/diffusion_model_config.json"
 
 
+def sd15_scheduler() -> PNDMScheduler:
+    """Stable Diffusion 1.5's scheduler as its repository ships it."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny() -> dict:
     return build_components("tiny", seed=3)
 
 
 def write_tango_folder(
-    folder: Path, tiny: dict, *, extra_keys: dict | None = None, prefix: str = "", **overrides
+    folder: Path,
+    tiny: dict,
+    *,
+    extra_keys: dict | None = None,
+    prefix: str = "",
+    text_encoder_name: str = "google/flan-t5-large",
+    scheduler_name: str = "stabilityai/stable-diffusion-2-1",
+    **overrides,
 ) -> Path:
     """A TANGO-layout checkpoint of the tiny music UNet and T5 encoder; `overrides` edit the UNet config."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,8 +83,8 @@ def write_tango_folder(
     (folder / UNET_CONFIG_PATH).parent.mkdir(exist_ok=True)
     (folder / UNET_CONFIG_PATH).write_text(json.dumps(config))
     main_config = {
-        "text_encoder_name": "google/flan-t5-large",
-        "scheduler_name": "stabilityai/stable-diffusion-2-1",
+        "text_encoder_name": text_encoder_name,
+        "scheduler_name": scheduler_name,
         "unet_model_name": None,
         "unet_model_config_path": UNET_CONFIG_PATH,
         "snr_gamma": 5.0,
@@ -72,6 +94,10 @@ def write_tango_folder(
     state |= {f"{prefix}text_encoder.{k}": v for k, v in tiny["text_encoder"].state_dict().items()}
     torch.save({**state, **(extra_keys or {})}, folder / "pytorch_model_main.bin")
     return folder
+
+
+def tiny_image() -> Image.Image:
+    return Image.open(Path(__file__).parents[1] / "docs" / "sample.png").convert("RGB")
 
 
 def convert(folder: Path, tiny: dict) -> dict:
@@ -124,14 +150,7 @@ def test_scheduler_keeps_tangos_v_prediction_and_noise_schedule():
 
 
 def test_sd15_pndm_config_becomes_epsilon_ddim():
-    pndm = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
+    pndm = sd15_scheduler()
     scheduler = ddim_scheduler(dict(pndm.config))
     assert scheduler.config.prediction_type == "epsilon"
     assert not scheduler.config.clip_sample
@@ -202,3 +221,42 @@ def test_converted_parts_run_in_a_saved_bundle(tmp_path, tiny):
     assert np.array_equal(v_prediction, pipe("upbeat piano", **request).audios)
     epsilon = MelFusionPipeline(**build_components("tiny", seed=3))("upbeat piano", **request).audios
     assert not np.allclose(v_prediction, epsilon)  # same weights, other prediction_type: other samples
+
+
+def test_pull_assembles_a_working_bundle_from_local_folders(tmp_path, tiny, capsys):
+    """`pull` end to end without the hub: every source a local folder in its hub repository's layout."""
+    sd15, audioldm, t5, sd21 = (tmp_path / name for name in ("sd15", "audioldm", "flan-t5-tiny", "sd21"))
+    for component, subfolder in [
+        ("image_vae", "vae"),
+        ("image_unet", "unet"),
+        ("image_text_encoder", "text_encoder"),
+        ("image_tokenizer", "tokenizer"),
+    ]:
+        tiny[component].save_pretrained(sd15 / subfolder)
+    sd15_scheduler().save_pretrained(sd15 / "scheduler")
+    tiny["mel_vae"].save_pretrained(audioldm / "vae")
+    tiny["vocoder"].save_pretrained(audioldm / "vocoder")
+    tiny["text_encoder"].config.save_pretrained(t5)
+    tiny["tokenizer"].save_pretrained(t5)
+    DDIMScheduler.from_config(SD21_SCHEDULER).save_pretrained(sd21 / "scheduler")
+    tango = write_tango_folder(tmp_path / "tango", tiny, text_encoder_name=str(t5), scheduler_name=str(sd21))
+
+    sources = ["--image-repo", sd15, "--tango", tango, "--audio-repo", audioldm]
+    assert main(["pull", str(tmp_path / "bundle"), *map(str, sources)]) == 0, capsys.readouterr().err
+    manifest = verify_bundle(tmp_path / "bundle")
+    assert manifest["source"] == "pull" and manifest["origin"][str(tango)] == "local folder"
+
+    pulled = load_pipeline(tmp_path / "bundle")
+    assert_same_weights(pulled.music_unet, tiny["music_unet"])
+    assert pulled.scheduler.config.prediction_type == "v_prediction"
+    assert pulled.image_scheduler.config.prediction_type == "epsilon"
+    expected = MelFusionPipeline(
+        **{
+            **tiny,
+            "image_scheduler": ddim_scheduler(dict(sd15_scheduler().config)),
+            "scheduler": ddim_scheduler(SD21_SCHEDULER),
+            "synapse": VisualSynapse(),
+        }
+    )
+    request = {"image": tiny_image(), "seconds": 1.0, "num_inference_steps": 2, "seed": 5}
+    assert np.array_equal(pulled("soft guitar", **request).audios, expected("soft guitar", **request).audios)
