@@ -103,8 +103,8 @@ def main() -> None:
         built = run_phase("build", args, directory)
         print(
             f"{args.size} size, build + save ({args.dtype}): {built['seconds']:.0f} s, "
-            f"peak RSS {built['peak_rss'] / GIB:.2f} GiB, {built['parameters'] / 1e9:.3f} B parameters, bundle {built['bundle_bytes']:,} bytes "
-            f"({built['bundle_bytes'] / GIB:.2f} GiB)"
+            f"peak RSS {built['peak_rss'] / GIB:.2f} GiB, {built['parameters'] / 1e9:.3f} B parameters, "
+            f"bundle {built['bundle_bytes']:,} bytes ({built['bundle_bytes'] / GIB:.2f} GiB)"
         )
         ran = run_phase("generate", args, directory)
         print(
