@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from melfusion.bundle import MANIFEST, verify_bundle
 from model_store.hub import HubUnavailable, PullSources, resolve_revisions
-from model_store.random_bundles import create_random_bundle
 
 ROOT = Path(__file__).parents[1]
 
@@ -90,7 +88,10 @@ def test_create_tiny_replaces_an_existing_bundle(bundle_copy):
 
 
 def test_create_random_small_in_float16(tmp_path):
-    manifest = verify_bundle(create_random_bundle(tmp_path / "small", size="small", dtype=torch.float16))
+    created = model_store("create-random", tmp_path / "small", "--size", "small", "--dtype", "float16")
+    assert created.returncode == 0, created.stderr
+    assert "music_unet           UNet2DConditionModel     float16" in created.stdout
+    manifest = verify_bundle(tmp_path / "small")
     assert manifest["source"] == "create-random --size small"
     assert manifest["components"]["music_unet"]["dtype"] == "float16"
     assert manifest["components"]["image_scheduler"]["dtype"] is None
