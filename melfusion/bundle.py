@@ -46,7 +46,7 @@ def _component_dtype(module) -> str | None:
     return None if parameter is None else str(parameter.dtype).removeprefix("torch.")
 
 
-def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str) -> dict:
+def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str, origin: dict | None = None) -> dict:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     components = {}
     for name in component_names():
@@ -62,6 +62,7 @@ def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str) -> 
         "bundle_version": BUNDLE_VERSION,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": source,
+        **({"origin": origin} if origin else {}),  # where the weights came from (e.g. hub repos @ commit)
         "components": components,
         "files": {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }
@@ -69,14 +70,16 @@ def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str) -> 
     return manifest
 
 
-def save_bundle(pipe: MelFusionPipeline, directory: str | os.PathLike, *, source: str) -> Path:
+def save_bundle(
+    pipe: MelFusionPipeline, directory: str | os.PathLike, *, source: str, origin: dict | None = None
+) -> Path:
     """`save_pretrained` + manifest into a temporary sibling, then swapped in: never half-written."""
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
-        write_manifest(pipe, staging, source=source)
+        write_manifest(pipe, staging, source=source, origin=origin)
         if target.exists():
             retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
             target.rename(retired)
@@ -119,6 +122,13 @@ def _read_json(path: Path) -> dict:
 
 def check_compatibility(directory: Path) -> None:
     """Configs that must agree across components for the synapse and the audio path to work."""
+    try:
+        _check_configs_agree(directory)
+    except KeyError as exc:  # a hand-edited or foreign config lacking a setting the pipeline needs
+        raise BundleError(f"{directory}: a component config lacks {exc.args[0]!r}") from None
+
+
+def _check_configs_agree(directory: Path) -> None:
     config = lambda name, file="config.json": _read_json(directory / name / file)
     image_unet, music_unet = config("image_unet"), config("music_unet")
     synapse = config("synapse")

@@ -1,0 +1,145 @@
+"""CPU speed: whole generations on the tiny bundle, UNet steps at the small size, the synapse's overhead.
+
+Run from the repository root (so this checkout's packages are imported): `python -m bench.generation`.
+Runs are interleaved round by round after a warm-up; ratios are medians of per-round ratios, since
+absolute times on a shared machine drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from melfusion.attention import mixing_image_features
+from melfusion.bundle import create_tiny_bundle, load_pipeline
+from melfusion.pipeline import MelFusionPipeline
+from melfusion.presets import build_components
+
+SAMPLE_IMAGE = Path(__file__).parents[1] / "docs" / "sample.png"
+CAPTION = "calm piano at sunset"
+
+
+@dataclass
+class Timings:
+    """Seconds per call: wall clock, and CPU time of this process (less disturbed by other jobs)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timings]:
+    """`repeats` rounds of one call of each run, after one warm-up call each.
+
+    Round-robin rather than one run after the other, so load from other jobs on the machine falls on
+    all runs alike; the first call of a shape pays one-off kernel set-up, hence the warm-up.
+    """
+    for run in runs.values():
+        run()
+    times = {label: Timings() for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            run()
+            times[label].wall.append(time.perf_counter() - wall)
+            times[label].cpu.append(time.process_time() - cpu)
+    return times
+
+
+def report(times: dict[str, Timings]) -> None:
+    for label, t in times.items():
+        print(
+            f"  {label:<50} wall median {statistics.median(t.wall):7.3f} s, min {min(t.wall):7.3f} s;"
+            f" CPU median {statistics.median(t.cpu):7.3f} s"
+        )
+
+
+def ratio(times: dict[str, Timings], top: str, bottom: str) -> str:
+    """Median over rounds of top/bottom (each round's runs saw the same machine load), wall and CPU."""
+    wall = statistics.median(a / b for a, b in zip(times[top].wall, times[bottom].wall))
+    cpu = statistics.median(a / b for a, b in zip(times[top].cpu, times[bottom].cpu))
+    return f"{wall:.3f} wall, {cpu:.3f} CPU"
+
+
+def tiny_generations(image: Image.Image, repeats: int, seconds: float, steps: int) -> None:
+    """Whole calls (image inversion + re-denoise + music loop + decode) on a saved and loaded tiny bundle."""
+    with tempfile.TemporaryDirectory() as folder:
+        pipe = load_pipeline(create_tiny_bundle(Path(folder) / "tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    request = dict(seconds=seconds, num_inference_steps=steps, seed=0)
+    print(f"tiny bundle, {seconds:g} s clip, {steps} steps, CFG 7, {repeats} rounds")
+    ddim, dpmpp, caption_only = "image + caption, DDIM", "image + caption, DPM-Solver++", "caption only, DDIM"
+    times = interleaved(
+        {
+            ddim: lambda: pipe(CAPTION, image, scheduler="ddim", **request),
+            dpmpp: lambda: pipe(CAPTION, image, scheduler="dpmpp", **request),
+            caption_only: lambda: pipe(CAPTION, scheduler="ddim", **request),
+        },
+        repeats,
+    )
+    report(times)
+    print(f"  ratio DPM-Solver++/DDIM: {ratio(times, dpmpp, ddim)}")
+    print(f"  ratio caption-only/image+caption: {ratio(times, caption_only, ddim)}")
+
+
+@torch.no_grad()
+def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
+    """One UNet call of each side at the small size, and the music UNet's cost with the synapse attached
+    (processors swapped in per call, as the pipeline does once per generation: an upper bound)."""
+    pipe = MelFusionPipeline(**build_components("small"))
+    text_states, text_mask = pipe.encode_captions([CAPTION], with_unconditional=True)  # CFG rows [uncond, cond]
+    music_latents = torch.randn(pipe.music_latent_shape(2, seconds))  # (2, 8, T, 16)
+    side = pipe.image_unet.config.sample_size
+    image_latents = torch.randn(1, 4, side, side)
+    image_context = torch.randn(1, pipe.image_tokenizer.model_max_length, pipe.image_unet.config.cross_attention_dim)
+    t = torch.tensor(500)
+
+    def music_step():
+        return pipe.music_unet(music_latents, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask)
+
+    features = pipe.encode_image(image, num_inference_steps=2)
+    rows = pipe.image_rows(1, True, 1.0, "conditional")
+
+    def mixed_music_step():
+        with mixing_image_features(pipe.music_unet, pipe.synapse, features, text_mask=text_mask, row_strength=rows):
+            return music_step()
+
+    print(f"small size, music latent {tuple(music_latents.shape)}, image latent {tuple(image_latents.shape)}")
+    plain, mixed = "music UNet step (batch 2 = CFG)", "music UNet step (batch 2 = CFG), synapse mixing"
+    times = interleaved(
+        {
+            "image UNet step (batch 1)": lambda: pipe.image_unet(image_latents, t, image_context),
+            plain: music_step,
+            mixed: mixed_music_step,
+        },
+        repeats,
+    )
+    report(times)
+    print(f"  synapse overhead, mixed/plain music step (processor swap included): {ratio(times, mixed, plain)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="measured rounds")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps of the tiny generations")
+    parser.add_argument("--only", choices=("tiny", "small"), help="run one of the two parts")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    image = Image.open(SAMPLE_IMAGE).convert("RGB")
+    if args.only != "small":
+        tiny_generations(image, args.repeats, args.seconds, args.steps)
+    if args.only != "tiny":
+        small_unet_steps(image, args.repeats, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

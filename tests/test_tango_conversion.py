@@ -1,0 +1,262 @@
+"""TANGO checkpoint conversion, on tiny checkpoints written in TANGO's layout (no download).
+
+A TANGO folder holds `main_config.json` (AudioDiffusion's arguments) and `pytorch_model_main.bin`
+(`AudioDiffusion.state_dict()`: `unet.*` + `text_encoder.*`); the UNet config is a diffusers-0.10 file
+that `main_config.json` points to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from PIL import Image
+
+from melfusion.bundle import load_pipeline, save_bundle, verify_bundle
+from melfusion.pipeline import MelFusionPipeline
+from melfusion.presets import build_components
+from melfusion.synapse import VisualSynapse
+from model_store.cli import main
+from model_store.tango import (
+    TANGO_UNET_CONFIG,
+    ConversionError,
+    convert_tango_checkpoint,
+    ddim_scheduler,
+    read_unet_config,
+    unet_config,
+)
+
+# stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json, the schedule TANGO trains with.
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+UNET_CONFIG_PATH = "configs/diffusion_model_config.json"
+
+
+def sd15_scheduler() -> PNDMScheduler:
+    """Stable Diffusion 1.5's scheduler as its repository ships it."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    return build_components("tiny", seed=3)
+
+
+def write_tango_folder(
+    folder: Path,
+    tiny: dict,
+    *,
+    extra_keys: dict | None = None,
+    prefix: str = "",
+    text_encoder_name: str = "google/flan-t5-large",
+    scheduler_name: str = "stabilityai/stable-diffusion-2-1",
+    **overrides,
+) -> Path:
+    """A TANGO-layout checkpoint of the tiny music UNet and T5 encoder; `overrides` edit the UNet config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: tiny["music_unet"].config[k] for k in TANGO_UNET_CONFIG}
+    config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", **config}
+    config.update(sample_size=[32, 2], **overrides)  # TANGO's own value; unused by its sampler
+    (folder / UNET_CONFIG_PATH).parent.mkdir(exist_ok=True)
+    (folder / UNET_CONFIG_PATH).write_text(json.dumps(config))
+    main_config = {
+        "text_encoder_name": text_encoder_name,
+        "scheduler_name": scheduler_name,
+        "unet_model_name": None,
+        "unet_model_config_path": UNET_CONFIG_PATH,
+        "snr_gamma": 5.0,
+    }
+    (folder / "main_config.json").write_text(json.dumps(main_config))
+    state = {f"{prefix}unet.{k}": v for k, v in tiny["music_unet"].state_dict().items()}
+    state |= {f"{prefix}text_encoder.{k}": v for k, v in tiny["text_encoder"].state_dict().items()}
+    torch.save({**state, **(extra_keys or {})}, folder / "pytorch_model_main.bin")
+    return folder
+
+
+def tiny_image() -> Image.Image:
+    return Image.open(Path(__file__).parents[1] / "docs" / "sample.png").convert("RGB")
+
+
+def convert(folder: Path, tiny: dict) -> dict:
+    return convert_tango_checkpoint(
+        folder, text_encoder_config=tiny["text_encoder"].config, scheduler_config=SD21_SCHEDULER
+    )
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_unet_and_text_encoder_convert_exactly(tmp_path, tiny):
+    converted = convert(write_tango_folder(tmp_path / "tango", tiny), tiny)
+    unet, original = converted["music_unet"], tiny["music_unet"]
+    assert isinstance(unet, UNet2DConditionModel)
+    assert_same_weights(unet, original)
+    assert_same_weights(converted["text_encoder"], tiny["text_encoder"])
+    assert unet.config.sample_size == (256, 16)  # TANGO's hard-coded latent, not its config's [32, 2]
+    assert unet.config.upcast_attention and unet.config.use_linear_projection
+
+    sample = torch.randn(2, 8, 32, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(unet(sample, 500, text).sample, original(sample, 500, text).sample)
+        ids = torch.tensor([[5, 6, 7, 1]])
+        assert torch.equal(converted["text_encoder"](ids)[0], tiny["text_encoder"](ids)[0])
+
+
+def test_ddp_module_prefix_is_removed(tmp_path, tiny):
+    converted = convert(write_tango_folder(tmp_path / "tango", tiny, prefix="module."), tiny)
+    assert_same_weights(converted["music_unet"], tiny["music_unet"])
+
+
+def test_checkpoint_without_text_encoder_leaves_it_to_the_caller(tmp_path, tiny):
+    folder = write_tango_folder(tmp_path / "tango", tiny)
+    state = torch.load(folder / "pytorch_model_main.bin", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k.startswith("unet.")}, folder / "pytorch_model_main.bin")
+    assert set(convert(folder, tiny)) == {"music_unet", "scheduler"}
+
+
+def test_scheduler_keeps_tangos_v_prediction_and_noise_schedule():
+    scheduler = ddim_scheduler(SD21_SCHEDULER)
+    assert scheduler.config.prediction_type == "v_prediction"
+    trained_with = DDPMScheduler.from_config(SD21_SCHEDULER)  # what TANGO's training loop adds noise with
+    assert torch.allclose(scheduler.alphas_cumprod, trained_with.alphas_cumprod)
+
+
+def test_sd15_pndm_config_becomes_epsilon_ddim():
+    pndm = sd15_scheduler()
+    scheduler = ddim_scheduler(dict(pndm.config))
+    assert scheduler.config.prediction_type == "epsilon"
+    assert not scheduler.config.clip_sample
+    assert torch.allclose(scheduler.alphas_cumprod, pndm.alphas_cumprod)
+
+
+def test_published_unet_config_is_tangos_866m_unet(tmp_path):
+    """Without the config file in the folder, TANGO's published config is used: the 866 M parameter UNet."""
+    config = read_unet_config(tmp_path, {"unet_model_config_path": UNET_CONFIG_PATH})
+    assert config is TANGO_UNET_CONFIG
+    with torch.device("meta"):  # shapes only, no 3.5 GB of memory
+        unet = UNet2DConditionModel(**unet_config(config))
+    parameters = sum(p.numel() for p in unet.parameters())
+    assert 860e6 < parameters < 870e6, parameters
+
+
+@pytest.mark.parametrize(
+    ("extra_keys", "message"),
+    [
+        ({"group_in.0.weight": torch.zeros(512, 8)}, "group_in/group_out channel adapters"),
+        ({"ema.decay": torch.zeros(())}, r"keys outside unet.\* and text_encoder.\*: ema.decay"),
+    ],
+)
+def test_foreign_keys_are_refused_by_name(tmp_path, tiny, extra_keys, message):
+    with pytest.raises(ConversionError, match=message):
+        convert(write_tango_folder(tmp_path / "tango", tiny, extra_keys=extra_keys), tiny)
+
+
+def test_missing_unet_weight_is_named(tmp_path, tiny):
+    folder = write_tango_folder(tmp_path / "tango", tiny)
+    state = torch.load(folder / "pytorch_model_main.bin", weights_only=True)
+    del state["unet.conv_out.weight"]
+    torch.save(state, folder / "pytorch_model_main.bin")
+    with pytest.raises(ConversionError, match="music UNet: checkpoint lacks 1 weights: conv_out.weight"):
+        convert(folder, tiny)
+
+
+def test_config_that_does_not_fit_the_weights(tmp_path, tiny):
+    folder = write_tango_folder(tmp_path / "tango", tiny, cross_attention_dim=64)
+    with pytest.raises(ConversionError, match="music UNet: weights do not fit the config: size mismatch for"):
+        convert(folder, tiny)
+
+
+def test_config_setting_unknown_to_diffusers(tmp_path, tiny):
+    folder = write_tango_folder(tmp_path / "tango", tiny, attention_windows=4)
+    with pytest.raises(ConversionError, match=r"lacks: \['attention_windows'\]"):
+        convert(folder, tiny)
+
+
+def test_non_t5_text_encoder_and_unreadable_checkpoint(tmp_path, tiny):
+    folder = write_tango_folder(tmp_path / "tango", tiny)
+    (folder / "pytorch_model_main.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="pytorch_model_main.bin: unreadable checkpoint"):
+        convert(folder, tiny)
+    (folder / "main_config.json").write_text(json.dumps({"text_encoder_name": "openai/clip", "scheduler_name": "x"}))
+    with pytest.raises(ConversionError, match="'openai/clip' is not T5"):
+        convert(folder, tiny)
+
+
+def test_converted_parts_run_in_a_saved_bundle(tmp_path, tiny):
+    """TANGO's parts in a MelFusion bundle: saved, verified, loaded, and sampled with v-prediction."""
+    converted = convert(write_tango_folder(tmp_path / "tango", tiny), tiny)
+    pipe = MelFusionPipeline(**{**build_components("tiny", seed=3), **converted})
+    loaded = load_pipeline(save_bundle(pipe, tmp_path / "bundle", source="test"))
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    request = dict(seconds=1.0, num_inference_steps=3, guidance_scale=3.0, seed=0)
+    v_prediction = loaded("upbeat piano", **request).audios
+    assert np.array_equal(v_prediction, pipe("upbeat piano", **request).audios)
+    epsilon = MelFusionPipeline(**build_components("tiny", seed=3))("upbeat piano", **request).audios
+    assert not np.allclose(v_prediction, epsilon)  # same weights, other prediction_type: other samples
+
+
+def test_pull_assembles_a_working_bundle_from_local_folders(tmp_path, tiny, capsys):
+    """`pull` end to end without the hub: every source a local folder in its hub repository's layout."""
+    sd15, audioldm, t5, sd21 = (tmp_path / name for name in ("sd15", "audioldm", "flan-t5-tiny", "sd21"))
+    for component, subfolder in [
+        ("image_vae", "vae"),
+        ("image_unet", "unet"),
+        ("image_text_encoder", "text_encoder"),
+        ("image_tokenizer", "tokenizer"),
+    ]:
+        tiny[component].save_pretrained(sd15 / subfolder)
+    sd15_scheduler().save_pretrained(sd15 / "scheduler")
+    tiny["mel_vae"].save_pretrained(audioldm / "vae")
+    tiny["vocoder"].save_pretrained(audioldm / "vocoder")
+    tiny["text_encoder"].config.save_pretrained(t5)
+    tiny["tokenizer"].save_pretrained(t5)
+    DDIMScheduler.from_config(SD21_SCHEDULER).save_pretrained(sd21 / "scheduler")
+    tango = write_tango_folder(tmp_path / "tango", tiny, text_encoder_name=str(t5), scheduler_name=str(sd21))
+
+    sources = ["--image-repo", sd15, "--tango", tango, "--audio-repo", audioldm]
+    assert main(["pull", str(tmp_path / "bundle"), *map(str, sources)]) == 0, capsys.readouterr().err
+    manifest = verify_bundle(tmp_path / "bundle")
+    assert manifest["source"] == "pull" and manifest["origin"][str(tango)] == "local folder"
+
+    pulled = load_pipeline(tmp_path / "bundle")
+    assert_same_weights(pulled.music_unet, tiny["music_unet"])
+    assert pulled.scheduler.config.prediction_type == "v_prediction"
+    assert pulled.image_scheduler.config.prediction_type == "epsilon"
+    expected = MelFusionPipeline(
+        **{
+            **tiny,
+            "image_scheduler": ddim_scheduler(dict(sd15_scheduler().config)),
+            "scheduler": ddim_scheduler(SD21_SCHEDULER),
+            "synapse": VisualSynapse(),
+        }
+    )
+    request = {"image": tiny_image(), "seconds": 1.0, "num_inference_steps": 2, "seed": 5}
+    assert np.array_equal(pulled("soft guitar", **request).audios, expected("soft guitar", **request).audios)
