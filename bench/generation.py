@@ -8,6 +8,7 @@ absolute times on a shared machine drift.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -88,10 +89,23 @@ def tiny_generations(image: Image.Image, repeats: int, seconds: float, steps: in
     report(times)
     print(f"  ratio DPM-Solver++/DDIM: {ratio(times, dpmpp, ddim)}")
     print(f"  ratio caption-only/image+caption: {ratio(times, caption_only, ddim)}")
+    feature_cache_gain(pipe, image, repeats, seconds, steps)
+
+
+def feature_cache_gain(pipe: MelFusionPipeline, image: Image.Image, repeats: int, seconds: float, steps: int) -> None:
+    """A repeated photo with the worker's feature cache on (the image side skipped) against a fresh one."""
+    cold, warm = "image + caption, image side computed", "image + caption, image features cached"
+    cached = copy.copy(pipe)  # same modules, its own cache
+    cached.enable_feature_cache(2**30)
+    request = dict(seconds=seconds, num_inference_steps=steps, seed=0)
+    runs = {cold: lambda: pipe(CAPTION, image, **request), warm: lambda: cached(CAPTION, image, **request)}
+    times = interleaved(runs, repeats)
+    report(times)
+    print(f"  ratio cached/computed image side: {ratio(times, warm, cold)}")
 
 
 @torch.no_grad()
-def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
+def small_unet_steps(image: Image.Image, repeats: int, seconds: float, cache_steps: int) -> None:
     """One UNet call of each side at the small size, and the music UNet's cost with the synapse attached
     (processors swapped in per call, as the pipeline does once per generation: an upper bound)."""
     pipe = MelFusionPipeline(**build_components("small"))
@@ -124,6 +138,9 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
     )
     report(times)
     print(f"  synapse overhead, mixed/plain music step (processor swap included): {ratio(times, mixed, plain)}")
+    print(f"small size, whole generations, {seconds:g} s clip, {cache_steps} steps")
+    pipe.set_progress_bar_config(disable=True)
+    feature_cache_gain(pipe, image, repeats, seconds, cache_steps)
 
 
 def main() -> None:
@@ -138,7 +155,7 @@ def main() -> None:
     if args.only != "small":
         tiny_generations(image, args.repeats, args.seconds, args.steps)
     if args.only != "tiny":
-        small_unet_steps(image, args.repeats, args.seconds)
+        small_unet_steps(image, args.repeats, args.seconds, cache_steps=10)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     torch_threads: int | None = Field(None, gt=0)  # cap CPU threads when workers share cores
+    # Image features of recent photos, kept per worker (full size: ~0.3 GB per photo at 100 steps, fp32);
+    # a repeated photo then skips DDIM inversion and re-denoising. 0 turns the cache off.
+    feature_cache_mb: int = Field(1024, ge=0)
 
     # Request limits (the bundle adds seconds/steps ranges)
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)

@@ -35,6 +35,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, SpeechT5HifiGan, T5Encode
 from .attention import ImageFeatures, mixing_image_features, recording_self_attention
 from .audio import latent_frames
 from .errors import GenerationCancelled, InputError, MelFusionError
+from .feature_cache import ImageFeatureCache
 from .images import fit_square
 from .limits import SCHEDULERS, GenerationLimits
 from .synapse import VisualSynapse
@@ -153,6 +154,12 @@ class MelFusionPipeline(DiffusionPipeline):
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
         self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
+        self.feature_cache: ImageFeatureCache | None = None
+
+    def enable_feature_cache(self, max_bytes: int) -> None:
+        """Keep the image features of recent images (LRU, `max_bytes`); a warm worker's repeat photos
+        then cost only the music loop."""
+        self.feature_cache = ImageFeatureCache(max_bytes)
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -278,10 +285,29 @@ class MelFusionPipeline(DiffusionPipeline):
         self, image: Image.Image, num_inference_steps: int, tracker: _StepTracker | None = None
     ) -> ImageFeatures:
         """The image-features object for one image on the grid of `num_inference_steps` (cacheable)."""
+        key = self._feature_key(image, num_inference_steps)
+        cached = self.feature_cache.get(key) if key else None
+        if cached is not None:
+            return cached
         z_0 = self.prepare_image_latents(image)
         z_T = self.invert_image_latents(z_0, num_inference_steps, tracker)
         _, features = self.denoise_image_latents(z_T, num_inference_steps, tracker)
+        if key:
+            self.feature_cache.put(key, features)
         return features
+
+    def _feature_key(self, image: Image.Image, num_inference_steps: int) -> str | None:
+        if self.feature_cache is None:
+            return None
+        square = fit_square(image, self.image_resolution)
+        return self.feature_cache.key(square, num_inference_steps, self.synapse.config)
+
+    def _uncached_images(self, images: list[Image.Image], num_inference_steps: int) -> int:
+        """How many images the image side must run for (a repeated image runs once with the cache)."""
+        if self.feature_cache is None:
+            return len(images)
+        keys = {self._feature_key(image, num_inference_steps) for image in images}
+        return len(keys - set(filter(self.feature_cache.__contains__, keys)))
 
     # -- music side ---------------------------------------------------------------------------------
     def encode_captions(self, captions: list[str], with_unconditional: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,7 +416,9 @@ class MelFusionPipeline(DiffusionPipeline):
         # 2. Timestep grid shared by the image and music samplers
         timesteps = self.timestep_grid(steps)
         music_scheduler = self.make_scheduler(scheduler, timesteps)
-        image_steps = 2 * steps * len(images) if use_image and image_features is None else 0
+        image_steps = 0
+        if use_image and image_features is None:
+            image_steps = 2 * steps * self._uncached_images(images, steps)
         total = image_steps + steps
         tracker = _StepTracker(total, callback, should_cancel, bar=self.progress_bar(total=total))
         try:

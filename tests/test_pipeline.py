@@ -142,3 +142,28 @@ def test_bad_requests_name_the_field(pipe, kwargs, field):
     with pytest.raises(InputError) as error:
         pipe(caption, None, **{**FAST, **kwargs})
     assert error.value.field == field
+
+
+def test_feature_cache_skips_the_image_side_for_a_repeated_photo(image, other_image):
+    pipe = make_pipeline()
+    pipe.enable_feature_cache(max_bytes=10_000_000)
+    first, second = [], []
+    uncached = generate(pipe, image=image, callback=first.append)
+    cached = generate(pipe, caption="rainy jazz night", image=image.copy(), callback=second.append)
+    assert {s.phase for s in first} == {"image_inversion", "image_denoise", "music_denoise"}
+    assert {s.phase for s in second} == {"music_denoise"} and second[-1].fraction == 1.0
+    assert (pipe.feature_cache.hits, pipe.feature_cache.misses) == (1, 1)
+    assert np.array_equal(generate(make_pipeline(), caption="rainy jazz night", image=image), cached)
+    assert not np.array_equal(uncached, cached)
+    generate(pipe, image=other_image, num_inference_steps=5)  # another image and grid: a second entry
+    assert pipe.feature_cache.misses == 2
+
+
+def test_feature_cache_stays_within_its_byte_budget(image, other_image):
+    pipe = make_pipeline()
+    one_image = pipe.encode_image(image, FAST["num_inference_steps"]).nbytes()
+    pipe.enable_feature_cache(max_bytes=int(one_image * 1.5))
+    for photo in (image, other_image, image):
+        generate(pipe, image=photo)
+    assert pipe.feature_cache.nbytes <= int(one_image * 1.5)
+    assert pipe.feature_cache.misses == 3  # the first image was evicted by the second

@@ -34,6 +34,8 @@ class Runtime:
             started = time.perf_counter()
             pipe = load_pipeline(bundle, device=self.settings.device, dtype=getattr(torch, self.settings.dtype))
             pipe.set_progress_bar_config(disable=True)
+            if self.settings.feature_cache_mb:
+                pipe.enable_feature_cache(self.settings.feature_cache_mb * 2**20)
             self._pipeline = pipe
             self.pipeline_loads += 1
             log.info(
