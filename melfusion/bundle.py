@@ -33,7 +33,7 @@ def component_names() -> list[str]:
     return [p.name for p in params if p.name != "self" and p.default is inspect.Parameter.empty]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -64,7 +64,7 @@ def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str, ori
         "source": source,
         **({"origin": origin} if origin else {}),  # where the weights came from (e.g. hub repos @ commit)
         "components": components,
-        "files": {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "files": {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -169,7 +169,7 @@ def verify_bundle(directory: str | os.PathLike, *, hashes: bool = True) -> dict:
         path = directory / relative
         if not path.is_file():
             raise BundleError(f"{directory}: file {relative} missing")
-        if path.stat().st_size != expected["bytes"] or (hashes and _sha256(path) != expected["sha256"]):
+        if path.stat().st_size != expected["bytes"] or (hashes and file_sha256(path) != expected["sha256"]):
             raise BundleError(f"{directory}: file {relative} is corrupt (checksum mismatch)")
     for path in directory.rglob("*"):
         relative = str(path.relative_to(directory))

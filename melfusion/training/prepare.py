@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..attention import ImageFeatures
-from ..bundle import _sha256, read_manifest
+from ..bundle import file_sha256, read_manifest
 from ..dataset.audio import LogMel, fit_length, load_audio, normalize_peak
 from ..dataset.manifest import Triplets
 from ..errors import InputError
@@ -88,9 +88,9 @@ def prepare_examples(
     log_mel, synapse = LogMel.for_pipeline(pipe), pipe.synapse.config
     examples = []
     for row in tqdm(list(triplets.rows), desc="encoding data set", unit="row"):
-        image_key = {"file": _sha256(row.image), "steps": steps, "blocks": list(synapse.blocks),
+        image_key = {"file": file_sha256(row.image), "steps": steps, "blocks": list(synapse.blocks),
                      "grid": synapse.image_grid, "bundle": fingerprint}
-        audio_key = {"file": _sha256(row.audio), "seconds": seconds, "bundle": fingerprint}
+        audio_key = {"file": file_sha256(row.audio), "seconds": seconds, "bundle": fingerprint}
         try:
             features = _cached(cache_dir / "images", image_key, partial(image_features, pipe, row.image, steps))
             latents = _cached(cache_dir / "audio", audio_key, partial(music_posterior, pipe, log_mel, row.audio, seconds))
