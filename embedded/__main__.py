@@ -8,6 +8,7 @@ unless --keep-running is given.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="API port (0 = any free port)")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack up; Ctrl+C stops it")
     return parser.parse_args()
+
+
+def show_progress(job) -> None:
+    """One line rewritten in place on a terminal; a line per change in a log."""
+    print(f"  {job.status:9} {job.progress:4.0%}", end="\r" if sys.stdout.isatty() else "\n", flush=True)
 
 
 def main() -> int:
@@ -53,7 +59,9 @@ def main() -> int:
             started = time.perf_counter()
             job = client.submit(args.image, args.caption, seconds=args.seconds, steps=args.steps)
             print(f"submitted job {job.id} to {base_url}/jobs/{job.id}", flush=True)
-            job = client.wait(job.id, on_progress=lambda j: print(f"  {j.status:9} {j.progress:4.0%}", flush=True))
+            job = client.wait(job.id, on_progress=show_progress)
+            if sys.stdout.isatty():
+                print()
             if job.status != "succeeded":
                 print(f"job {job.status}: {job.error}; logs in {logs}")
                 return 1
