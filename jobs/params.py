@@ -15,3 +15,4 @@ class JobParams(BaseModel):
     image_strength: float
     scheduler: str
     seed: int
+    image_guidance: str = "conditional"  # which CFG branch sees the image (melfusion.pipeline.image_rows)

@@ -83,12 +83,14 @@ class MelFusionClient:
         image_strength: float | None = None,
         scheduler: str | None = None,
         seed: int | None = None,
+        image_guidance: str | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """POST /jobs. Retrying with the same `idempotency_key` can never create a second job."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = {"caption": caption, "seconds": seconds, "steps": steps, "guidance_scale": guidance_scale,
-                "image_strength": image_strength, "scheduler": scheduler, "seed": seed}  # fmt: skip
+                "image_strength": image_strength, "scheduler": scheduler, "seed": seed,
+                "image_guidance": image_guidance}  # fmt: skip
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self.http.post(
             "/jobs",

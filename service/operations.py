@@ -40,6 +40,7 @@ class JobRequest:
     image_strength: float
     scheduler: str
     seed: int | None
+    image_guidance: str = "conditional"
 
 
 def resolve_params(request: JobRequest, limits: GenerationLimits) -> JobParams:
@@ -52,6 +53,7 @@ def resolve_params(request: JobRequest, limits: GenerationLimits) -> JobParams:
         image_strength=request.image_strength,
         scheduler=request.scheduler,
         seed=secrets.randbelow(MAX_SEED) if request.seed is None else request.seed,
+        image_guidance=request.image_guidance,
     )
     limits.check(
         captions=[params.caption],
@@ -60,6 +62,7 @@ def resolve_params(request: JobRequest, limits: GenerationLimits) -> JobParams:
         guidance_scale=params.guidance_scale,
         image_strength=params.image_strength,
         scheduler=params.scheduler,
+        image_guidance=params.image_guidance,
     )
     return params
 

@@ -74,6 +74,7 @@ def perform_generation(job: Job, runtime: Runtime, *, image_key: str, params: Jo
         num_inference_steps=params.steps,
         guidance_scale=params.guidance_scale,
         image_strength=params.image_strength,
+        image_guidance=params.image_guidance,
         scheduler=params.scheduler,
         seed=params.seed,
         callback=report_progress,

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from jobs.queue import JobStatus
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
-from melfusion.limits import MAX_GUIDANCE_SCALE, GenerationLimits
+from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, GenerationLimits
 
 from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
 from ..errors import ErrorResponse, JobStateConflict
@@ -18,6 +18,7 @@ from ..operations import MAX_SEED, JobRequest, cancel_job, describe_job, find_jo
 from ..schemas import JobPublic
 from ..uploads import read_image_upload
 
+ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
 
@@ -59,11 +60,16 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         image_strength: Annotated[float, Form(ge=0, le=1, description="0 = caption only, 1 = learned α")] = 1.0,
         scheduler: Annotated[Scheduler, Form()] = "ddim",
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="chosen and echoed if omitted")] = None,
+        image_guidance: Annotated[
+            ImageGuidance,
+            Form(description="CFG branch that sees the image: conditional (guidance amplifies image and caption) "
+                 "or both (guidance amplifies the caption only)"),
+        ] = "conditional",
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JobPublic:
         """Queue a generation; poll the returned job (its URL is in `Location`)."""
         data, image_type = read_image_upload(image, max_bytes=settings.max_upload_bytes)
-        request = JobRequest(caption, seconds, steps, guidance_scale, image_strength, scheduler, seed)
+        request = JobRequest(caption, seconds, steps, guidance_scale, image_strength, scheduler, seed, image_guidance)
         job, replayed = submit_job(
             redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
             image=data, image_type=image_type, request=request, idempotency_key=idempotency_key,

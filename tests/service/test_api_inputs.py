@@ -75,6 +75,7 @@ def test_bad_image(local_stack, name, image, content_type, status):
         ("image_strength", "-0.1"),
         ("scheduler", "euler"),
         ("seed", "-1"),
+        ("image_guidance", "unconditional"),
     ],
 )
 def test_out_of_range_parameter(local_stack, sample_png, field, value):
@@ -139,6 +140,7 @@ def test_openapi_states_the_bundle_ranges(local_stack):
     assert form["seconds"]["anyOf"][0]["maximum"] == 30.0
     assert form["steps"]["anyOf"][0]["maximum"] == 1000
     assert form["scheduler"]["enum"] == ["ddim", "dpmpp"]
+    assert form["image_guidance"]["enum"] == ["conditional", "both"]
 
 
 def test_unknown_job_is_404(local_stack):

@@ -25,7 +25,7 @@ def test_full_path(stack_and_key, sample_png, tmp_path):
     with stack.http(api_key) as http:
         response = http.post(
             "/jobs",
-            data={"caption": "calm piano at sunset", "seconds": str(SECONDS), "steps": str(STEPS)},
+            data={"caption": "calm piano at sunset", "seconds": str(SECONDS), "steps": str(STEPS), "image_guidance": "both"},
             files={"image": ("sample.png", sample_png, "image/png")},
         )
     assert response.status_code == 202, response.text
@@ -33,6 +33,7 @@ def test_full_path(stack_and_key, sample_png, tmp_path):
     assert response.headers["Location"] == f"/jobs/{created['id']}"
     assert created["status"] in ("queued", "running")
     assert created["params"]["seed"] >= 0  # chosen by the service and echoed
+    assert created["params"]["image_guidance"] == "both"
 
     client = stack.client(api_key)
     seen = []
