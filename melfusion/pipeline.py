@@ -123,6 +123,7 @@ class MelFusionPipeline(DiffusionPipeline):
         max_steps: int = 1000,
         default_steps: int = 100,
         default_guidance_scale: float = 7.0,
+        timestep_spacing: str = "trailing",
     ):
         super().__init__()
         self.register_modules(
@@ -151,6 +152,7 @@ class MelFusionPipeline(DiffusionPipeline):
             max_steps=max_steps,
             default_steps=default_steps,
             default_guidance_scale=default_guidance_scale,
+            timestep_spacing=timestep_spacing,
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
         self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
@@ -197,9 +199,18 @@ class MelFusionPipeline(DiffusionPipeline):
         return (batch_size, self.music_unet.config.in_channels, frames, mel_bins)
 
     # -- schedulers -----------------------------------------------------------------------------
+    def _on_grid(self, scheduler_class, config):
+        """A `scheduler_class` from `config` with the pipeline's grid spacing.
+
+        "trailing" (Lin et al. 2023) starts every grid at t = 999 and ends it near 0. SD's "leading" starts
+        at 1 + (n-1)·⌊1000/n⌋: 799 for the paper's 400 steps, i.e. sampling would begin from pure noise
+        at a step that expects some signal, and 1000 steps would index past the schedule.
+        """
+        return scheduler_class.from_config(config, timestep_spacing=self.config.timestep_spacing)
+
     def timestep_grid(self, num_inference_steps: int) -> torch.Tensor:
         """The descending timesteps shared by inversion, image denoising and music denoising."""
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        ddim = self._on_grid(DDIMScheduler, self.scheduler.config)
         ddim.set_timesteps(num_inference_steps)
         return ddim.timesteps
 
@@ -209,7 +220,7 @@ class MelFusionPipeline(DiffusionPipeline):
         Both honour the bundle scheduler's `prediction_type` (epsilon in the paper, v for TANGO).
         """
         if name == "ddim":
-            scheduler = DDIMScheduler.from_config(self.scheduler.config)
+            scheduler = self._on_grid(DDIMScheduler, self.scheduler.config)
             scheduler.set_timesteps(len(timesteps))
         elif name == "dpmpp":
             scheduler = DPMSolverMultistepScheduler.from_config(
@@ -221,10 +232,9 @@ class MelFusionPipeline(DiffusionPipeline):
         return scheduler
 
     def _image_schedulers(self, num_inference_steps: int) -> tuple[DDIMInverseScheduler, DDIMScheduler]:
-        # SD's betas with the music scheduler's spacing, so both image loops walk the music grid.
-        spacing = {k: self.scheduler.config[k] for k in ("timestep_spacing", "steps_offset")}
-        inverse = DDIMInverseScheduler.from_config(self.image_scheduler.config, **spacing)
-        forward = DDIMScheduler.from_config(self.image_scheduler.config, **spacing)
+        # SD's betas on the music grid's spacing, so both image loops walk the music grid.
+        inverse = self._on_grid(DDIMInverseScheduler, self.image_scheduler.config)
+        forward = self._on_grid(DDIMScheduler, self.image_scheduler.config)
         inverse.set_timesteps(num_inference_steps)
         forward.set_timesteps(num_inference_steps)
         return inverse, forward

@@ -107,3 +107,12 @@ def test_core_imports_without_the_service_stack():
         "bad = {'fastapi', 'rq', 'redis', 'uvicorn'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("steps", [25, 100, 400, 1000])
+def test_every_grid_spans_the_whole_schedule_and_both_image_loops_walk_it(pipe, steps):
+    grid = pipe.timestep_grid(steps)
+    inverse, forward = pipe._image_schedulers(steps)
+    assert len(set(grid.tolist())) == steps
+    assert grid[0] == 999 and grid[-1] < 1000 // steps + 1  # starts at pure noise, ends near clean
+    assert torch.equal(forward.timesteps, grid) and torch.equal(inverse.timesteps.flip(0), grid)
