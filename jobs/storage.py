@@ -59,6 +59,9 @@ class Storage(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def delete(self, key: str) -> None:
+        """Remove `key`; a key that is already gone is fine."""
+
     def signed_url(self, key: str) -> SignedUrl: ...
 
     def check(self) -> None:
@@ -88,6 +91,9 @@ class LocalStorage:
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
 
     def check(self) -> None:
         try:
@@ -158,6 +164,10 @@ class S3Storage:
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
+
+    def delete(self, key: str) -> None:
+        with self._unavailable_on_error():
+            self.client.delete_object(Bucket=self.bucket, Key=check_key(key))
 
     def check(self) -> None:
         with self._unavailable_on_error():

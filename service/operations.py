@@ -176,7 +176,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     )
 
 
-def cancel_job(job: Job, *, redis: Redis, settings: Settings) -> None:
+def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) -> None:
     """A queued job leaves the queue; a running one stops before its next step (the worker polls the flag).
 
     Raises:
@@ -194,3 +194,4 @@ def cancel_job(job: Job, *, redis: Redis, settings: Settings) -> None:
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
         redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
+        storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed

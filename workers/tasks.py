@@ -17,7 +17,7 @@ from rq.job import Job
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, count_outcome, observe
 from jobs.params import JobParams
 from jobs.queue import ErrorCode, JobStatus, cancel_key
-from jobs.storage import WAV, output_key
+from jobs.storage import WAV, StorageUnavailable, output_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
@@ -50,6 +50,7 @@ def generate_clip(*, image_key: str, params: dict) -> dict:
         raise
     finally:
         observe(redis, RUN_TIME, time.perf_counter() - started)
+        discard_input(get_runtime(), image_key, job_id=job.id)
     record_outcome(job, JobStatus.SUCCEEDED, result=result)
     return result
 
@@ -91,6 +92,14 @@ def perform_generation(job: Job, runtime: Runtime, *, image_key: str, params: Jo
         "bytes": len(wav),
         "sha256": hashlib.sha256(wav).hexdigest(),
     }
+
+
+def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
+    """The uploaded photo is needed only while its job runs; keep storage from filling with them."""
+    try:
+        runtime.storage.delete(image_key)
+    except StorageUnavailable as exc:
+        log.warning("job %s: could not delete input %s: %s", job_id, image_key, exc)
 
 
 def record_outcome(

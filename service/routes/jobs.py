@@ -96,7 +96,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         settings: SettingsDep,
     ) -> JobPublic:
         """A queued job never runs; a running one stops at its next step, then reads `canceled`."""
-        cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, settings=settings)
+        cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, storage=storage, settings=settings)
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
 

@@ -23,6 +23,9 @@ def test_s3_round_trip_and_presigned_wav(s3_server):
     response = httpx.get(signed.url)
     assert response.status_code == 200 and response.headers["content-type"] == WAV
     assert "X-Amz-Expires=60" in signed.url and f"/{S3_BUCKET}/outputs/" in signed.url  # path-style
+    storage.delete("outputs/roundtrip.wav")
+    assert httpx.get(storage.signed_url("outputs/roundtrip.wav").url).status_code == 404
+    storage.delete("outputs/roundtrip.wav")  # already gone: fine
 
 
 def test_s3_refuses_a_wrong_key(s3_server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from servers import ALICE, wait_for_job
 
@@ -41,8 +42,11 @@ def test_cancel_running_job_stops_it_and_queued_job_never_runs(local_stack, samp
     queued = client.submit(sample_png, "waits behind it", **SHORT)
     assert client.get(queued.id).queue_position == 0
 
+    inputs = Path(local_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs"
+    assert any(inputs.glob(f"{queued.id}.*"))
     canceled = client.cancel(queued.id)
     assert canceled.status == "canceled" and canceled.raw["finished_at"] is not None
+    assert not any(inputs.glob(f"{queued.id}.*"))  # a job that will never run keeps no photo
     client.cancel(running.id)
     stopped = wait_for_job(client, running.id, lambda j: j.status == "canceled", what="canceled")
     assert 0 < stopped.progress < 1
@@ -50,6 +54,7 @@ def test_cancel_running_job_stops_it_and_queued_job_never_runs(local_stack, samp
 
     after = client.wait(client.submit(sample_png, "runs next", **SHORT).id, timeout=120)
     assert after.status == "succeeded"
+    assert not any(inputs.glob(f"{after.id}.*")) and not any(inputs.glob(f"{running.id}.*"))  # done: photos gone
     never_ran = client.get(queued.id)
     assert never_ran.status == "canceled" and never_ran.raw["started_at"] is None and never_ran.progress == 0
     assert never_ran.queue_position is None
