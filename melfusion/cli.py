@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .images import load_image
-from .limits import IMAGE_GUIDANCE_MODES, SCHEDULERS, read_limits
+from .limits import IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, read_limits
 from .training.cli import add_train_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
@@ -30,7 +30,12 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (bundle default if omitted)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (paper: 7)")
     parser.add_argument("--seed", type=int, help="random seed; printed so the clip can be reproduced")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the preset's, else ddim)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(SAMPLING_PRESETS),
+        help="sampler, steps and guidance of: " + "; ".join(f"{k}: {p.source}" for k, p in SAMPLING_PRESETS.items()),
+    )
     parser.add_argument("--image-strength", type=float, default=1.0, help="0 = caption only, 1 = learned α")
     parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, default="conditional")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
@@ -46,16 +51,18 @@ def run_generate(args: argparse.Namespace) -> int:
     bundle = args.bundle or ensure_tiny_bundle()
     verify_bundle(bundle, hashes=False)
     limits = read_limits(bundle)
+    preset = SAMPLING_PRESETS.get(args.preset)
     seconds = limits.default_seconds if args.seconds is None else args.seconds
-    steps = limits.default_steps if args.steps is None else args.steps
-    guidance = limits.default_guidance_scale if args.guidance is None else args.guidance
+    steps = args.steps if args.steps is not None else preset.steps if preset else limits.default_steps
+    guidance = args.guidance if args.guidance is not None else preset.guidance_scale if preset else limits.default_guidance_scale
+    scheduler = args.scheduler or (preset.scheduler if preset else "ddim")
     limits.check(
         captions=[args.caption],
         seconds=seconds,
         steps=steps,
         guidance_scale=guidance,
         image_strength=args.image_strength,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         image_guidance=args.image_guidance,
     )
     if args.out.suffix.lower() != ".wav":
@@ -78,7 +85,7 @@ def run_generate(args: argparse.Namespace) -> int:
         guidance_scale=guidance,
         image_strength=args.image_strength,
         image_guidance=args.image_guidance,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         seed=args.seed,
     )
     path = write_wav(args.out, output.audios[0], output.sampling_rate)

@@ -9,9 +9,27 @@ from pathlib import Path
 
 from .errors import BundleError, InputError
 
-SCHEDULERS = ("ddim", "dpmpp")
+SCHEDULERS = ("ddim", "dpmpp", "ddpm")
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
+
+
+@dataclass(frozen=True)
+class SamplingPreset:
+    """Named sampler settings; a request's own values override them, the bundle's defaults fill the rest."""
+
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    source: str  # where the numbers come from
+
+
+SAMPLING_PRESETS: dict[str, SamplingPreset] = {
+    # declare-lab/tango: DDPMScheduler at inference, guidance 3, 100 steps by default and 200 recommended.
+    "tango": SamplingPreset("ddpm", 200, 3.0, "TANGO's own sampling (DDPM, guidance 3, 200 steps)"),
+    # MelFusion, section 5: 400 DDIM steps, guidance 7.
+    "paper": SamplingPreset("ddim", 400, 7.0, "MelFusion paper, section 5 (DDIM, guidance 7, 400 steps)"),
+}
 
 
 @dataclass(frozen=True)

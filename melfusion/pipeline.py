@@ -22,6 +22,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMInverseScheduler,
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
@@ -34,10 +35,11 @@ from transformers import CLIPTextModel, CLIPTokenizer, SpeechT5HifiGan, T5Encode
 
 from .attention import ImageFeatures, mixing_image_features, recording_self_attention
 from .audio import latent_frames
-from .errors import GenerationCancelled, InputError, MelFusionError
+from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
 from .images import fit_square
 from .limits import SCHEDULERS, GenerationLimits
+from .precision import keep_float32_modules, raise_if_non_finite
 from .synapse import VisualSynapse
 
 ImageGuidance = Literal["conditional", "both"]
@@ -126,6 +128,10 @@ class MelFusionPipeline(DiffusionPipeline):
         timestep_spacing: str = "trailing",
     ):
         super().__init__()
+        # The schedulers' own configs say the spacing the pipeline samples with, so whoever loads a
+        # scheduler folder alone gets the same grid.
+        image_scheduler = type(image_scheduler).from_config(image_scheduler.config, timestep_spacing=timestep_spacing)
+        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=timestep_spacing)
         self.register_modules(
             image_vae=image_vae,
             image_unet=image_unet,
@@ -157,6 +163,19 @@ class MelFusionPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
         self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
         self.feature_cache: ImageFeatureCache | None = None
+
+    def to(self, *args, **kwargs) -> MelFusionPipeline:
+        """`DiffusionPipeline.to`, except that modules their library keeps in float32 stay in float32.
+
+        A whole-pipeline cast would otherwise also cast FLAN-T5's feed-forward output layers (`wo`,
+        transformers' `_keep_in_fp32_modules`), which overflow in float16.
+        """
+        super().to(*args, **kwargs)
+        for name in self.components:
+            module = getattr(self, name)
+            if isinstance(module, torch.nn.Module):
+                keep_float32_modules(module)
+        return self
 
     def enable_feature_cache(self, max_bytes: int) -> None:
         """Keep the image features of recent images (LRU, `max_bytes`); a warm worker's repeat photos
@@ -217,9 +236,13 @@ class MelFusionPipeline(DiffusionPipeline):
     def make_scheduler(self, name: str, timesteps: torch.Tensor):
         """A fresh music scheduler per call (schedulers are stateful), on the shared grid.
 
-        Both honour the bundle scheduler's `prediction_type` (epsilon in the paper, v for TANGO).
+        All honour the bundle scheduler's `prediction_type` (epsilon in the paper, v for TANGO). "ddpm"
+        is TANGO's own sampler: stochastic, so its step noise comes from the request's seeded generators.
         """
-        if name == "ddim":
+        if name == "ddpm":
+            scheduler = DDPMScheduler.from_config(self.scheduler.config)
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
+        elif name == "ddim":
             scheduler = self._on_grid(DDIMScheduler, self.scheduler.config)
             scheduler.set_timesteps(len(timesteps))
         elif name == "dpmpp":
@@ -329,22 +352,27 @@ class MelFusionPipeline(DiffusionPipeline):
         states = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
         return states.to(self.music_unet.dtype), tokens.attention_mask
 
-    def prepare_music_latents(self, shape: tuple[int, ...], seeds: list[int], scheduler) -> torch.Tensor:
+    def prepare_music_latents(
+        self, shape: tuple[int, ...], generators: list[torch.Generator], scheduler
+    ) -> torch.Tensor:
         """z_T^M ~ N(0, I) (line 2). Drawn on the CPU, one generator per item, so a seed gives the same
         clip on any device and whether or not the item shares a batch."""
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
         latents = latents.to(device=self._execution_device, dtype=self.music_unet.dtype)
         return latents * scheduler.init_noise_sigma
 
-    def decode_latents(self, latents: torch.Tensor, num_samples: int) -> np.ndarray:
-        """D^M then V (lines 11-12): latent -> mel -> waveform, trimmed to the requested length."""
+    def decode_latents(
+        self, latents: torch.Tensor, num_samples: int, earlier_outputs: tuple[tuple[str, torch.Tensor], ...] = ()
+    ) -> np.ndarray:
+        """D^M then V (lines 11-12): latent -> mel -> waveform, trimmed to the requested length.
+
+        `earlier_outputs` (component, tensor) are checked with the decoders' outputs, in pipeline order,
+        so a NaN is blamed on the component where it first appeared, not on the vocoder.
+        """
         mel = self.mel_vae.decode(latents / self.mel_vae.config.scaling_factor).sample  # (B, 1, T, mels)
-        audio = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))  # (B, samples)
-        audio = audio[:, :num_samples].float().cpu().numpy()
-        if not np.isfinite(audio).all():
-            raise MelFusionError("the model produced non-finite audio (NaN/inf); try float32")
-        return audio
+        audio = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))[:, :num_samples]  # (B, samples)
+        raise_if_non_finite((*earlier_outputs, ("music_unet", latents), ("mel_vae", mel), ("vocoder", audio)))
+        return audio.float().cpu().numpy()
 
     def image_rows(self, batch_size: int, with_unconditional: bool, image_strength: float, image_guidance: str):
         """Per-row synapse strength for the UNet batch [uncond…, cond…].
@@ -442,7 +470,10 @@ class MelFusionPipeline(DiffusionPipeline):
             text_states, text_mask = self.encode_captions(captions, with_unconditional)
 
             # 5. Music latent z_T^M ~ N(0, I) (line 2)
-            latents = self.prepare_music_latents(self.music_latent_shape(len(captions), seconds), seeds, music_scheduler)
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            shape = self.music_latent_shape(len(captions), seconds)
+            latents = self.prepare_music_latents(shape, generators, music_scheduler)
+            step_options = {"generator": generators} if isinstance(music_scheduler, DDPMScheduler) else {}
 
             # 6. Denoising loop with the visual synapse (lines 4-10)
             rows = self.image_rows(len(captions), with_unconditional, image_strength, image_guidance)
@@ -460,13 +491,14 @@ class MelFusionPipeline(DiffusionPipeline):
                     if with_unconditional:
                         uncond, cond = noise_pred.chunk(2)
                         noise_pred = uncond + guidance_scale * (cond - uncond)
-                    latents = music_scheduler.step(noise_pred, t, latents).prev_sample  # line 10
+                    latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
                     tracker.advance("music_denoise", t)
         finally:
             tracker.close()
 
         # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12)
-        audios = self.decode_latents(latents, num_samples=round(seconds * self.sampling_rate))
+        checked = (("text_encoder", text_states),)
+        audios = self.decode_latents(latents, round(seconds * self.sampling_rate), earlier_outputs=checked)
         return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds)
 
     @staticmethod

@@ -51,9 +51,9 @@ class ModelSize:
     vocoder_channels: int
     vocoder_resblock_kernels: tuple[int, ...]
     image_grid: int  # synapse: stored image tokens per layer = image_grid²
-    # HiFi-GAN's default init (0.01) makes a random vocoder print ~1e-11: silence once written as 16-bit
-    # PCM. 0.2 gives audible noise, so tests that compare WAVs compare something.
-    vocoder_init: float = 0.2
+    # TANGO (and so a pulled bundle) samples with SD 2.1's v-prediction; the sizes create-random writes
+    # use it too, so random and real bundles run the same code path. Tiny keeps the paper's epsilon.
+    prediction_type: str = "v_prediction"
     norm_groups: int = 32
     clip_vocab: int = 49408  # CLIP ViT-L/14
     t5_vocab: int = 32128  # FLAN-T5
@@ -83,6 +83,7 @@ SIZES: dict[str, ModelSize] = {
         image_grid=4,
         clip_vocab=1000,
         t5_vocab=1000,
+        prediction_type="epsilon",
     ),
     "small": ModelSize(
         block_out_channels=(64, 128, 256, 256),
@@ -127,7 +128,6 @@ SIZES: dict[str, ModelSize] = {
         vocoder_channels=1024,
         vocoder_resblock_kernels=(3, 7, 11),
         image_grid=8,
-        vocoder_init=0.01,
     ),
 }
 
@@ -207,6 +207,29 @@ def build_t5_tokenizer() -> T5Tokenizer:
 
 
 @torch.no_grad()
+def scale_vocoder_init(vocoder: SpeechT5HifiGan, residual_gain: float = 0.5) -> None:
+    """Random HiFi-GAN weights whose activations stay O(1) through every layer, in any dtype.
+
+    HiFi-GAN's own init (normal, std `initializer_range`, whatever the width) either prints silence
+    (~1e-11 at 0.01, written as 16-bit PCM) or grows by the width at every layer (4e12 by `conv_post`
+    at 0.2 and small size, inf in float16). Scaling each conv by 1/sqrt(fan-in) keeps the signal's
+    scale, and the damped residual convs keep HiFi-GAN's 15 residual additions from compounding, so a
+    random vocoder writes audible noise that tests can compare and float16 can hold.
+    """
+    for name, module in vocoder.named_modules():
+        if isinstance(module, torch.nn.ConvTranspose1d):  # each output sums in_channels × kernel/stride taps
+            fan_in = module.in_channels * module.kernel_size[0] / module.stride[0]
+        elif isinstance(module, torch.nn.Conv1d):
+            fan_in = module.in_channels * module.kernel_size[0]
+        else:
+            continue
+        gain = residual_gain if name.startswith("resblocks.") else 1.0
+        module.weight.normal_(0.0, gain / fan_in**0.5)
+        if module.bias is not None:
+            module.bias.zero_()
+
+
+@torch.no_grad()
 def calibrate_scaling_factor(vae: AutoencoderKL, sample_shape: tuple[int, ...]) -> None:
     """Set `scaling_factor` = 1 / std of the latents, the rule SD's 0.18215 came from, so a random VAE
     hands the diffusion loops unit-variance latents (a random VAE's latents are ~20x smaller)."""
@@ -216,8 +239,11 @@ def calibrate_scaling_factor(vae: AutoencoderKL, sample_shape: tuple[int, ...]) 
     vae.register_to_config(scaling_factor=1.0 / std)
 
 
-def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type: str = "epsilon") -> dict:
-    """Every component of a MelFusionPipeline at `size_name`, randomly initialised from `seed`."""
+def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type: str | None = None) -> dict:
+    """Every component of a MelFusionPipeline at `size_name`, randomly initialised from `seed`.
+
+    `prediction_type` of the music schedule defaults to the size's (v-prediction, TANGO's, except tiny).
+    """
     size = SIZES[size_name]
     torch.manual_seed(seed)
     image_tokenizer, tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
@@ -279,9 +305,9 @@ def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type:
             resblock_kernel_sizes=list(size.vocoder_resblock_kernels),
             resblock_dilation_sizes=[[1, 3, 5]] * len(size.vocoder_resblock_kernels),
             normalize_before=False,
-            initializer_range=size.vocoder_init,
         )
     )
+    scale_vocoder_init(vocoder)
     synapse = VisualSynapse(image_grid=size.image_grid)
     if size_name != "full":  # full size keeps SD's and AudioLDM's published factors for real weights
         calibrate_scaling_factor(image_vae, (3, size.image_latent_size * 8, size.image_latent_size * 8))
@@ -299,6 +325,6 @@ def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type:
         music_unet=music_unet,
         mel_vae=mel_vae,
         vocoder=vocoder,
-        scheduler=sd_scheduler(prediction_type),
+        scheduler=sd_scheduler(prediction_type or size.prediction_type),
         synapse=synapse,
     )

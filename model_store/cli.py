@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from melfusion.errors import BundleError, MelFusionError
@@ -74,16 +73,16 @@ def run_create_random(args: argparse.Namespace) -> int:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from .hub import PullSources, pull_bundle, resolve_revisions
+    from .hub import PullSources, plan_pull, pull_bundle
 
+    check_target(args.directory)
     sources = PullSources(image=args.image_repo, tango=args.tango, audio=args.audio_repo)
-    revisions = resolve_revisions(asdict(sources).values())  # fails in seconds offline, before torch loads
+    plan = plan_pull(sources)  # every repository and file asked about; fails in seconds offline
+    print(plan.describe(), flush=True)
     import torch
 
     dtype = getattr(torch, args.dtype)
-    return _report_written(
-        args.directory, lambda: pull_bundle(args.directory, sources=sources, revisions=revisions, dtype=dtype)
-    )
+    return _report_written(args.directory, lambda: pull_bundle(args.directory, plan=plan, dtype=dtype))
 
 
 def _report_written(directory: Path, write) -> int:

@@ -25,6 +25,7 @@ from melfusion.errors import BundleError
 
 MAIN_CONFIG = "main_config.json"
 MAIN_WEIGHTS = "pytorch_model_main.bin"
+VAE_CONFIG = "vae_config.json"
 
 # declare-lab/tango configs/diffusion_model_config.json (diffusers 0.10 layout; SD's block layout, 8 channels).
 TANGO_UNET_CONFIG: dict = {
@@ -152,14 +153,44 @@ def ddim_scheduler(config: Mapping) -> DDIMScheduler:
 def read_main_config(directory: Path) -> dict:
     path = directory / MAIN_CONFIG
     try:
-        config = json.loads(path.read_text())
+        return check_main_config(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConversionError(f"{path}: unreadable TANGO config ({exc})") from None
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
+
+
+def check_main_config(config: dict) -> dict:
+    """The settings of `main_config.json` that conversion relies on: a T5 text encoder and a schedule."""
     if "t5" not in str(config.get("text_encoder_name", "")).lower():
-        raise ConversionError(f"{path}: text encoder {config.get('text_encoder_name')!r} is not T5; the bundle's is")
+        raise ConversionError(f"{MAIN_CONFIG}: text encoder {config.get('text_encoder_name')!r} is not T5; the bundle's is")
     if not config.get("scheduler_name"):
-        raise ConversionError(f"{path}: no scheduler_name")
+        raise ConversionError(f"{MAIN_CONFIG}: no scheduler_name")
     return config
+
+
+def mel_vae_scale(directory: Path, audio_scale: float, *, audio_source: str) -> float:
+    """The latent scale TANGO was trained with: its own `vae_config.json`'s, if the checkpoint has one.
+
+    TANGO multiplies mel-VAE latents by this factor; another AudioLDM repository's VAE has another
+    factor (off by 1-5%), which would shift every latent the UNet sees, so a mismatch is an error.
+    """
+    path = directory / VAE_CONFIG
+    if not path.is_file():
+        return audio_scale
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: unreadable ({exc})") from None
+    scale = config.get("scale_factor", config.get("scaling_factor"))
+    if scale is None:
+        return audio_scale
+    if abs(scale - audio_scale) > 1e-6 * abs(scale):
+        raise ConversionError(
+            f"mel VAE scale: TANGO's {VAE_CONFIG} has {scale} but {audio_source} has {audio_scale} "
+            f"({100 * (audio_scale / scale - 1):+.1f}%); use an --audio-repo whose VAE TANGO was trained with"
+        )
+    return float(scale)
 
 
 def read_unet_config(directory: Path, main_config: Mapping) -> dict:

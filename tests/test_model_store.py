@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from melfusion.bundle import MANIFEST, verify_bundle
-from model_store.hub import HubUnavailable, PullSources, resolve_revisions
+from model_store.hub import HubUnavailable, PullSources, list_source
 
 ROOT = Path(__file__).parents[1]
 
@@ -128,7 +128,7 @@ def test_pull_gives_up_on_a_hub_that_never_answers(monkeypatch):
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(HubUnavailable, match=f"Hugging Face hub at {endpoint}"):
-            resolve_revisions([PullSources().tango], deadline_s=1.0)
+            list_source(PullSources().tango, deadline_s=1.0)
 
 
 def test_verify_lists_where_pulled_weights_came_from(tiny_bundle, tmp_path, capsys):

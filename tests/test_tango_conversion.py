@@ -8,6 +8,7 @@ that `main_config.json` points to.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -223,34 +224,47 @@ def test_converted_parts_run_in_a_saved_bundle(tmp_path, tiny):
     assert not np.allclose(v_prediction, epsilon)  # same weights, other prediction_type: other samples
 
 
-def test_pull_assembles_a_working_bundle_from_local_folders(tmp_path, tiny, capsys):
-    """`pull` end to end without the hub: every source a local folder in its hub repository's layout."""
-    sd15, audioldm, t5, sd21 = (tmp_path / name for name in ("sd15", "audioldm", "flan-t5-tiny", "sd21"))
+@dataclass
+class HubFolders:
+    """Local folders in the layouts of the repositories `pull` reads (SD 1.5, AudioLDM, FLAN-T5, SD 2.1, TANGO)."""
+
+    sd15: Path
+    audioldm: Path
+    t5: Path
+    sd21: Path
+    root: Path
+    tiny: dict
+
+    def tango(self, name: str = "tango", **main_config) -> Path:
+        settings = {"text_encoder_name": str(self.t5), "scheduler_name": str(self.sd21), **main_config}
+        return write_tango_folder(self.root / name, self.tiny, **settings)
+
+    def pull_args(self, tango: Path, *extra: str) -> list[str]:
+        sources = ["--image-repo", self.sd15, "--tango", tango, "--audio-repo", self.audioldm]
+        return ["pull", str(self.root / "bundle"), *map(str, sources), *extra]
+
+
+@pytest.fixture
+def hub(tmp_path, tiny) -> HubFolders:
+    folders = HubFolders(*(tmp_path / name for name in ("sd15", "audioldm", "flan-t5-tiny", "sd21")), tmp_path, tiny)
     for component, subfolder in [
         ("image_vae", "vae"),
         ("image_unet", "unet"),
         ("image_text_encoder", "text_encoder"),
         ("image_tokenizer", "tokenizer"),
     ]:
-        tiny[component].save_pretrained(sd15 / subfolder)
-    sd15_scheduler().save_pretrained(sd15 / "scheduler")
-    tiny["mel_vae"].save_pretrained(audioldm / "vae")
-    tiny["vocoder"].save_pretrained(audioldm / "vocoder")
-    tiny["text_encoder"].config.save_pretrained(t5)
-    tiny["tokenizer"].save_pretrained(t5)
-    DDIMScheduler.from_config(SD21_SCHEDULER).save_pretrained(sd21 / "scheduler")
-    tango = write_tango_folder(tmp_path / "tango", tiny, text_encoder_name=str(t5), scheduler_name=str(sd21))
+        tiny[component].save_pretrained(folders.sd15 / subfolder)
+    sd15_scheduler().save_pretrained(folders.sd15 / "scheduler")
+    tiny["mel_vae"].save_pretrained(folders.audioldm / "vae")
+    tiny["vocoder"].save_pretrained(folders.audioldm / "vocoder")
+    tiny["text_encoder"].config.save_pretrained(folders.t5)
+    tiny["tokenizer"].save_pretrained(folders.t5)
+    DDIMScheduler.from_config(SD21_SCHEDULER).save_pretrained(folders.sd21 / "scheduler")
+    return folders
 
-    sources = ["--image-repo", sd15, "--tango", tango, "--audio-repo", audioldm]
-    assert main(["pull", str(tmp_path / "bundle"), *map(str, sources)]) == 0, capsys.readouterr().err
-    manifest = verify_bundle(tmp_path / "bundle")
-    assert manifest["source"] == "pull" and manifest["origin"][str(tango)] == "local folder"
 
-    pulled = load_pipeline(tmp_path / "bundle")
-    assert_same_weights(pulled.music_unet, tiny["music_unet"])
-    assert pulled.scheduler.config.prediction_type == "v_prediction"
-    assert pulled.image_scheduler.config.prediction_type == "epsilon"
-    expected = MelFusionPipeline(
+def expected_pipeline(tiny: dict) -> MelFusionPipeline:
+    return MelFusionPipeline(
         **{
             **tiny,
             "image_scheduler": ddim_scheduler(dict(sd15_scheduler().config)),
@@ -258,5 +272,75 @@ def test_pull_assembles_a_working_bundle_from_local_folders(tmp_path, tiny, caps
             "synapse": VisualSynapse(),
         }
     )
+
+
+def test_pull_assembles_a_working_bundle_from_local_folders(hub, tiny, capsys):
+    """`pull` end to end without the hub: every source a local folder in its hub repository's layout."""
+    tango = hub.tango()
+    assert main(hub.pull_args(tango)) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "pytorch_model_main.bin" in out and "unet/diffusion_pytorch_model.safetensors" in out  # the plan
+    manifest = verify_bundle(hub.root / "bundle")
+    assert manifest["source"] == "pull" and manifest["origin"][str(tango)] == "local folder"
+    assert str(hub.sd21) in manifest["origin"] and str(hub.t5) in manifest["origin"]
+
+    pulled = load_pipeline(hub.root / "bundle")
+    assert_same_weights(pulled.music_unet, tiny["music_unet"])
+    assert pulled.scheduler.config.prediction_type == "v_prediction"
+    assert pulled.image_scheduler.config.prediction_type == "epsilon"
     request = {"image": tiny_image(), "seconds": 1.0, "num_inference_steps": 2, "seed": 5}
+    expected = expected_pipeline(tiny)
     assert np.array_equal(pulled("soft guitar", **request).audios, expected("soft guitar", **request).audios)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pull_in_half_precision_keeps_t5_wo_in_float32(hub, dtype, capsys):
+    assert main(hub.pull_args(hub.tango(), "--dtype", dtype)) == 0, capsys.readouterr().err
+    pulled = load_pipeline(hub.root / "bundle", dtype=getattr(torch, dtype))
+    assert pulled.music_unet.dtype == getattr(torch, dtype)
+    wo = [m.weight.dtype for name, m in pulled.text_encoder.named_modules() if name.endswith(".wo")]
+    assert wo and set(wo) == {torch.float32}
+    audio = pulled("soft guitar", image=tiny_image(), seconds=1.0, num_inference_steps=2, seed=5).audios
+    assert np.isfinite(audio).all() and audio.std() > 0
+
+
+def test_missing_scheduler_repository_falls_back_to_tangos_known_schedule(hub, tiny, capsys, monkeypatch):
+    """TANGO's main_config.json names stabilityai/stable-diffusion-2-1, deleted in November 2025."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # a repository that cannot be asked
+    tango = hub.tango(scheduler_name="stabilityai/stable-diffusion-2-1")
+    assert main(hub.pull_args(tango)) == 0, capsys.readouterr().err
+    assert "scheduler: known constants" in capsys.readouterr().out
+    manifest = verify_bundle(hub.root / "bundle")
+    assert manifest["origin"]["stabilityai/stable-diffusion-2-1"].startswith("known constants")
+    pulled = load_pipeline(hub.root / "bundle")
+    config, published = pulled.scheduler.config, ddim_scheduler(SD21_SCHEDULER).config
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type", "steps_offset"):
+        assert config[key] == published[key], key
+    request = {"seconds": 1.0, "num_inference_steps": 2, "seed": 5}
+    assert np.array_equal(pulled("soft guitar", **request).audios, expected_pipeline(tiny)("soft guitar", **request).audios)
+
+
+def test_missing_text_encoder_repository_fails_before_any_large_file(hub, capsys, monkeypatch):
+    import model_store.hub
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    fetched = []
+    real_fetch = model_store.hub.fetch
+    monkeypatch.setattr(model_store.hub, "fetch", lambda listing, files: fetched.append(list(files)) or real_fetch(listing, files))
+    tango = hub.tango(text_encoder_name="google/flan-t5-gone")
+    assert main(hub.pull_args(tango)) == 1
+    err = capsys.readouterr().err
+    assert "text encoder 'google/flan-t5-gone' named by" in err and "main_config.json" in err
+    assert fetched == [["main_config.json"]]  # only TANGO's config was read
+    assert not (hub.root / "bundle").exists()
+
+
+def test_mel_vae_scale_comes_from_tangos_vae_config(hub, capsys):
+    scale = hub.tiny["mel_vae"].config.scaling_factor
+    tango = hub.tango()
+    (tango / "vae_config.json").write_text(json.dumps({"scale_factor": scale * 1.03}))
+    assert main(hub.pull_args(tango)) == 1
+    assert "mel VAE scale: TANGO's vae_config.json has" in capsys.readouterr().err
+    (tango / "vae_config.json").write_text(json.dumps({"scale_factor": scale}))
+    assert main(hub.pull_args(tango)) == 0, capsys.readouterr().err
+    assert load_pipeline(hub.root / "bundle").mel_vae.config.scaling_factor == scale
