@@ -139,7 +139,7 @@ def test_openapi_states_the_bundle_ranges(local_stack):
         form = http.get("/openapi.json").json()["components"]["schemas"]["Body_create_job_jobs_post"]["properties"]
     assert form["seconds"]["anyOf"][0]["maximum"] == 30.0
     assert form["steps"]["anyOf"][0]["maximum"] == 1000
-    assert form["scheduler"]["enum"] == ["ddim", "dpmpp"]
+    assert form["scheduler"]["enum"] == ["ddim", "dpmpp", "ddpm"]
     assert form["image_guidance"]["enum"] == ["conditional", "both"]
 
 
