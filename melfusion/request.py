@@ -47,6 +47,10 @@ class GenerationRequest:
     )
 
     @staticmethod
+    def field_names() -> tuple[str, ...]:
+        return tuple(f.name for f in fields(GenerationRequest))
+
+    @staticmethod
     def describe(name: str) -> str:
         """The help text of a field, for the HTTP form and the CLI."""
         return next(f.metadata["doc"] for f in fields(GenerationRequest) if f.name == name)

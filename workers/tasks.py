@@ -15,12 +15,12 @@ from rq import get_current_job
 from rq.job import Job
 
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, count_outcome, observe
-from jobs.params import JobParams
 from jobs.queue import ErrorCode, JobStatus, cancel_key
 from jobs.storage import WAV, StorageUnavailable, output_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
+from melfusion.request import GenerationRequest
 
 from .warm import Runtime, get_runtime
 
@@ -35,7 +35,7 @@ def generate_clip(*, image_key: str, params: dict) -> dict:
         observe(redis, QUEUE_WAIT, (job.started_at - job.enqueued_at).total_seconds())
     started = time.perf_counter()
     try:
-        result = perform_generation(job, get_runtime(), image_key=image_key, params=JobParams(**params))
+        result = perform_generation(job, get_runtime(), image_key=image_key, request=GenerationRequest.from_dict(params))
     except GenerationCancelled as exc:
         log.info("job %s canceled: %s", job.id, exc)
         record_outcome(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, str(exc)))
@@ -55,7 +55,7 @@ def generate_clip(*, image_key: str, params: dict) -> dict:
     return result
 
 
-def perform_generation(job: Job, runtime: Runtime, *, image_key: str, params: JobParams) -> dict:
+def perform_generation(job: Job, runtime: Runtime, *, image_key: str, request: GenerationRequest) -> dict:
     redis = job.connection
 
     def is_cancel_requested() -> bool:
@@ -68,18 +68,8 @@ def perform_generation(job: Job, runtime: Runtime, *, image_key: str, params: Jo
     if is_cancel_requested():  # canceled while queued: do no work at all
         raise GenerationCancelled("canceled before start")
     image = load_image(runtime.storage.get(image_key), max_pixels=runtime.settings.max_image_pixels)
-    output = runtime.get_pipeline()(
-        params.caption,
-        image,
-        seconds=params.seconds,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        image_strength=params.image_strength,
-        image_guidance=params.image_guidance,
-        scheduler=params.scheduler,
-        seed=params.seed,
-        callback=report_progress,
-        should_cancel=is_cancel_requested,
+    output = runtime.get_pipeline().generate(
+        [request], [image], callback=report_progress, should_cancel=is_cancel_requested
     )
     wav = encode_wav(output.audios[0], output.sampling_rate)
     key = output_key(job.id)
