@@ -35,7 +35,9 @@ class GenerationRequest:
     seconds: float | None = _doc("clip length in seconds")
     steps: int | None = _doc("denoising steps (image inversion runs on the same grid)")
     guidance_scale: float | None = _doc("classifier-free guidance scale; <= 1 turns CFG off")
-    image_strength: float | None = _doc(f"scales every α: 0 = caption only, 1 = learned α (default {DEFAULT_IMAGE_STRENGTH})")
+    image_strength: float | None = _doc(
+        f"scales every α: 0 = caption only, 1 = learned α (default {DEFAULT_IMAGE_STRENGTH})"
+    )
     image_guidance: str | None = _doc(
         "CFG branch that sees the image: conditional (guidance amplifies image and caption) "
         f"or both (guidance amplifies the caption only); default {DEFAULT_IMAGE_GUIDANCE}"
