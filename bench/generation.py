@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from melfusion.attention import mixing_image_features
 from melfusion.bundle import create_tiny_bundle, load_pipeline
 from melfusion.pipeline import MelFusionPipeline
 from melfusion.presets import build_components
@@ -72,7 +71,7 @@ def ratio(times: dict[str, Timings], top: str, bottom: str) -> str:
 
 
 def tiny_generations(image: Image.Image, repeats: int, seconds: float, steps: int) -> None:
-    """Whole calls (image inversion + re-denoise + music loop + decode) on a saved and loaded tiny bundle."""
+    """Whole calls (image inversion + music loop + decode) on a saved and loaded tiny bundle."""
     with tempfile.TemporaryDirectory() as folder:
         pipe = load_pipeline(create_tiny_bundle(Path(folder) / "tiny"))
     pipe.set_progress_bar_config(disable=True)
@@ -106,9 +105,9 @@ def feature_cache_gain(pipe: MelFusionPipeline, image: Image.Image, repeats: int
 
 
 @torch.no_grad()
-def small_unet_steps(image: Image.Image, repeats: int, seconds: float, cache_steps: int) -> None:
-    """One UNet call of each side at the small size, and the music UNet's cost with the synapse attached
-    (processors swapped in per call, as the pipeline does once per generation: an upper bound)."""
+def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
+    """One UNet call of each side at the small size, and the music UNet's cost with image features mixed in
+    (the mixers are always attached; caption only runs them at strength 0)."""
     pipe = MelFusionPipeline(**build_components("small"))
     text_states, text_mask = pipe.encode_captions([CAPTION], with_unconditional=True)  # CFG rows [uncond, cond]
     music_latents = torch.randn(pipe.music_latent_shape(2, seconds))  # (2, 8, T, 16)
@@ -116,32 +115,60 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float, cache_ste
     image_latents = torch.randn(1, 4, side, side)
     image_context = torch.randn(1, pipe.image_tokenizer.model_max_length, pipe.image_unet.config.cross_attention_dim)
     t = torch.tensor(500)
+    features = pipe.encode_image(image, num_inference_steps=2)
 
-    def music_step():
+    def music_step(features):
+        rows = pipe.image_rows(torch.ones(1), torch.tensor([features is not None]), True, "conditional")
+        pipe.load_synapse(features, [0, 0], text_mask, rows, [0])
+        pipe.synapse_state.select_step(0)
         return pipe.music_unet(music_latents, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask)
 
-    features = pipe.encode_image(image, num_inference_steps=2)
-    rows = pipe.image_rows(1, True, 1.0, "conditional")
-
-    def mixed_music_step():
-        with mixing_image_features(pipe.music_unet, pipe.synapse, features, text_mask=text_mask, row_strength=rows):
-            return music_step()
-
     print(f"small size, music latent {tuple(music_latents.shape)}, image latent {tuple(image_latents.shape)}")
-    plain, mixed = "music UNet step (batch 2 = CFG)", "music UNet step (batch 2 = CFG), synapse mixing"
+    plain, mixed = "music UNet step (batch 2 = CFG), caption only", "music UNet step (batch 2 = CFG), image mixed"
     times = interleaved(
         {
             "image UNet step (batch 1)": lambda: pipe.image_unet(image_latents, t, image_context),
-            plain: music_step,
-            mixed: mixed_music_step,
+            plain: lambda: music_step(None),
+            mixed: lambda: music_step(features),
         },
         repeats,
     )
     report(times)
-    print(f"  synapse overhead, mixed/plain music step (processor swap included): {ratio(times, mixed, plain)}")
-    print(f"small size, whole generations, {seconds:g} s clip, {cache_steps} steps")
+    print(f"  synapse overhead, image mixed / caption only: {ratio(times, mixed, plain)}")
+
+
+def small_generations(image: Image.Image, repeats: int, seconds: float, steps: int) -> None:
+    """Whole generations at the small size: what a new photo, a cached one and each image-side option cost."""
+    components = build_components("small")
+    pipe = MelFusionPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    feature_cache_gain(pipe, image, repeats, seconds, cache_steps)
+    cached = copy.copy(pipe)  # same modules, its own cache
+    cached.enable_feature_cache(2**30)
+    two_pass = MelFusionPipeline(**components, image_features_from="redenoise")
+    two_pass.set_progress_bar_config(disable=True)
+    request = dict(seconds=seconds, num_inference_steps=steps, scheduler="dpmpp", seed=0)
+    coarse_steps = max(1, steps // 5)
+    caption_only, warm, new = "caption only", "image features cached", "new image (one image pass)"
+    redenoise, coarse = "new image, two image passes", f"new image, {coarse_steps} image passes"
+    print(f"small size, whole generations, {seconds:g} s clip, {steps} DPM-Solver++ steps, CFG 7")
+    times = interleaved(
+        {
+            caption_only: lambda: pipe(CAPTION, **request),
+            warm: lambda: cached(CAPTION, image, **request),
+            new: lambda: pipe(CAPTION, image, **request),
+            redenoise: lambda: two_pass(CAPTION, image, **request),
+            coarse: lambda: pipe(CAPTION, image, image_steps=coarse_steps, **request),
+        },
+        repeats,
+    )
+    report(times)
+    print(f"  ratio new image / caption only (target <= 1.5): {ratio(times, new, caption_only)}")
+    print(f"  ratio features cached / caption only (target <= 1.05): {ratio(times, warm, caption_only)}")
+    print(f"  ratio one image pass / two: {ratio(times, new, redenoise)}")
+    print(f"  ratio {coarse_steps} image passes / {steps}: {ratio(times, coarse, new)}")
+    full, fewer = pipe(CAPTION, image, **request).audios, pipe(CAPTION, image, image_steps=coarse_steps, **request).audios
+    moved = float(((full - fewer) ** 2).mean() ** 0.5 / (full**2).mean() ** 0.5)
+    print(f"  output moved by the coarse image grid: {moved:.3f} RMS relative to the clip")
 
 
 def service_batching(jobs: int, rounds: int, seconds: float, steps: int) -> None:
@@ -201,7 +228,8 @@ def main() -> None:
     if args.only in (None, "tiny"):
         tiny_generations(image, args.repeats, args.seconds, args.steps)
     if args.only in (None, "small"):
-        small_unet_steps(image, args.repeats, args.seconds, cache_steps=10)
+        small_unet_steps(image, args.repeats, args.seconds)
+        small_generations(image, args.repeats, args.seconds, steps=10)
     if args.only in (None, "service"):
         service_batching(args.jobs, rounds=2, seconds=args.seconds, steps=args.steps)
 

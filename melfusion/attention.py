@@ -1,10 +1,14 @@
 """Attention processors of the visual synapse: record K/V on the image UNet, mix them in on the music UNet.
 
-A write processor sits on the image UNet's self-attention (`attn1`) of the synapse blocks and records the
-pooled K and V of every denoising step (Algorithm 2, line 6). A read-and-mix processor sits on the music
-UNet's cross-attention (`attn2`) of the same blocks and applies eq. 5-6 (lines 7-9). Both are attached
-only for the duration of one call (`recording_self_attention`, `mixing_image_features`), so the UNets run
-their stock processors otherwise.
+A write processor sits on the image UNet's self-attention (`attn1`) of the synapse blocks and hands the
+pooled K and V of each step to a `FeatureRecorder` (Algorithm 2, line 6). A read-and-mix processor sits on
+the music UNet's cross-attention (`attn2`) of the same blocks and applies eq. 5-6 (lines 7-9).
+
+Both are attached once, when the pipeline is built or loaded, and never swapped: everything that changes
+between calls or steps lives in tensors of a `SynapseState` (the step's image K/V in buffers that stay put,
+which UNet row reads which image, the strength per row). A caption-only request runs the same processors
+at strength 0, which is exactly plain text-to-music. That is what lets `torch.compile` (CUDA graphs
+included) keep one graph per shape for the whole loop.
 """
 
 from __future__ import annotations
@@ -123,64 +127,134 @@ def _check_supported(name: str, attn: Attention) -> None:
 
 
 class SelfAttentionRecorder(KeyValueHookProcessor):
-    """Write side: stores the pooled self-attention K/V of one image-UNet layer at the current step."""
+    """Write side: hands the pooled self-attention K/V of one image-UNet layer to the recorder."""
 
-    def __init__(self, site: str, store: _FeatureStore):
+    def __init__(self, site: str, recorder: FeatureRecorder):
         self.site = site
-        self.store = store
+        self.recorder = recorder
 
     def on_key_value(self, attn, key, value):
-        pool = self.store.synapse.pool_image_tokens
-        self.store.keys[self.site].append(pool(key))
-        self.store.values[self.site].append(pool(value))
+        pool = self.recorder.synapse.pool_image_tokens
+        self.recorder.latest[self.site] = (pool(key), pool(value))  # (B, grid², D) each
         return key, value
+
+
+class FeatureRecorder:
+    """Collects the image UNet's synapse K/V, step by step, into an ImageFeatures object.
+
+    The processors leave only the latest step's tensors in `latest`; `keep` copies them out right after
+    each UNet call (a CUDA-graph replay overwrites its outputs on the next call).
+    """
+
+    def __init__(self, synapse: VisualSynapse):
+        self.synapse = synapse
+        self.start()
+
+    def start(self) -> None:
+        self.latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+
+    def keep(self, timestep: torch.Tensor | int) -> None:
+        """After a UNet call at `timestep`: keep the K/V it recorded."""
+        self.kept.append((int(timestep), {site: (k.clone(), v.clone()) for site, (k, v) in self.latest.items()}))
+
+    def features(self) -> ImageFeatures:
+        """The kept steps, in descending timestep order (inversion records them ascending)."""
+        steps = sorted(self.kept, key=lambda item: -item[0])
+        sites = steps[0][1]
+        stack = lambda which: {s: torch.stack([kv[s][which] for _, kv in steps]) for s in sites}  # (steps, B, N, D)
+        return ImageFeatures(torch.tensor([t for t, _ in steps]), stack(0), stack(1))
 
 
 class SynapseMixer(KeyValueHookProcessor):
     """Read side: eq. 5-6 on one music-UNet cross-attention layer, K = w·K_img + (1-w)·K_music.
 
-    w = α_block · image_strength, per batch row (zero on CFG rows that must not see the image).
+    w = α_block · strength of the row (zero on rows that must not see an image), read from the state's
+    tensors, so the processor itself never changes.
     """
 
-    def __init__(self, site: str, block: str, state: _MixState):
+    def __init__(self, site: str, block: str, synapse: VisualSynapse, state: SynapseState):
         self.site = site
         self.block = block
+        self.synapse = synapse
         self.state = state
 
     def on_key_value(self, attn, key, value):
         state = self.state
-        image_key = state.features.keys[self.site][state.step]  # (B_img, N, D)
-        image_value = state.features.values[self.site][state.step]
+        weight = (self.synapse.alpha_for(self.block) * state.row_strength).to(key.dtype)[:, None, None]  # (B, 1, 1)
         matching = state.token_matching.to(key.dtype)  # (B, S, N)
-        weight = (state.synapse.alpha_for(self.block) * state.row_strength).to(key.dtype)[:, None, None]
-        image_key = matching @ image_key.repeat(state.image_repeats, 1, 1)  # (B, S, D)
-        image_value = matching @ image_value.repeat(state.image_repeats, 1, 1)
+        image_key = matching @ state.keys[self.site].index_select(0, state.image_row)  # (B, S, D)
+        image_value = matching @ state.values[self.site].index_select(0, state.image_row)
         return weight * image_key + (1 - weight) * key, weight * image_value + (1 - weight) * value
 
 
-@dataclass
-class _FeatureStore:
-    synapse: VisualSynapse
-    keys: dict[str, list[torch.Tensor]]
-    values: dict[str, list[torch.Tensor]]
+class SynapseState:
+    """The tensors the music UNet's mixers read: set per call and per step, never replaced while shapes hold.
 
-    def features(self, timesteps: torch.Tensor) -> ImageFeatures:
-        stack = lambda steps: torch.stack(steps)
-        return ImageFeatures(
-            timesteps.cpu(),
-            {site: stack(v) for site, v in self.keys.items()},
-            {site: stack(v) for site, v in self.values.items()},
-        )
+    - `keys[site]`, `values[site]`: (B_img, N, D) the image K/V of the current step (copied in by `select_step`);
+    - `image_row`: (B,) which image each UNet row reads;
+    - `row_strength`: (B,) image_strength of the row, 0 where the row sees no image;
+    - `token_matching`: (B, S, N) how the N image tokens meet the S text tokens.
+    """
+
+    def __init__(self, widths: dict[str, int]):
+        self.widths = widths  # site -> K/V width, for the zero features of a caption-only call
+        self.keys: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        self.image_row = torch.zeros(1, dtype=torch.long)
+        self.row_strength = torch.zeros(1)
+        self.token_matching = torch.zeros(1, 1, 1)
+        self.features: ImageFeatures | None = None
+        self.feature_steps: list[int] = []  # music step i reads feature step feature_steps[i]
+
+    def load(
+        self,
+        features: ImageFeatures | None,
+        *,
+        token_matching: torch.Tensor,
+        row_strength: torch.Tensor,
+        image_row: torch.Tensor,
+        feature_steps: list[int],
+        num_tokens: int,
+        dtype: torch.dtype,
+    ) -> None:
+        """Set the call's tensors (features None: caption only, zero image K/V at strength 0)."""
+        device = token_matching.device
+        missing = set(self.widths) - set(features.keys) if features is not None else set()
+        if missing:
+            raise ValueError(f"image features lack synapse sites {sorted(missing)}")
+        self.features = None if features is None else features.to(device, dtype)
+        self.feature_steps = feature_steps if features is not None else []
+        batch = 1 if features is None else features.batch_size
+        for site, width in self.widths.items():
+            for store in (self.keys, self.values):
+                store[site] = _reuse(store.get(site), (batch, num_tokens, width), dtype, device)
+                if features is None:
+                    store[site].zero_()
+        self.image_row = _assign(self.image_row, image_row.to(device))
+        self.row_strength = _assign(self.row_strength, row_strength.to(device=device, dtype=torch.float32))
+        self.token_matching = _assign(self.token_matching, token_matching)
+
+    def select_step(self, step: int) -> None:
+        """Copy the image K/V that music step `step` meets into the buffers the mixers read (lines 7-9)."""
+        if self.features is None:
+            return
+        index = self.feature_steps[step]
+        sources = [self.features.keys[s][index] for s in self.keys] + [self.features.values[s][index] for s in self.values]
+        torch._foreach_copy_([*self.keys.values(), *self.values.values()], sources)
 
 
-@dataclass
-class _MixState:
-    synapse: VisualSynapse
-    features: ImageFeatures
-    token_matching: torch.Tensor  # (B, S, N)
-    row_strength: torch.Tensor  # (B,) image_strength, 0 on rows that do not see the image
-    image_repeats: int  # the music batch is the image batch repeated (CFG branches)
-    step: int = 0
+def _reuse(buffer: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if buffer is not None and buffer.shape == shape and buffer.dtype == dtype and buffer.device == device:
+        return buffer
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _assign(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` copied into `buffer` when shapes allow (the address a CUDA graph captured stays valid)."""
+    if buffer.shape == value.shape and buffer.dtype == value.dtype and buffer.device == value.device:
+        return buffer.copy_(value)
+    return value.clone()
 
 
 def synapse_sites(unet: UNet2DConditionModel, synapse: VisualSynapse, attention: str) -> dict[str, str]:
@@ -193,26 +267,29 @@ def synapse_sites(unet: UNet2DConditionModel, synapse: VisualSynapse, attention:
     return sites
 
 
-@contextlib.contextmanager
-def _swapped_processors(unet: UNet2DConditionModel, replacements: dict) -> Iterator[None]:
-    original = unet.attn_processors
+def _attach(unet: UNet2DConditionModel, replacements: dict) -> None:
     modules = dict(unet.named_modules())
     for name in replacements:
         _check_supported(name, modules[name.removesuffix(".processor")])
-    unet.set_attn_processor({**original, **replacements})
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(original)
+    unet.set_attn_processor({**unet.attn_processors, **replacements})
 
 
-@contextlib.contextmanager
-def recording_self_attention(unet: UNet2DConditionModel, synapse: VisualSynapse) -> Iterator[_FeatureStore]:
-    """Attach recorders to the image UNet's synapse self-attention layers for the `with` body."""
-    sites = {name: site_of(name) for name in synapse_sites(unet, synapse, "attn1")}
-    store = _FeatureStore(synapse, {s: [] for s in sites.values()}, {s: [] for s in sites.values()})
-    with _swapped_processors(unet, {name: SelfAttentionRecorder(site, store) for name, site in sites.items()}):
-        yield store
+def attach_recorders(unet: UNet2DConditionModel, synapse: VisualSynapse) -> FeatureRecorder:
+    """Put recorders on the image UNet's synapse self-attention layers, once; returns their recorder."""
+    recorder = FeatureRecorder(synapse)
+    sites = synapse_sites(unet, synapse, "attn1")
+    _attach(unet, {name: SelfAttentionRecorder(site_of(name), recorder) for name in sites})
+    return recorder
+
+
+def attach_mixers(unet: UNet2DConditionModel, synapse: VisualSynapse) -> SynapseState:
+    """Put mixers on the music UNet's synapse cross-attention layers, once; returns the state they read."""
+    layers = synapse_sites(unet, synapse, "attn2")
+    modules = dict(unet.named_modules())
+    widths = {site_of(n): modules[n.removesuffix(".processor")].to_k.out_features for n in layers}
+    state = SynapseState(widths)
+    _attach(unet, {n: SynapseMixer(site_of(n), block, synapse, state) for n, block in layers.items()})
+    return state
 
 
 @contextlib.contextmanager
@@ -223,19 +300,26 @@ def mixing_image_features(
     *,
     text_mask: torch.Tensor,
     row_strength: torch.Tensor,
-) -> Iterator[_MixState]:
-    """Attach mixers to the music UNet's synapse cross-attention layers; set `state.step` per step."""
-    layers = synapse_sites(unet, synapse, "attn2")
-    missing = {site_of(n) for n in layers} - set(features.keys)
-    if missing:
-        raise ValueError(f"image features lack synapse sites {sorted(missing)}")
+    step: int = 0,
+) -> Iterator[SynapseState]:
+    """The music UNet mixes `features` at `step` for the `with` body (training and tests; one image
+    per row, or one for all rows). Attaches the mixers on first use and leaves them at strength 0."""
+    state = getattr(unet, "synapse_state", None)
+    if state is None:
+        state = unet.synapse_state = attach_mixers(unet, synapse)
     num_tokens = next(iter(features.keys.values())).shape[2]
-    state = _MixState(
-        synapse,
+    rows = text_mask.shape[0]
+    state.load(
         features,
-        synapse.token_matching_matrix(text_mask, num_tokens).to(text_mask.device),
-        row_strength,
-        image_repeats=text_mask.shape[0] // features.batch_size,
+        token_matching=synapse.token_matching_matrix(text_mask, num_tokens).to(text_mask.device),
+        row_strength=row_strength,
+        image_row=torch.arange(rows) % features.batch_size,
+        feature_steps=list(range(next(iter(features.keys.values())).shape[0])),
+        num_tokens=num_tokens,
+        dtype=unet.dtype,
     )
-    with _swapped_processors(unet, {n: SynapseMixer(site_of(n), b, state) for n, b in layers.items()}):
+    state.select_step(step)
+    try:
         yield state
+    finally:
+        state.row_strength = torch.zeros_like(state.row_strength)

@@ -21,10 +21,10 @@ class ImageFeatureCache:
         self._entries: OrderedDict[str, ImageFeatures] = OrderedDict()
 
     @staticmethod
-    def key(square_image: Image.Image, steps: int, synapse_config: dict) -> str:
+    def key(square_image: Image.Image, grid: tuple, synapse_config: dict) -> str:
         """The SD-sized pixels (so re-encodings of one photo agree), the grid and the synapse layout."""
         digest = hashlib.sha256(square_image.tobytes())
-        digest.update(json.dumps([square_image.size, steps, dict(synapse_config)], sort_keys=True).encode())
+        digest.update(json.dumps([square_image.size, grid, dict(synapse_config)], sort_keys=True).encode())
         return digest.hexdigest()
 
     @property

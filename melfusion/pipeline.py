@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, SpeechT5HifiGan, T5EncoderModel, T5Tokenizer
 
-from .attention import ImageFeatures, mixing_image_features, recording_self_attention
+from .attention import ImageFeatures, attach_mixers, attach_recorders
 from .audio import latent_frames
 from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
@@ -44,6 +44,14 @@ from .synapse import VisualSynapse
 
 ImageGuidance = Literal["conditional", "both"]
 Phase = Literal["image_inversion", "image_denoise", "music_denoise"]
+# Where the synapse's image K/V come from. "inversion" (default): recorded during DDIM inversion itself,
+# i.e. ε_ψ(z_t^I, ∅, t) on the inverted latents, which is what Algorithm 2's line 6 evaluates; one SD pass
+# per step. "redenoise": a second SD pass denoising z_T^I back down the grid, recording there; twice the
+# cost, and equal to "inversion" up to the inversion's error (tested with an exact inversion).
+ImageFeatureSource = Literal["inversion", "redenoise"]
+# Captions are padded (masked) to a multiple of this many tokens, so a compiled UNet sees a handful of
+# caption shapes (one for every caption up to 32 tokens) instead of one per caption length.
+TEXT_PAD_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class MelFusionPipeline(DiffusionPipeline):
         default_steps: int = 100,
         default_guidance_scale: float = 7.0,
         timestep_spacing: str = "trailing",
+        image_features_from: ImageFeatureSource = "inversion",
     ):
         super().__init__()
         # The schedulers' own configs say the spacing the pipeline samples with, so whoever loads a
@@ -159,7 +168,11 @@ class MelFusionPipeline(DiffusionPipeline):
             default_steps=default_steps,
             default_guidance_scale=default_guidance_scale,
             timestep_spacing=timestep_spacing,
+            image_features_from=image_features_from,
         )
+        # The synapse's processors are attached once, here; per-call and per-step state lives in tensors.
+        self.feature_recorder = attach_recorders(self.image_unet, self.synapse)
+        self.synapse_state = self.music_unet.synapse_state = attach_mixers(self.music_unet, self.synapse)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
         self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
         self.feature_cache: ImageFeatureCache | None = None
@@ -176,6 +189,17 @@ class MelFusionPipeline(DiffusionPipeline):
             if isinstance(module, torch.nn.Module):
                 keep_float32_modules(module)
         return self
+
+    def compile_unets(self, mode: str | None = None, *, backend: str = "inductor") -> None:
+        """`torch.compile` both UNets in place (module identity, configs and saving are unchanged).
+
+        The synapse's processors never change and read only tensors, so one graph per input shape
+        (batch size, clip length, caption length in multiples of TEXT_PAD_MULTIPLE tokens) serves every
+        call; `mode="reduce-overhead"` adds CUDA graphs, which remove the per-kernel launch cost that
+        bounds eager UNet steps on a large GPU.
+        """
+        for unet in (self.music_unet, self.image_unet):
+            unet.compile(mode=mode, backend=backend)
 
     def enable_feature_cache(self, max_bytes: int) -> None:
         """Keep the image features of recent images (LRU, `max_bytes`); a warm worker's repeat photos
@@ -284,13 +308,18 @@ class MelFusionPipeline(DiffusionPipeline):
     def invert_image_latents(
         self, latents: torch.Tensor, num_inference_steps: int, tracker: _StepTracker | None = None
     ) -> torch.Tensor:
-        """DDIM inversion (line 1): z_0 -> z_T with the empty prompt, up the shared grid."""
+        """DDIM inversion (line 1): z_0 -> z_T with the empty prompt, up the shared grid.
+
+        The recorder keeps each step's synapse K/V: the features of the "inversion" source.
+        """
         tracker = tracker or _StepTracker(num_inference_steps)
         inverse, _ = self._image_schedulers(num_inference_steps)
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
+        self.feature_recorder.start()
         for t in inverse.timesteps:
             tracker.check_cancel()
-            noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty).sample
+            noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty, return_dict=False)[0]
+            self.feature_recorder.keep(t)
             latents = inverse.step(noise_pred, t, latents).prev_sample
             tracker.advance("image_inversion", t)
         return latents
@@ -298,20 +327,24 @@ class MelFusionPipeline(DiffusionPipeline):
     def denoise_image_latents(
         self, latents: torch.Tensor, num_inference_steps: int, tracker: _StepTracker | None = None
     ) -> tuple[torch.Tensor, ImageFeatures]:
-        """Reverse diffusion from z_T^I (line 6), recording the synapse blocks' self-attention K/V per step.
-
-        Returns the reconstructed z_0^I (used to check the inversion) and the recorded features.
+        """Reverse diffusion from z_T^I, recording the synapse blocks' self-attention K/V per step (the
+        "redenoise" source). Returns the reconstructed z_0^I (used to check the inversion) and the features.
         """
         tracker = tracker or _StepTracker(num_inference_steps)
         _, scheduler = self._image_schedulers(num_inference_steps)
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
-        with recording_self_attention(self.image_unet, self.synapse) as store:
-            for t in scheduler.timesteps:
-                tracker.check_cancel()
-                noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty).sample
-                latents = scheduler.step(noise_pred, t, latents).prev_sample
-                tracker.advance("image_denoise", t)
-        return latents, store.features(scheduler.timesteps)
+        self.feature_recorder.start()
+        for t in scheduler.timesteps:
+            tracker.check_cancel()
+            noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty, return_dict=False)[0]
+            self.feature_recorder.keep(t)
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+            tracker.advance("image_denoise", t)
+        return latents, self.feature_recorder.features()
+
+    @property
+    def image_passes_per_step(self) -> int:
+        return 1 if self.config.image_features_from == "inversion" else 2
 
     @torch.no_grad()
     def encode_image(
@@ -324,7 +357,10 @@ class MelFusionPipeline(DiffusionPipeline):
             return cached
         z_0 = self.prepare_image_latents(image)
         z_T = self.invert_image_latents(z_0, num_inference_steps, tracker)
-        _, features = self.denoise_image_latents(z_T, num_inference_steps, tracker)
+        if self.config.image_features_from == "inversion":
+            features = self.feature_recorder.features()
+        else:
+            _, features = self.denoise_image_latents(z_T, num_inference_steps, tracker)
         if key:
             self.feature_cache.put(key, features)
         return features
@@ -333,7 +369,8 @@ class MelFusionPipeline(DiffusionPipeline):
         if self.feature_cache is None:
             return None
         square = fit_square(image, self.image_resolution)
-        return self.feature_cache.key(square, num_inference_steps, self.synapse.config)
+        settings = (num_inference_steps, self.config.image_features_from)
+        return self.feature_cache.key(square, settings, self.synapse.config)
 
     def _uncached_images(self, images: list[Image.Image], num_inference_steps: int) -> int:
         """How many images the image side must run for (a repeated image runs once with the cache)."""
@@ -347,7 +384,12 @@ class MelFusionPipeline(DiffusionPipeline):
         """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG, rows are [""]*B + captions (TANGO's uncond)."""
         texts = [""] * len(captions) * with_unconditional + captions
         tokens = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+            texts,
+            padding=True,
+            pad_to_multiple_of=TEXT_PAD_MULTIPLE,
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
         ).to(self._execution_device)
         states = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
         return states.to(self.music_unet.dtype), tokens.attention_mask
@@ -374,8 +416,10 @@ class MelFusionPipeline(DiffusionPipeline):
         raise_if_non_finite((*earlier_outputs, ("music_unet", latents), ("mel_vae", mel), ("vocoder", audio)))
         return audio.float().cpu().numpy()
 
-    def image_rows(self, batch_size: int, with_unconditional: bool, image_strength: float, image_guidance: str):
-        """Per-row synapse strength for the UNet batch [uncond…, cond…].
+    def image_rows(
+        self, strength: torch.Tensor, has_image: torch.Tensor, with_unconditional: bool, image_guidance: str
+    ) -> torch.Tensor:
+        """Per-row synapse strength for the UNet batch [uncond…, cond…] (0 on rows without an image).
 
         "conditional" (default): only the conditional branch sees the image, so the unconditional branch
         is the true unconditional model and CFG amplifies image and caption together — the usual joint
@@ -383,17 +427,30 @@ class MelFusionPipeline(DiffusionPipeline):
         image enters both branches, so guidance amplifies the caption only and the image acts at strength
         α whatever the guidance scale.
         """
-        conditional = torch.full((batch_size,), float(image_strength))
+        conditional = strength * has_image
         if not with_unconditional:
             return conditional
-        unconditional = conditional if image_guidance == "both" else torch.zeros(batch_size)
+        unconditional = conditional if image_guidance == "both" else torch.zeros_like(conditional)
         return torch.cat([unconditional, conditional])
 
-    def attach_synapse(self, features: ImageFeatures, text_mask: torch.Tensor, rows: torch.Tensor):
-        """Context in which the music UNet's synapse cross-attentions mix in `features` (lines 7-9)."""
-        device, dtype = text_mask.device, self.music_unet.dtype
-        return mixing_image_features(
-            self.music_unet, self.synapse, features.to(device, dtype), text_mask=text_mask, row_strength=rows.to(device)
+    def load_synapse(
+        self,
+        features: ImageFeatures | None,
+        feature_rows: list[int],
+        text_mask: torch.Tensor,
+        row_strength: torch.Tensor,
+        feature_steps: list[int],
+    ) -> None:
+        """Hand the mixers this call's image K/V (lines 7-9): UNet row r reads feature row feature_rows[r]."""
+        num_tokens = self.synapse.config.image_grid**2
+        self.synapse_state.load(
+            features,
+            token_matching=self.synapse.token_matching_matrix(text_mask, num_tokens).to(text_mask.device),
+            row_strength=row_strength,
+            image_row=torch.tensor(feature_rows),
+            feature_steps=feature_steps,
+            num_tokens=num_tokens,
+            dtype=self.music_unet.dtype,
         )
 
     # -- Algorithm 2 --------------------------------------------------------------------------------
@@ -401,16 +458,17 @@ class MelFusionPipeline(DiffusionPipeline):
     def __call__(
         self,
         caption: str | list[str],
-        image: Image.Image | list[Image.Image] | None = None,
+        image: Image.Image | list[Image.Image | None] | None = None,
         *,
         image_features: ImageFeatures | None = None,
         seconds: float | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        image_strength: float = 1.0,
+        guidance_scale: float | list[float] | None = None,
+        image_strength: float | list[float] = 1.0,
         image_guidance: ImageGuidance = "conditional",
         scheduler: str = "ddim",
         seed: int | list[int] | None = None,
+        image_steps: int | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> MelFusionOutput:
@@ -418,83 +476,106 @@ class MelFusionPipeline(DiffusionPipeline):
 
         Args:
             caption: text prompt(s), one clip each.
-            image: one image for all captions, one per caption, or None (plain text-to-music).
-            image_features: features from `encode_image` on the same grid; skips the image side.
+            image: one image for all captions, one per caption (None rows: caption only), or None.
+            image_features: features from `encode_image` on the image grid; skips the image side.
             seconds: clip length (bundle default if None), at most the bundle's `max_seconds`.
-            num_inference_steps: denoising steps, shared by inversion and music sampling.
-            guidance_scale: CFG scale (bundle default, the paper's 7); <= 1 disables CFG.
-            image_strength: scales every α: 0 = caption only, 1 = the learned α.
+            num_inference_steps: denoising steps of the music loop.
+            guidance_scale: CFG scale, one for all or one per caption (bundle default, the paper's 7);
+                <= 1 disables CFG (in a batch where others use CFG, such a row is its conditional branch).
+            image_strength: scales every α, one for all or per caption: 0 = caption only, 1 = learned α.
             image_guidance: which CFG branch sees the image, "conditional" or "both" (see `image_rows`).
-            scheduler: "ddim" (the paper's) or "dpmpp" (DPM-Solver++, good in ~20 steps).
+            scheduler: "ddim" (the paper's), "dpmpp" (DPM-Solver++, good in ~20 steps) or "ddpm" (TANGO's).
             seed: int (item i gets seed + i) or one per caption; random if None, echoed in the output.
+            image_steps: image passes on a coarser grid (default: one per music step); each music step
+                then reads the recorded step nearest to its timestep.
             callback: called with a StepInfo after every UNet step of every phase.
             should_cancel: polled before every step; True raises GenerationCancelled.
         """
         # 1. Check inputs
         captions = [caption] if isinstance(caption, str) else list(caption)
-        images = None if image is None else [image] if isinstance(image, Image.Image) else list(image)
+        batch = len(captions)
+        images = self._per_row("image", image, batch)
         seconds = self.config.default_seconds if seconds is None else seconds
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        self.limits.check(
-            captions=captions,
-            seconds=seconds,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            image_strength=image_strength,
-            scheduler=scheduler,
-            image_guidance=image_guidance,
-        )
-        if images is not None and len(images) not in (1, len(captions)):
-            raise InputError("image", f"give one image or one per caption ({len(captions)})")
-        seeds = self._seeds(seed, len(captions))
-        use_image = (images is not None or image_features is not None) and image_strength > 0
-        with_unconditional = guidance_scale > 1.0
+        image_steps = steps if image_steps is None else image_steps
+        guidance = self._per_row("guidance_scale", self.config.default_guidance_scale if guidance_scale is None else guidance_scale, batch)
+        strength = self._per_row("image_strength", image_strength, batch)
+        for row_guidance, row_strength in zip(guidance, strength):
+            self.limits.check(
+                captions=captions,
+                seconds=seconds,
+                steps=steps,
+                guidance_scale=row_guidance,
+                image_strength=row_strength,
+                scheduler=scheduler,
+                image_guidance=image_guidance,
+            )
+        if not 1 <= image_steps <= steps:
+            raise InputError("image_steps", f"must be in [1, {steps}], got {image_steps}")
+        seeds = self._seeds(seed, batch)
+        if image_features is not None:
+            images = [None] * batch
+        has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
+        with_unconditional = max(guidance) > 1.0
 
-        # 2. Timestep grid shared by the image and music samplers
+        # 2. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
         timesteps = self.timestep_grid(steps)
+        image_grid = self.timestep_grid(image_steps)
         music_scheduler = self.make_scheduler(scheduler, timesteps)
-        image_steps = 0
-        if use_image and image_features is None:
-            image_steps = 2 * steps * self._uncached_images(images, steps)
-        total = image_steps + steps
+        to_encode = list({id(img): img for img, used in zip(images, has_image) if used and img is not None}.values())
+        image_total = image_steps * self.image_passes_per_step * self._uncached_images(to_encode, image_steps)
+        total = image_total + steps
         tracker = _StepTracker(total, callback, should_cancel, bar=self.progress_bar(total=total))
         try:
-            # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)), then K_l^I, V_l^I per step (lines 1, 6)
-            if use_image and image_features is None:
-                image_features = ImageFeatures.concat([self.encode_image(img, steps, tracker) for img in images])
-            if use_image:
-                self._check_features(image_features, timesteps, len(captions))
+            # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)) and K_l^I, V_l^I per step (lines 1, 6)
+            if to_encode:
+                image_features = ImageFeatures.concat([self.encode_image(img, image_steps, tracker) for img in to_encode])
+                feature_rows = [next((k for k, e in enumerate(to_encode) if e is img), 0) for img in images]
+            elif image_features is not None and any(has_image):
+                self._check_features(image_features, image_grid, batch)
+                feature_rows = [0 if image_features.batch_size == 1 else r for r in range(batch)]
+            else:
+                image_features, feature_rows = None, [0] * batch
 
             # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
             text_states, text_mask = self.encode_captions(captions, with_unconditional)
 
-            # 5. Music latent z_T^M ~ N(0, I) (line 2)
+            # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-            shape = self.music_latent_shape(len(captions), seconds)
+            shape = self.music_latent_shape(batch, seconds)
             latents = self.prepare_music_latents(shape, generators, music_scheduler)
             step_options = {"generator": generators} if isinstance(music_scheduler, DDPMScheduler) else {}
 
             # 6. Denoising loop with the visual synapse (lines 4-10)
-            rows = self.image_rows(len(captions), with_unconditional, image_strength, image_guidance)
-            synapse = self.attach_synapse(image_features, text_mask, rows) if use_image else contextlib.nullcontext()
-            with synapse as mix:
-                for i, t in enumerate(music_scheduler.timesteps):
-                    tracker.check_cancel()
-                    if mix is not None:
-                        mix.step = i  # K_l^I, V_l^I of image step i meet music step i (lines 7-9)
-                    model_input = torch.cat([latents] * 2) if with_unconditional else latents
-                    model_input = music_scheduler.scale_model_input(model_input, t)
-                    noise_pred = self.music_unet(
-                        model_input, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask
-                    ).sample
-                    if with_unconditional:
-                        uncond, cond = noise_pred.chunk(2)
-                        noise_pred = uncond + guidance_scale * (cond - uncond)
-                    latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
-                    tracker.advance("music_denoise", t)
+            device = latents.device
+            rows = self.image_rows(torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance)
+            self.load_synapse(
+                image_features,
+                feature_rows * (1 + with_unconditional),
+                text_mask,
+                rows,
+                nearest_steps(timesteps, image_grid),
+            )
+            scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
+            scale = scale.view(-1, *[1] * (latents.dim() - 1))  # (B, 1, 1, 1): each row its own guidance
+            unet_timesteps = music_scheduler.timesteps.to(device)  # on the device: no copy per step
+            for i, t in enumerate(music_scheduler.timesteps):
+                tracker.check_cancel()
+                self.synapse_state.select_step(i)  # K_l^I, V_l^I met by music step i (lines 7-9)
+                model_input = torch.cat([latents] * 2) if with_unconditional else latents
+                model_input = music_scheduler.scale_model_input(model_input, t)
+                noise_pred = self.music_unet(
+                    model_input, unet_timesteps[i], encoder_hidden_states=text_states,
+                    encoder_attention_mask=text_mask, return_dict=False,
+                )[0]  # fmt: skip
+                if with_unconditional:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + scale * (cond - uncond)
+                latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
+                tracker.advance("music_denoise", t)
         finally:
             tracker.close()
+            self.synapse_state.features = None  # a cached ImageFeatures object is not kept alive here
 
         # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12)
         checked = (("text_encoder", text_states),)
@@ -530,14 +611,25 @@ class MelFusionPipeline(DiffusionPipeline):
             image_features=ImageFeatures.concat(features) if features else None,
             seconds=first.seconds,
             num_inference_steps=first.steps,
-            guidance_scale=_shared_or_per_row([request.guidance_scale for request in requests]),
-            image_strength=_shared_or_per_row([request.image_strength for request in requests]),
+            guidance_scale=[request.guidance_scale for request in requests],
+            image_strength=[request.image_strength for request in requests],
             image_guidance=first.image_guidance,
             scheduler=first.scheduler,
             seed=[request.seed for request in requests],
             callback=callback,
             should_cancel=should_cancel,
         )
+
+    @staticmethod
+    def _per_row(field: str, value, count: int) -> list:
+        """A value for all rows, or a list with one per row."""
+        if not isinstance(value, list | tuple):
+            return [value] * count
+        if len(value) == 1:
+            return list(value) * count
+        if len(value) != count:
+            raise InputError(field, f"give one value or one per caption ({count}), got {len(value)}")
+        return list(value)
 
     @staticmethod
     def _seeds(seed: int | list[int] | None, count: int) -> list[int]:
@@ -550,13 +642,14 @@ class MelFusionPipeline(DiffusionPipeline):
         return list(seed)
 
     @staticmethod
-    def _check_features(features: ImageFeatures, timesteps: torch.Tensor, batch_size: int) -> None:
-        if not torch.equal(features.timesteps.cpu(), timesteps.cpu()):
+    def _check_features(features: ImageFeatures, grid: torch.Tensor, batch_size: int) -> None:
+        if not torch.equal(features.timesteps.cpu(), grid.cpu()):
             raise InputError("image_features", "captured on another timestep grid (different steps?)")
         if features.batch_size not in (1, batch_size):
             raise InputError("image_features", f"batch of {features.batch_size} for {batch_size} captions")
 
 
-def _shared_or_per_row(values: list[float]) -> float | list[float]:
-    """A value all rows share is passed as one number, so an equal-settings batch takes `__call__`'s scalar path."""
-    return values[0] if len(set(values)) == 1 else values
+def nearest_steps(timesteps: torch.Tensor, image_grid: torch.Tensor) -> list[int]:
+    """For each music timestep, the index of the nearest image-grid timestep (the same index on one grid)."""
+    distance = (timesteps[:, None].float() - image_grid[None, :].float()).abs()
+    return distance.argmin(dim=1).tolist()

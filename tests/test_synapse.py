@@ -94,11 +94,16 @@ def test_gradients_reach_every_alpha(image):
     assert torch.isfinite(grad).all() and (grad != 0).all()
 
 
-def test_processors_are_restored_after_a_call(pipe, image):
-    before = {k: type(v) for k, v in pipe.music_unet.attn_processors.items()}
+def test_processors_are_attached_once_and_never_swapped(pipe, image):
+    """A compiled UNet guards on its processors: a call must leave the very same objects in place."""
+    before = {k: id(v) for k, v in [*pipe.music_unet.attn_processors.items(), *pipe.image_unet.attn_processors.items()]}
     pipe("calm piano", image, seconds=1.0, num_inference_steps=2, seed=0)
-    assert {k: type(v) for k, v in pipe.music_unet.attn_processors.items()} == before
-    assert {type(v).__name__ for v in pipe.image_unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    pipe("calm piano", seconds=1.0, num_inference_steps=2, seed=0)
+    after = {k: id(v) for k, v in [*pipe.music_unet.attn_processors.items(), *pipe.image_unet.attn_processors.items()]}
+    assert after == before
+    kinds = lambda unet: {type(v).__name__ for v in unet.attn_processors.values()}
+    assert kinds(pipe.image_unet) == {"AttnProcessor2_0", "SelfAttentionRecorder"}
+    assert kinds(pipe.music_unet) == {"AttnProcessor2_0", "SynapseMixer"}
 
 
 def test_core_imports_without_the_service_stack():
