@@ -75,7 +75,8 @@ def test_queued_jobs_share_batches_and_the_oldest_always_leads(batching_stack, s
     # a, c and e share a shape; b and d share another: two batches, each led by the oldest job left
     other = {"seconds": 0.5, "steps": 2}
     shapes = [SHAPE, other, SHAPE, other, SHAPE]
-    requests = [{"caption": f"job {i}", "seed": 10 + i, **shape} for i, shape in enumerate(shapes)]
+    requests = [{"caption": f"job {i}", "seed": 10 + i, "guidance_scale": 2.0 + i, "image_strength": i / 4, **shape}
+                for i, shape in enumerate(shapes)]  # each row its own guidance and strength
     a, b, c, d, e = ids = queued_behind_blocker(batching_stack, sample_png, requests)
     client = batching_stack.client()
     jobs = [client.wait(job_id, timeout=180) for job_id in ids]
