@@ -1,4 +1,5 @@
-"""CPU speed: whole generations on the tiny bundle, UNet steps at the small size, the synapse's overhead.
+"""CPU speed: whole generations on the tiny bundle, UNet steps at the small size, the synapse's overhead,
+and batched vs sequential jobs through the real service.
 
 Run from the repository root (so this checkout's packages are imported): `python -m bench.generation`.
 Runs are interleaved round by round after a warm-up; ratios are medians of per-round ratios, since
@@ -170,20 +171,67 @@ def small_generations(image: Image.Image, repeats: int, seconds: float, steps: i
     print(f"  output moved by the coarse image grid: {moved:.3f} RMS relative to the clip")
 
 
+def service_batching(jobs: int, rounds: int, seconds: float, steps: int) -> None:
+    """Clips per second through the real service (API, Redis, one worker, local storage, tiny bundle) for
+    `jobs` concurrent repeated-photo jobs, batching off (MELFUSION_MAX_BATCH=1) vs on, alternating rounds."""
+    from embedded.processes import free_port, settings_env, start_api, start_redis, start_worker, wait_until
+    from melfusion_client import MelFusionClient
+
+    print(f"service, {jobs} concurrent jobs, tiny bundle, {seconds:g} s clip, {steps} steps, one worker, 1 thread")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bundle = create_tiny_bundle(work / "bundle")
+        redis_port = free_port()
+        redis = start_redis(port=redis_port, data_dir=work / "redis")
+        stacks = {}
+        try:
+            for db, (label, max_batch) in enumerate((("sequential", 1), (f"batched (max {jobs})", jobs)), start=1):
+                env = settings_env(redis_url=f"redis://127.0.0.1:{redis_port}/{db}", bundle_dir=bundle,
+                                   storage_dir=work / label, host="127.0.0.1", port=free_port(), torch_threads=1,
+                                   max_batch=max_batch, batch_wait_ms=20)  # fmt: skip
+                stacks[label] = [start_api(env=env, log_dir=work, name=f"api-{db}"),
+                                 start_worker(env=env, log_dir=work, name=f"worker-{db}")]  # fmt: skip
+                client = MelFusionClient(f"http://127.0.0.1:{env['MELFUSION_PORT']}")
+                wait_until(lambda c=client: c.http.get("/readyz").status_code == 200, timeout=120, what="a worker")
+                stacks[label].append(client)
+            rates = {label: [] for label in stacks}
+            for _ in range(rounds + 1):  # the first round warms up (feature cache, first-call kernels)
+                for label, (_, _, client) in stacks.items():
+                    started = time.perf_counter()
+                    ids = [client.submit(SAMPLE_IMAGE, CAPTION, seconds=seconds, steps=steps, seed=i).id
+                           for i in range(jobs)]  # fmt: skip
+                    assert all(client.wait(job_id, timeout=900).status == "succeeded" for job_id in ids)
+                    rates[label].append(jobs / (time.perf_counter() - started))
+            for label, measured in rates.items():
+                print(f"  {label:<22} {statistics.median(measured[1:]):.2f} clips/s (rounds: "
+                      + ", ".join(f"{rate:.2f}" for rate in measured[1:]) + ")")  # fmt: skip
+            sequential, batched = (statistics.median(measured[1:]) for measured in rates.values())
+            print(f"  batched/sequential: x{batched / sequential:.2f}")
+        finally:
+            for api, worker, client in stacks.values():
+                client.http.close()
+                worker.stop()
+                api.stop()
+            redis.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the tiny generations")
-    parser.add_argument("--only", choices=("tiny", "small"), help="run one of the two parts")
+    parser.add_argument("--only", choices=("tiny", "small", "service"), help="run one of the three parts")
+    parser.add_argument("--jobs", type=int, default=8, help="concurrent jobs of the service part")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     image = Image.open(SAMPLE_IMAGE).convert("RGB")
-    if args.only != "small":
+    if args.only in (None, "tiny"):
         tiny_generations(image, args.repeats, args.seconds, args.steps)
-    if args.only != "tiny":
+    if args.only in (None, "small"):
         small_unet_steps(image, args.repeats, args.seconds)
         small_generations(image, args.repeats, args.seconds, steps=10)
+    if args.only in (None, "service"):
+        service_batching(args.jobs, rounds=2, seconds=args.seconds, steps=args.steps)
 
 
 if __name__ == "__main__":

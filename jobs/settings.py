@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     torch_threads: int | None = Field(None, gt=0)  # cap CPU threads when workers share cores
+    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile of the UNets
+    # Shapes (batch size x clip seconds) the worker runs once before it takes jobs, so no job pays for
+    # compilation or first-call allocation; empty = no warm-up (an eager CPU worker has nothing to warm).
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = []
+    warmup_seconds: Annotated[list[float], NoDecode] = []
+    # Dynamic batching: up to max_batch queued jobs with the same seconds, steps, sampler, image guidance
+    # and CFG share one pipeline call; a GPU step costs about the same at batch 2 and 8 (issue 8's table).
+    max_batch: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(20.0, ge=0)  # longest wait for partners; the oldest job never waits longer
     # Image features of recent photos, kept per worker (full size: ~0.3 GB per photo at 100 steps, fp32);
     # a repeated photo then skips DDIM inversion and re-denoising. 0 turns the cache off.
     feature_cache_mb: int = Field(1024, ge=0)
@@ -54,10 +63,16 @@ class Settings(BaseSettings):
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "warmup_batch_sizes", "warmup_seconds", mode="before")
     @classmethod
-    def split_api_keys(cls, value):
-        return [key.strip() for key in value.split(",") if key.strip()] if isinstance(value, str) else value
+    def split_commas(cls, value):
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def keep_cpu_exact(self) -> Settings:
+        if self.device == "cpu" and self.dtype != "float32":
+            raise ValueError(f"MELFUSION_DTYPE={self.dtype} needs a GPU: the CPU path runs float32")
+        return self
 
     @model_validator(mode="after")
     def require_one_storage(self) -> Settings:

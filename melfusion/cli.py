@@ -15,6 +15,7 @@ from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .images import load_image
 from .limits import IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, read_limits
+from .request import GenerationRequest
 from .training.cli import add_train_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
@@ -26,21 +27,21 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--caption", required=True, help="a short description of the music")
     parser.add_argument("--out", required=True, type=Path, help="WAV file to write")
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
-    parser.add_argument("--seconds", type=float, help="clip length (bundle default if omitted)")
-    parser.add_argument("--steps", type=int, help="denoising steps (bundle default if omitted)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (paper: 7)")
-    parser.add_argument("--seed", type=int, help="random seed; printed so the clip can be reproduced")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the preset's, else ddim)")
-    parser.add_argument(
-        "--preset",
-        choices=sorted(SAMPLING_PRESETS),
-        help="sampler, steps and guidance of: " + "; ".join(f"{k}: {p.source}" for k, p in SAMPLING_PRESETS.items()),
-    )
-    parser.add_argument("--image-strength", type=float, default=1.0, help="0 = caption only, 1 = learned α")
-    parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, default="conditional")
+    parser.add_argument("--seconds", type=float, help=_help("seconds", "bundle default if omitted"))
+    parser.add_argument("--steps", type=int, help=_help("steps", "bundle default if omitted"))
+    parser.add_argument("--guidance", dest="guidance_scale", type=float, help=_help("guidance_scale", "paper: 7"))
+    parser.add_argument("--seed", type=int, help=_help("seed", "printed so the clip can be reproduced"))
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help=_help("scheduler"))
+    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset"))
+    parser.add_argument("--image-strength", type=float, help=_help("image_strength"))
+    parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, help=_help("image_guidance"))
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.set_defaults(run=run_generate)
+
+
+def _help(name: str, note: str = "") -> str:
+    return GenerationRequest.describe(name) + (f"; {note}" if note else "")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -50,21 +51,8 @@ def run_generate(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     bundle = args.bundle or ensure_tiny_bundle()
     verify_bundle(bundle, hashes=False)
-    limits = read_limits(bundle)
-    preset = SAMPLING_PRESETS.get(args.preset)
-    seconds = limits.default_seconds if args.seconds is None else args.seconds
-    steps = args.steps if args.steps is not None else preset.steps if preset else limits.default_steps
-    guidance = args.guidance if args.guidance is not None else preset.guidance_scale if preset else limits.default_guidance_scale
-    scheduler = args.scheduler or (preset.scheduler if preset else "ddim")
-    limits.check(
-        captions=[args.caption],
-        seconds=seconds,
-        steps=steps,
-        guidance_scale=guidance,
-        image_strength=args.image_strength,
-        scheduler=scheduler,
-        image_guidance=args.image_guidance,
-    )
+    fields = {name: getattr(args, name) for name in GenerationRequest.field_names()}
+    request = GenerationRequest(**fields).resolved(read_limits(bundle))
     if args.out.suffix.lower() != ".wav":
         raise InputError("out", f"must end in .wav, got {args.out.name}")
 
@@ -77,20 +65,10 @@ def run_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     pipe = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype))
     loaded = time.perf_counter()
-    output = pipe(
-        args.caption,
-        image,
-        seconds=seconds,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        image_strength=args.image_strength,
-        image_guidance=args.image_guidance,
-        scheduler=scheduler,
-        seed=args.seed,
-    )
+    output = pipe.generate([request], [image])
     path = write_wav(args.out, output.audios[0], output.sampling_rate)
     print(
-        f"wrote {path.resolve()} ({seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
+        f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
         f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s)"
     )
     return 0

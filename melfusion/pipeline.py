@@ -11,7 +11,6 @@ paired with music step i.
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +39,7 @@ from .feature_cache import ImageFeatureCache
 from .images import fit_square
 from .limits import SCHEDULERS, GenerationLimits
 from .precision import keep_float32_modules, raise_if_non_finite
+from .request import GenerationRequest, random_seed
 from .synapse import VisualSynapse
 
 ImageGuidance = Literal["conditional", "both"]
@@ -582,6 +582,44 @@ class MelFusionPipeline(DiffusionPipeline):
         audios = self.decode_latents(latents, round(seconds * self.sampling_rate), earlier_outputs=checked)
         return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds)
 
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        images: list[Image.Image | ImageFeatures | None],
+        callback: Callable[[StepInfo], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> MelFusionOutput:
+        """One clip per resolved request, in one call: a batch is a list of requests (see `batch_key`).
+
+        Args:
+            requests: resolved requests sharing one `batch_key`; each row keeps its guidance, strength, seed.
+            images: one per request: an image, its `encode_image` features, or None (caption only).
+                Features are accepted only for every row at once.
+            callback, should_cancel: as in `__call__`.
+        """
+        if len({request.batch_key for request in requests}) != 1:
+            raise InputError("requests", "rows of one batch must share seconds, steps, scheduler, image guidance, CFG")
+        if len(images) != len(requests):
+            raise InputError("image", f"give one image (or None) per request ({len(requests)})")
+        features = [image for image in images if isinstance(image, ImageFeatures)]
+        if features and len(features) != len(images):
+            raise InputError("image_features", "give features for every row or for none")
+        first = requests[0]
+        return self(
+            [request.caption for request in requests],
+            None if features or all(image is None for image in images) else images,
+            image_features=ImageFeatures.concat(features) if features else None,
+            seconds=first.seconds,
+            num_inference_steps=first.steps,
+            guidance_scale=[request.guidance_scale for request in requests],
+            image_strength=[request.image_strength for request in requests],
+            image_guidance=first.image_guidance,
+            scheduler=first.scheduler,
+            seed=[request.seed for request in requests],
+            callback=callback,
+            should_cancel=should_cancel,
+        )
+
     @staticmethod
     def _per_row(field: str, value, count: int) -> list:
         """A value for all rows, or a list with one per row."""
@@ -596,7 +634,7 @@ class MelFusionPipeline(DiffusionPipeline):
     @staticmethod
     def _seeds(seed: int | list[int] | None, count: int) -> list[int]:
         if seed is None:
-            seed = secrets.randbelow(2**31)
+            seed = random_seed()
         if isinstance(seed, int):
             return [seed + i for i in range(count)]
         if len(seed) != count:

@@ -77,20 +77,14 @@ class MelFusionClient:
         image: str | os.PathLike | bytes,
         caption: str,
         *,
-        seconds: float | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        image_strength: float | None = None,
-        scheduler: str | None = None,
-        seed: int | None = None,
-        image_guidance: str | None = None,
         idempotency_key: str | None = None,
+        **params: float | int | str | None,
     ) -> Job:
-        """POST /jobs. Retrying with the same `idempotency_key` can never create a second job."""
+        """POST /jobs. `params` are the form's other fields (seconds, steps, guidance_scale, image_strength,
+        image_guidance, scheduler, seed, preset; their ranges are in /openapi.json); None means the
+        service's default. Retrying with the same `idempotency_key` can never create a second job."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        form = {"caption": caption, "seconds": seconds, "steps": steps, "guidance_scale": guidance_scale,
-                "image_strength": image_strength, "scheduler": scheduler, "seed": seed,
-                "image_guidance": image_guidance}  # fmt: skip
+        form = {"caption": caption, **params}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self.http.post(
             "/jobs",

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import uuid
-from dataclasses import asdict, dataclass
 from urllib.parse import urljoin
 
 from redis import Redis
@@ -14,66 +12,26 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
-from jobs.params import JobParams
 from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_cancel_requested_at, get_status
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
 from jobs.storage import Storage, input_key
 from melfusion.images import load_image
 from melfusion.limits import GenerationLimits
+from melfusion.request import GenerationRequest
 
 from .errors import IdempotencyConflict, JobNotFound, JobStateConflict
 from .schemas import JobError, JobPublic, JobResult
 from .uploads import ImageType
-
-MAX_SEED = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """The form fields as the client sent them (None = not given)."""
-
-    caption: str
-    seconds: float | None
-    steps: int | None
-    guidance_scale: float | None
-    image_strength: float
-    scheduler: str
-    seed: int | None
-    image_guidance: str = "conditional"
-
-
-def resolve_params(request: JobRequest, limits: GenerationLimits) -> JobParams:
-    """Apply bundle defaults, choose a seed, and check ranges (InputError names the field)."""
-    params = JobParams(
-        caption=request.caption,
-        seconds=limits.default_seconds if request.seconds is None else request.seconds,
-        steps=limits.default_steps if request.steps is None else request.steps,
-        guidance_scale=limits.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
-        image_strength=request.image_strength,
-        scheduler=request.scheduler,
-        seed=secrets.randbelow(MAX_SEED) if request.seed is None else request.seed,
-        image_guidance=request.image_guidance,
-    )
-    limits.check(
-        captions=[params.caption],
-        seconds=params.seconds,
-        steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        image_strength=params.image_strength,
-        scheduler=params.scheduler,
-        image_guidance=params.image_guidance,
-    )
-    return params
 
 
 def _idempotency_record_key(owner: str, key: str) -> str:
     return f"{KEY_PREFIX}:idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def _fingerprint(image: bytes, request: JobRequest) -> str:
+def _fingerprint(image: bytes, request: GenerationRequest) -> str:
     digest = hashlib.sha256(image)
-    digest.update(json.dumps(asdict(request), sort_keys=True).encode())
+    digest.update(json.dumps(request.to_dict(), sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -87,7 +45,7 @@ def submit_job(
     owner: str,
     image: bytes,
     image_type: ImageType,
-    request: JobRequest,
+    request: GenerationRequest,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
@@ -97,7 +55,7 @@ def submit_job(
         IdempotencyConflict: the key was used before with a different request.
     """
     load_image(image, max_pixels=settings.max_image_pixels)  # decodes fully: truncated files and bombs stop here
-    params = resolve_params(request, limits)
+    params = request.resolved(limits)
     job_id = str(uuid.uuid4())
     record_key = None
     if idempotency_key is not None:
@@ -111,7 +69,7 @@ def submit_job(
         storage.put(image_key, image, content_type=image_type.mime)
         job = queue.enqueue_call(
             TASK,
-            kwargs={"image_key": image_key, "params": params.model_dump()},
+            kwargs={"image_key": image_key, "params": params.to_dict()},
             job_id=job_id,
             timeout=settings.job_timeout_seconds,
             result_ttl=settings.job_ttl_seconds,
@@ -170,7 +128,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
-        params=JobParams(**job.kwargs["params"]),
+        params=GenerationRequest.from_dict(job.kwargs["params"]),
         result=result,
         error=error,
     )

@@ -34,7 +34,10 @@ def check_workers(redis: Redis, queue_name: str) -> Check:
         return Check(ok=False, detail="cannot read worker heartbeats (redis unreachable)")
     if not workers:
         return Check(ok=False, detail=f"no fresh worker heartbeat on queue {queue_name!r}: jobs will wait")
-    return Check(ok=True, detail=f"{len(workers)} worker(s) alive on queue {queue_name!r}")
+    ready = [beat for beat in workers if not beat.get("warming_up")]
+    if not ready:
+        return Check(ok=False, detail=f"{len(workers)} worker(s) warming up on queue {queue_name!r}: jobs will wait")
+    return Check(ok=True, detail=f"{len(ready)} worker(s) alive on queue {queue_name!r}")
 
 
 def check_readiness(*, redis: Redis, storage: Storage, queue_name: str) -> Readiness:

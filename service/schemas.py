@@ -6,8 +6,8 @@ import datetime as dt
 
 from pydantic import BaseModel, Field
 
-from jobs.params import JobParams
 from jobs.queue import JobStatus
+from melfusion.request import GenerationRequest
 
 
 class JobResult(BaseModel):
@@ -28,12 +28,12 @@ class JobError(BaseModel):
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
-    progress: float = Field(ge=0, le=1, description="fraction of denoising steps done, updated every step")
+    progress: float = Field(ge=0, le=1, description="fraction of denoising steps done, updated up to 4 times a second")
     queue_position: int | None = Field(description="jobs ahead of this one (0 = next); null unless queued")
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
-    params: JobParams
+    params: GenerationRequest = Field(description="every value resolved (defaults applied, seed chosen)")
     result: JobResult | None
     error: JobError | None
 

@@ -12,6 +12,7 @@ from dummies import make_pipeline
 
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
+from melfusion.request import GenerationRequest
 from melfusion.synapse import VisualSynapse
 
 CAPTION = "calm piano at sunset"
@@ -167,3 +168,28 @@ def test_feature_cache_stays_within_its_byte_budget(image, other_image):
         generate(pipe, image=photo)
     assert pipe.feature_cache.nbytes <= int(one_image * 1.5)
     assert pipe.feature_cache.misses == 3  # the first image was evicted by the second
+
+
+def _request(caption=CAPTION, **fields):
+    return GenerationRequest(caption, **{"seconds": FAST["seconds"], "steps": FAST["num_inference_steps"], **fields})
+
+
+def test_generate_runs_a_batch_of_requests_each_row_as_it_would_run_alone(pipe, image, other_image):
+    requests = [_request(seed=3, guidance_scale=3.0, image_strength=0.5),
+                _request("rainy jazz night", seed=4, guidance_scale=7.0, image_strength=1.0)]  # fmt: skip
+    requests = [request.resolved(pipe.limits) for request in requests]
+    batch = pipe.generate(requests, [image, other_image])
+    assert batch.seeds == [3, 4]
+    for row, (request, row_image) in enumerate(zip(requests, [image, other_image], strict=True)):
+        alone = pipe.generate([request], [row_image])
+        np.testing.assert_allclose(batch.audios[row], alone.audios[0], atol=1e-4)
+
+
+def test_generate_takes_features_or_images_and_refuses_mixed_batches(pipe, image):
+    request = _request(seed=5).resolved(pipe.limits)
+    features = pipe.encode_image(image, FAST["num_inference_steps"])
+    assert np.array_equal(pipe.generate([request], [features]).audios, pipe.generate([request], [image]).audios)
+    with pytest.raises(InputError, match="image_features"):
+        pipe.generate([request, request], [features, image])
+    with pytest.raises(InputError, match="requests"):
+        pipe.generate([request, _request(seed=5, steps=2).resolved(pipe.limits)], [image, image])

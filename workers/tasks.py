@@ -1,8 +1,12 @@
-"""The job function RQ runs (`jobs.queue.TASK`): fetch the image, generate, store the WAV, report.
+"""The job function RQ runs (`jobs.queue.TASK`) and the batch it is a case of: fetch the images, generate
+all clips in one pipeline call, store each WAV, and end every job on its own.
 
-Progress goes to `job.meta` after every UNet step; the engine polls the job's cancel flag before every
-step, so a cancel stops a running job within one step. Errors are recorded as `{code, message}` in
-meta for the API; tracebacks stay in the worker's log.
+Each job of a batch keeps its own status, progress, cancel flag, result and error: an undecodable image
+fails only its job; a canceled job ends (canceled) at the next step while its row, which no other row
+depends on, is computed to the end and thrown away; the pipeline stops early only when every row is
+canceled. Progress goes to `job.meta` at most `PROGRESS_INTERVAL_SECONDS` apart per job (the final value
+is always saved with the outcome). Errors are recorded as `{code, message}` in meta for the API;
+tracebacks stay in the worker's log.
 """
 
 from __future__ import annotations
@@ -10,85 +14,149 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from rq import get_current_job
 from rq.job import Job
 
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, count_outcome, observe
-from jobs.params import JobParams
 from jobs.queue import ErrorCode, JobStatus, cancel_key
 from jobs.storage import WAV, StorageUnavailable, output_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
+from melfusion.request import GenerationRequest
 
 from .warm import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
+PROGRESS_INTERVAL_SECONDS = 0.25  # at most 4 progress writes a second per job, not one per UNet step
+CANCELED = {"canceled": True}  # the return value of a canceled job (RQ: finished; API: canceled)
+
+# How a job ended, handed to the caller that records it in RQ: a return value or the exception it failed with.
+Outcome = dict | BaseException
+FinishJob = Callable[[Job, Outcome], None]
+
 
 def generate_clip(*, image_key: str, params: dict) -> dict:
-    """Run one job inside a worker; returns the result record also stored in `job.meta["result"]`."""
+    """Run one job inside a worker (a batch of one); returns the result record also in `job.meta["result"]`.
+
+    The arguments are the queue payload; `run_batch` reads them from the job, as it does for batch partners.
+    """
     job = get_current_job()
-    redis = job.connection
-    if job.enqueued_at and job.started_at:
-        observe(redis, QUEUE_WAIT, (job.started_at - job.enqueued_at).total_seconds())
-    started = time.perf_counter()
+    outcomes: dict[str, Outcome] = {}
+    run_batch([job], get_runtime(), finish=lambda ended, outcome: outcomes.setdefault(ended.id, outcome))
+    outcome = outcomes[job.id]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+@dataclass
+class _Row:
+    """One job's place in a batch."""
+
+    job: Job
+    request: GenerationRequest
+    image_key: str
+    started: float = field(default_factory=time.perf_counter)
+    saved_progress_at: float = float("-inf")
+    ended: bool = False
+
+    def report_progress(self, fraction: float) -> None:
+        self.job.meta["progress"] = round(fraction, 4)  # always current in memory: the outcome write saves it
+        if time.monotonic() - self.saved_progress_at >= PROGRESS_INTERVAL_SECONDS:
+            self.job.save_meta()
+            self.saved_progress_at = time.monotonic()
+
+
+def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
+    """Generate one clip per job in one pipeline call; every job ends through `finish` exactly once.
+
+    Args:
+        jobs: started jobs whose requests share one `batch_key`; the oldest first.
+        runtime: the worker's pipeline, storage and settings.
+        finish: records a job's outcome in RQ (called as soon as the job ends, mid-batch for a cancel).
+    """
+    rows = [_Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"]) for job in jobs]
+    redis = jobs[0].connection
+    for row in rows:
+        if row.job.enqueued_at and row.job.started_at:
+            observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
+
+    def end(row: _Row, outcome: Outcome) -> None:
+        row.ended = True
+        record_outcome(row.job, outcome)
+        observe(redis, RUN_TIME, time.perf_counter() - row.started)
+        discard_input(runtime, row.image_key, job_id=row.job.id)
+        finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome)
+
+    def end_canceled_rows(reason: str) -> None:
+        live = [row for row in rows if not row.ended]
+        with redis.pipeline(transaction=False) as pipe:
+            for row in live:
+                pipe.exists(cancel_key(row.job.id))
+            flags = pipe.execute()
+        for row, canceled in zip(live, flags, strict=True):
+            if canceled:
+                log.info("job %s canceled: %s", row.job.id, reason)
+                end(row, GenerationCancelled(reason))
+
+    end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
+    images = {}
+    for row in rows:
+        if not row.ended:
+            try:
+                data = runtime.storage.get(row.image_key)
+                images[row.job.id] = load_image(data, max_pixels=runtime.settings.max_image_pixels)
+            except Exception as exc:  # one bad or missing image fails only its own job
+                end(row, exc)
+    batch = [row for row in rows if not row.ended]
+    if not batch:
+        return
+
+    def on_step(step) -> None:
+        end_canceled_rows(f"canceled after {step.step} of {step.total} steps")
+        for row in batch:
+            if not row.ended:
+                row.report_progress(step.fraction)
+
     try:
-        result = perform_generation(job, get_runtime(), image_key=image_key, params=JobParams(**params))
-    except GenerationCancelled as exc:
-        log.info("job %s canceled: %s", job.id, exc)
-        record_outcome(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, str(exc)))
-        return {"canceled": True}
-    except InputError as exc:
-        log.info("job %s rejected: %s", job.id, exc)
-        record_outcome(job, JobStatus.FAILED, error=(ErrorCode.INVALID_INPUT, str(exc)))
-        raise
-    except Exception:
-        log.exception("job %s failed", job.id)
-        record_outcome(job, JobStatus.FAILED, error=(ErrorCode.INTERNAL, "generation failed; see the worker log"))
-        raise
-    finally:
-        observe(redis, RUN_TIME, time.perf_counter() - started)
-        discard_input(get_runtime(), image_key, job_id=job.id)
-    record_outcome(job, JobStatus.SUCCEEDED, result=result)
-    return result
+        output = runtime.get_pipeline().generate(
+            [row.request for row in batch],
+            [images[row.job.id] for row in batch],
+            callback=on_step,
+            should_cancel=lambda: all(row.ended for row in batch),
+        )
+    except GenerationCancelled:
+        return  # every row was canceled, and each has ended
+    except Exception as exc:
+        for row in batch:
+            if not row.ended:
+                end(row, exc)
+        return
+    for row, audio in zip(batch, output.audios, strict=True):
+        if not row.ended:
+            try:
+                result = store_clip(runtime, row.job.id, audio, output.sampling_rate)
+            except Exception as exc:
+                end(row, exc)
+            else:
+                end(row, result)
 
 
-def perform_generation(job: Job, runtime: Runtime, *, image_key: str, params: JobParams) -> dict:
-    redis = job.connection
-
-    def is_cancel_requested() -> bool:
-        return bool(redis.exists(cancel_key(job.id)))
-
-    def report_progress(step) -> None:
-        job.meta["progress"] = round(step.fraction, 4)
-        job.save_meta()
-
-    if is_cancel_requested():  # canceled while queued: do no work at all
-        raise GenerationCancelled("canceled before start")
-    image = load_image(runtime.storage.get(image_key), max_pixels=runtime.settings.max_image_pixels)
-    output = runtime.get_pipeline()(
-        params.caption,
-        image,
-        seconds=params.seconds,
-        num_inference_steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        image_strength=params.image_strength,
-        image_guidance=params.image_guidance,
-        scheduler=params.scheduler,
-        seed=params.seed,
-        callback=report_progress,
-        should_cancel=is_cancel_requested,
-    )
-    wav = encode_wav(output.audios[0], output.sampling_rate)
-    key = output_key(job.id)
+def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict:
+    """Write the WAV to storage; returns the result record the API reads."""
+    wav = encode_wav(audio, sampling_rate)
+    key = output_key(job_id)
     runtime.storage.put(key, wav, content_type=WAV)
     return {
         "key": key,
         "content_type": WAV,
-        "seconds": output.audios.shape[-1] / output.sampling_rate,
-        "sample_rate": output.sampling_rate,
+        "seconds": audio.shape[-1] / sampling_rate,
+        "sample_rate": sampling_rate,
         "bytes": len(wav),
         "sha256": hashlib.sha256(wav).hexdigest(),
     }
@@ -102,12 +170,22 @@ def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
         log.warning("job %s: could not delete input %s: %s", job_id, image_key, exc)
 
 
-def record_outcome(
-    job: Job, status: JobStatus, *, result: dict | None = None, error: tuple[ErrorCode, str] | None = None
-) -> None:
-    """Final meta for the API (result or {code, message}) and the outcome counter for /metrics."""
-    if result is not None:
-        job.meta.update(progress=1.0, result=result)
+def record_outcome(job: Job, outcome: Outcome) -> None:
+    """Final meta for the API (result or {code, message}) and the outcome counter for /metrics.
+
+    A cancel becomes the CANCELED return value here, so callers finish canceled jobs as successes.
+    """
+    if isinstance(outcome, GenerationCancelled):
+        status, error = JobStatus.CANCELED, (ErrorCode.CANCELED, str(outcome))
+    elif isinstance(outcome, InputError):
+        log.info("job %s rejected: %s", job.id, outcome)
+        status, error = JobStatus.FAILED, (ErrorCode.INVALID_INPUT, str(outcome))
+    elif isinstance(outcome, BaseException):
+        log.error("job %s failed", job.id, exc_info=outcome)
+        status, error = JobStatus.FAILED, (ErrorCode.INTERNAL, "generation failed; see the worker log")
+    else:
+        status, error = JobStatus.SUCCEEDED, None
+        job.meta.update(progress=1.0, result=outcome)
     if error is not None:
         job.meta["error"] = {"code": error[0].value, "message": error[1]}
     job.save_meta()

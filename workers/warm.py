@@ -1,4 +1,5 @@
-"""The process-wide state a job needs: the pipeline (loaded once, then reused), the storage, the settings.
+"""The process-wide state a job needs: the pipeline (loaded, compiled and warmed up once, then reused), the
+storage, the settings.
 
 RQ calls job functions by name with only their arguments, so the worker installs this state before it
 starts working and `generate_clip` picks it up with `get_runtime()`.
@@ -10,10 +11,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from jobs.settings import Settings
 from jobs.storage import Storage
+from melfusion.request import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2  # compiled graphs depend on shapes, not on the number of steps
 
 
 @dataclass
@@ -21,6 +27,7 @@ class Runtime:
     settings: Settings
     storage: Storage
     pipeline_loads: int = 0  # the proof of warmth: stays 1 however many jobs run
+    warming_up: bool = True  # until `warm_up` ends; /readyz does not count the worker before that
     _pipeline: object = field(default=None, repr=False)
 
     def get_pipeline(self):
@@ -36,12 +43,36 @@ class Runtime:
             pipe.set_progress_bar_config(disable=True)
             if self.settings.feature_cache_mb:
                 pipe.enable_feature_cache(self.settings.feature_cache_mb * 2**20)
+            if self.settings.compile_mode != "off":
+                if not hasattr(pipe, "compile_unets"):
+                    raise SystemExit(
+                        f"MELFUSION_COMPILE_MODE={self.settings.compile_mode}: this engine has no "
+                        "MelFusionPipeline.compile_unets; use MELFUSION_COMPILE_MODE=off"
+                    )
+                pipe.compile_unets(self.settings.compile_mode)
             self._pipeline = pipe
             self.pipeline_loads += 1
             log.info(
                 "loaded pipeline from %s on %s in %.1f s", bundle, self.settings.device, time.perf_counter() - started
             )
         return self._pipeline
+
+    def warm_up(self) -> None:
+        """Run every configured (batch size, seconds) shape once, so that no job pays for compilation
+        (torch.compile compiles on first call); the worker takes jobs only after this."""
+        started = time.perf_counter()
+        pipe = self.get_pipeline()
+        sizes, lengths = self.settings.warmup_batch_sizes, self.settings.warmup_seconds
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        for seconds in lengths:
+            request = GenerationRequest("warm-up", seconds=seconds, steps=WARMUP_STEPS, seed=0).resolved(pipe.limits)
+            for batch_size in sizes:
+                pipe.generate([request] * batch_size, [image] * batch_size)
+        self.warming_up = False
+        log.info(
+            "warmed up over %d shapes (batch sizes %s x seconds %s) in %.1f s",
+            len(sizes) * len(lengths), sizes, lengths, time.perf_counter() - started,
+        )  # fmt: skip
 
 
 _runtime: Runtime | None = None

@@ -10,17 +10,25 @@ from fastapi.responses import FileResponse, RedirectResponse
 from jobs.queue import JobStatus
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
-from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, GenerationLimits
+from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
+from melfusion.request import MAX_SEED, GenerationRequest
 
 from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
 from ..errors import ErrorResponse, JobStateConflict
-from ..operations import MAX_SEED, JobRequest, cancel_job, describe_job, find_job, submit_job
+from ..operations import cancel_job, describe_job, find_job, submit_job
 from ..schemas import JobPublic
 from ..uploads import read_image_upload
 
 ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
+Preset = Literal[tuple(SAMPLING_PRESETS)]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
+
+
+def describe(name: str, bundle_default: float | None = None) -> str:
+    """A form field's description: GenerationRequest's help, plus the bundle's default where it has one."""
+    text = GenerationRequest.describe(name)
+    return text if bundle_default is None else f"{text}; default {bundle_default} (or the preset's)"
 
 
 def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter:
@@ -49,27 +57,28 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         ],
         caption: Annotated[str, Form(min_length=1, max_length=settings.max_caption_chars)],
         seconds: Annotated[
-            float | None, Form(gt=0, le=limits.max_seconds, description=f"default {limits.default_seconds}")
+            float | None, Form(gt=0, le=limits.max_seconds, description=describe("seconds", limits.default_seconds))
         ] = None,
         steps: Annotated[
-            int | None, Form(ge=1, le=limits.max_steps, description=f"default {limits.default_steps}")
+            int | None, Form(ge=1, le=limits.max_steps, description=describe("steps", limits.default_steps))
         ] = None,
         guidance_scale: Annotated[
-            float | None, Form(ge=0, le=MAX_GUIDANCE_SCALE, description=f"default {limits.default_guidance_scale}")
+            float | None,
+            Form(ge=0, le=MAX_GUIDANCE_SCALE, description=describe("guidance_scale", limits.default_guidance_scale)),
         ] = None,
-        image_strength: Annotated[float, Form(ge=0, le=1, description="0 = caption only, 1 = learned α")] = 1.0,
-        scheduler: Annotated[Scheduler, Form()] = "ddim",
-        seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="chosen and echoed if omitted")] = None,
-        image_guidance: Annotated[
-            ImageGuidance,
-            Form(description="CFG branch that sees the image: conditional (guidance amplifies image and caption) "
-                 "or both (guidance amplifies the caption only)"),
-        ] = "conditional",
+        image_strength: Annotated[float | None, Form(ge=0, le=1, description=describe("image_strength"))] = None,
+        image_guidance: Annotated[ImageGuidance | None, Form(description=describe("image_guidance"))] = None,
+        scheduler: Annotated[Scheduler | None, Form(description=describe("scheduler"))] = None,
+        seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description=describe("seed"))] = None,
+        preset: Annotated[Preset | None, Form(description=describe("preset"))] = None,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JobPublic:
         """Queue a generation; poll the returned job (its URL is in `Location`)."""
         data, image_type = read_image_upload(image, max_bytes=settings.max_upload_bytes)
-        request = JobRequest(caption, seconds, steps, guidance_scale, image_strength, scheduler, seed, image_guidance)
+        request = GenerationRequest(
+            caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
+            image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
+        )  # fmt: skip
         job, replayed = submit_job(
             redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
             image=data, image_type=image_type, request=request, idempotency_key=idempotency_key,

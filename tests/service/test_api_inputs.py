@@ -76,6 +76,7 @@ def test_bad_image(local_stack, name, image, content_type, status):
         ("scheduler", "euler"),
         ("seed", "-1"),
         ("image_guidance", "unconditional"),
+        ("preset", "fast"),
     ],
 )
 def test_out_of_range_parameter(local_stack, sample_png, field, value):
@@ -139,8 +140,10 @@ def test_openapi_states_the_bundle_ranges(local_stack):
         form = http.get("/openapi.json").json()["components"]["schemas"]["Body_create_job_jobs_post"]["properties"]
     assert form["seconds"]["anyOf"][0]["maximum"] == 30.0
     assert form["steps"]["anyOf"][0]["maximum"] == 1000
-    assert form["scheduler"]["enum"] == ["ddim", "dpmpp", "ddpm"]
-    assert form["image_guidance"]["enum"] == ["conditional", "both"]
+    assert form["scheduler"]["anyOf"][0]["enum"] == ["ddim", "dpmpp", "ddpm"]
+    assert form["image_guidance"]["anyOf"][0]["enum"] == ["conditional", "both"]
+    assert form["preset"]["anyOf"][0]["enum"] == ["tango", "paper"]
+    assert "TANGO" in form["preset"]["description"]  # the help text comes from GenerationRequest
 
 
 def test_unknown_job_is_404(local_stack):

@@ -25,7 +25,8 @@ def test_full_path(stack_and_key, sample_png, tmp_path):
     with stack.http(api_key) as http:
         response = http.post(
             "/jobs",
-            data={"caption": "calm piano at sunset", "seconds": str(SECONDS), "steps": str(STEPS), "image_guidance": "both"},
+            data={"caption": "calm piano at sunset", "seconds": str(SECONDS), "steps": str(STEPS), "image_guidance": "both",
+                  "preset": "tango"},
             files={"image": ("sample.png", sample_png, "image/png")},
         )
     assert response.status_code == 202, response.text
@@ -34,6 +35,8 @@ def test_full_path(stack_and_key, sample_png, tmp_path):
     assert created["status"] in ("queued", "running")
     assert created["params"]["seed"] >= 0  # chosen by the service and echoed
     assert created["params"]["image_guidance"] == "both"
+    assert {name: created["params"][name] for name in ("preset", "scheduler", "guidance_scale", "steps")} == {
+        "preset": "tango", "scheduler": "ddpm", "guidance_scale": 3.0, "steps": STEPS}  # own steps beat the preset's
 
     client = stack.client(api_key)
     seen = []

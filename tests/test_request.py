@@ -1,0 +1,68 @@
+"""GenerationRequest: one spelling of a generation's fields and one order of defaults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from melfusion.errors import InputError
+from melfusion.limits import SAMPLING_PRESETS, GenerationLimits
+from melfusion.request import MAX_SEED, GenerationRequest
+
+LIMITS = GenerationLimits(
+    max_seconds=30.0, default_seconds=10.0, max_steps=1000, default_steps=100, default_guidance_scale=7.0,
+    sampling_rate=16000,
+)  # fmt: skip
+
+
+def test_defaults_come_from_request_then_preset_then_bundle_then_fixed_defaults():
+    bare = GenerationRequest("calm piano").resolved(LIMITS)
+    assert (bare.seconds, bare.steps, bare.guidance_scale, bare.scheduler) == (10.0, 100, 7.0, "ddim")
+    assert (bare.image_strength, bare.image_guidance) == (1.0, "conditional")
+    tango = SAMPLING_PRESETS["tango"]
+    preset = GenerationRequest("calm piano", preset="tango").resolved(LIMITS)
+    assert (preset.steps, preset.guidance_scale, preset.scheduler) == (tango.steps, tango.guidance_scale, "ddpm")
+    own = GenerationRequest("calm piano", preset="tango", steps=20, scheduler="dpmpp").resolved(LIMITS)
+    assert (own.steps, own.guidance_scale, own.scheduler, own.preset) == (20, tango.guidance_scale, "dpmpp", "tango")
+
+
+def test_a_seed_is_chosen_in_the_one_range_and_kept_once_resolved():
+    seeds = {GenerationRequest("x").resolved(LIMITS).seed for _ in range(50)}
+    assert len(seeds) > 1 and all(0 <= seed <= MAX_SEED for seed in seeds)
+    resolved = GenerationRequest("x", seed=MAX_SEED).resolved(LIMITS)
+    assert resolved.resolved(LIMITS) == resolved
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"caption": " "}, "caption"),
+        ({"seconds": 31.0}, "seconds"),
+        ({"steps": 0}, "steps"),
+        ({"image_strength": 1.5}, "image_strength"),
+        ({"scheduler": "euler"}, "scheduler"),
+        ({"image_guidance": "neither"}, "image_guidance"),
+        ({"seed": MAX_SEED + 1}, "seed"),
+        ({"preset": "fast"}, "preset"),
+    ],
+)
+def test_bad_fields_are_named(fields, field):
+    with pytest.raises(InputError) as error:
+        GenerationRequest(**{"caption": "x", **fields}).resolved(LIMITS)
+    assert error.value.field == field
+
+
+def test_queue_payload_round_trips_through_json():
+    request = GenerationRequest("calm piano", steps=3, preset="paper").resolved(LIMITS)
+    assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+
+
+def test_batch_key_groups_what_can_share_one_pipeline_call():
+    base = GenerationRequest("a", seconds=2.0, steps=4, seed=1, guidance_scale=3.0).resolved(LIMITS)
+    partner = GenerationRequest("b", seconds=2.0, steps=4, seed=9, guidance_scale=5.0, image_strength=0.2)
+    assert partner.resolved(LIMITS).batch_key == base.batch_key
+    for other in ({"steps": 5}, {"seconds": 3.0}, {"scheduler": "dpmpp"}, {"image_guidance": "both"},
+                  {"guidance_scale": 1.0}):  # fmt: skip
+        changed = GenerationRequest(**{"caption": "b", "seconds": 2.0, "steps": 4, **other}).resolved(LIMITS)
+        assert changed.batch_key != base.batch_key, other
