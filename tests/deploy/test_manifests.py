@@ -101,7 +101,8 @@ def test_scaled_object_watches_the_queue_the_settings_name(rendered, overlay, mo
     scaled = find(objects, "ScaledObject", "melfusion-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "melfusion-worker"
     (redis_trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
-    assert redis_trigger["metadata"]["listName"] == open_queue(Redis(), settings).key == f"rq:queue:{settings.queue_name}"
+    list_name = redis_trigger["metadata"]["listName"]
+    assert list_name == open_queue(Redis(), settings).key == f"rq:queue:{settings.queue_name}"
     assert int(redis_trigger["metadata"]["listLength"]) >= 1
     # KEDA's operator runs in another namespace: the address is the Redis Service's full name.
     redis_service = find(objects, "Service", "melfusion-redis")
@@ -147,10 +148,11 @@ def test_secrets_are_referenced_never_inlined(rendered, overlay):
 def test_bundle_is_read_only_where_it_is_served(rendered, overlay):
     for name in ("melfusion-api", "melfusion-worker"):
         pod = find(rendered[overlay], "Deployment", name)["spec"]["template"]["spec"]
-        (volume,) = [v for v in pod["volumes"] if v["persistentVolumeClaim"]["claimName"] == "melfusion-bundle"]
-        assert volume["persistentVolumeClaim"]["readOnly"] is True
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        (volume,) = [volume for volume, claim in claims.items() if claim["claimName"] == "melfusion-bundle"]
+        assert claims[volume]["readOnly"] is True
         for spec in pod["containers"] + pod.get("initContainers", []):
-            assert all(m["readOnly"] for m in spec["volumeMounts"] if m["name"] == volume["name"])
+            assert all(m["readOnly"] for m in spec["volumeMounts"] if m["name"] == volume)
     job = find(rendered[overlay], "Job", "melfusion-bundle-init")
     assert "python -m model_store verify /models/bundle" in container(job, "bundle")["args"][0]
 
