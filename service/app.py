@@ -44,7 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.storage = open_storage(settings)
     app.state.limits = limits
     app.state.metrics_registry = CollectorRegistry()
-    app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue))
+    app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue, app.state.storage))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     install_error_handlers(app)

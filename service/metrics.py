@@ -1,4 +1,8 @@
-"""Prometheus metrics, read from Redis at scrape time so they cover every worker and API replica."""
+"""Prometheus metrics, read from Redis at scrape time so they cover every worker and API replica.
+
+Every API replica exports the same cluster-wide numbers (they come from Redis), so queries aggregate
+replicas with `max`, never `sum`; only `melfusion_ready` is this replica's own view.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,35 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.exceptions import AbandonedJobError
+from rq.results import Result
 
 from jobs.heartbeat import read_heartbeats
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, read_histogram, read_outcomes
 from jobs.queue import JobStatus
+from jobs.storage import Storage
+
+from .readiness import check_readiness
 
 
 class JobMetricsCollector(Collector):
-    def __init__(self, redis: Redis, queue: Queue):
-        self.redis, self.queue = redis, queue
+    def __init__(self, redis: Redis, queue: Queue, storage: Storage):
+        self.redis, self.queue, self.storage = redis, queue, storage
 
     def collect(self):
+        yield self._readiness()
         try:
             yield from self._collect()
-        except RedisError:  # a scrape during a Redis outage shows no job metrics rather than failing
+        except RedisError:  # a scrape during a Redis outage shows readiness only, rather than failing
             return
+
+    def _readiness(self) -> GaugeMetricFamily:
+        """The /readyz checks as 1/0, so alerts can say which dependency failed and for how long."""
+        readiness = check_readiness(redis=self.redis, storage=self.storage, queue_name=self.queue.name)
+        ready = GaugeMetricFamily("melfusion_ready", "This API replica's /readyz checks (1 = ok)", labels=["check"])
+        for name, check in readiness.checks.items():
+            ready.add_metric([name], float(check.ok))
+        return ready
 
     def _collect(self):
         jobs = GaugeMetricFamily("melfusion_jobs", "Jobs by status (queued/running now)", labels=["status"])
@@ -38,3 +56,33 @@ class JobMetricsCollector(Collector):
         for name, help_text in ((QUEUE_WAIT, "Seconds from enqueue to start"), (RUN_TIME, "Seconds a job ran")):
             buckets, total = read_histogram(self.redis, name)
             yield HistogramMetricFamily(f"melfusion_{name}", help_text, buckets=buckets, sum_value=total)
+        yield GaugeMetricFamily(
+            "melfusion_jobs_abandoned",
+            "Failed jobs RQ still keeps (for the job TTL) that it failed as abandoned: their worker died mid-job",
+            value=count_abandoned(self.queue),
+        )
+        yield GaugeMetricFamily(
+            "melfusion_jobs_retry_scheduled",
+            "Jobs in RQ's scheduled registry: failed or abandoned jobs waiting out a retry interval",
+            value=self.queue.scheduled_job_registry.get_job_count(cleanup=False),
+        )
+
+
+def count_abandoned(queue: Queue) -> int:
+    """Jobs in the failed registry whose latest RQ result is an AbandonedJobError (one Redis round trip).
+
+    RQ records that error when a registry cleanup finds a job whose worker stopped renewing it; the job
+    function never ran to its end, so these jobs are missing from melfusion_jobs_finished.
+    """
+    job_ids = queue.failed_job_registry.get_job_ids(cleanup=False)
+    with queue.connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.xrevrange(Result.get_key(job_id), "+", "-", count=1)
+        latest = pipe.execute()
+    abandoned = 0
+    for job_id, entries in zip(job_ids, latest):
+        if entries:
+            result_id, payload = entries[0]
+            result = Result.restore(job_id, result_id.decode(), payload, queue.connection, queue.serializer)
+            abandoned += AbandonedJobError.__name__ in (result.exc_string or "")
+    return abandoned
