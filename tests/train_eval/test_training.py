@@ -11,9 +11,10 @@ from melfusion.cli import main
 from melfusion.dataset.manifest import read_triplets
 from melfusion.images import load_image
 from melfusion.presets import sd_scheduler
-from melfusion.training.checkpoint import load_checkpoint
+from melfusion.training.checkpoint import load_trainer_state
 from melfusion.training.denoiser import SynapseDenoiser
-from melfusion.training.loop import diffusion_loss, step_generator, train, training_target
+from melfusion.training.image_side import ImageKeyValues
+from melfusion.training.loop import Dropout, diffusion_loss, draw_batch, row_generator, train, training_target
 from melfusion.training.prepare import frozen_fingerprint, prepare_examples
 
 FROZEN = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
@@ -27,9 +28,12 @@ def fixed_batch_loss(config, bundle) -> float:
         steps=config.feature_steps, seconds=config.seconds,
     )
     model = SynapseDenoiser(pipe.music_unet, pipe.synapse)
-    scheduler, grid = DDPMScheduler.from_config(pipe.scheduler.config), pipe.timestep_grid(config.feature_steps)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)
     with torch.no_grad():
-        losses = [diffusion_loss(pipe, model, scheduler, grid, examples, step_generator(99, i, 0)) for i in range(4)]
+        batches = [draw_batch(pipe, examples, [row_generator(99, i, p) for p in range(len(examples))], Dropout())
+                   for i in range(4)]
+        losses = [diffusion_loss(pipe, model, scheduler, image_key_values, batch) for batch in batches]
     return float(torch.stack(losses).mean())
 
 
@@ -83,7 +87,7 @@ def test_fixed_alpha_stays_put_while_the_unet_trains(make_config):
 def test_resume_gives_the_same_next_steps_as_uninterrupted_training(make_config):
     straight = train(make_config("straight", max_steps=3, checkpoint_every=2, unet_lr=1e-3, alpha_lr=1e-2))
     halfway = straight.checkpoints[0]
-    assert load_checkpoint(halfway)["step"] == 2
+    assert load_trainer_state(halfway)["step"] == 2
     resumed = train(make_config("resumed", max_steps=3, unet_lr=1e-3, alpha_lr=1e-2, resume=halfway))
     assert len(resumed.losses) == 1 and resumed.losses == straight.losses[2:]
     a, b = load_pipeline(straight.bundle), load_pipeline(resumed.bundle)
