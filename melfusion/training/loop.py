@@ -224,7 +224,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.distributed_timeout_minutes))
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
-        kwargs_handlers=[timeout],
+        kwargs_handlers=[timeout], cpu=not torch.cuda.is_available(),  # several CPU processes: DDP over gloo
     )
     check_backend(accelerator)
     return accelerator

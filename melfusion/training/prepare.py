@@ -101,7 +101,9 @@ def music_posterior(pipe: MelFusionPipeline, log_mel: LogMel, audio_path: Path, 
 def image_side_to(pipe: MelFusionPipeline, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
     """Move (and cast) the frozen SD side; training exports the bundle's own files, so casting loses nothing."""
     for name in IMAGE_SIDE:
-        getattr(pipe, name).to(device=device, dtype=dtype)
+        module = getattr(pipe, name).to(device)
+        if dtype is not None and module.dtype != dtype:
+            module.to(dtype)
     pipe._empty_prompt_cache.clear()
 
 
