@@ -125,3 +125,49 @@ def test_the_loss_targets_what_the_bundle_scheduler_predicts(prediction_type):
     else:
         alpha_bar = scheduler.alphas_cumprod[timesteps][:, None, None, None]
         assert torch.allclose(target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
+
+
+def test_table14_experiment_trains_one_run_per_fixed_alpha_and_tabulates_them_with_tango(
+    tiny_bundle, manifest, feature_cache, tmp_path
+):
+    from melfusion.training.experiments import build_parser, run
+
+    args = build_parser().parse_args([
+        "table14", "--bundle", str(tiny_bundle), "--data", str(manifest), "--test-data", str(manifest),
+        "--out-dir", str(tmp_path / "t14"), "--alphas", "0", "0.9", "--max-steps", "1", "--batch-size", "4",
+        "--seconds", "0.5", "--feature-steps", "4", "--cache-dir", str(feature_cache), "--steps", "2",
+    ])
+    table = run(args).read_text()
+    assert [row.split(" | ")[0] for row in table.splitlines() if row.startswith("| ") and "---" not in row][1:] == [
+        "| TANGO (untouched UNet, caption only)", "| alpha 0 (fixed in training)", "| alpha 0.9 (fixed in training)",
+        "| learned alpha"]
+    assert torch.equal(load_pipeline(tmp_path / "t14" / "alpha-0-9--fixed-in-training").synapse.alphas, torch.full((3,), 0.9))
+    learned = load_pipeline(tmp_path / "t14" / "learned-alpha").synapse.alphas
+    assert (learned - 0.5).abs().max() > 0 and (learned - 0.5).abs().max() < 1e-3  # started at 0.5, not the bundle's α
+
+
+@pytest.mark.parametrize(("table", "layouts"), [
+    ("table2", [("down_blocks.0", "down_blocks.1", "down_blocks.2"), None, ("up_blocks.1", "up_blocks.2", "up_blocks.3")]),
+    ("table11", [("up_blocks.1",), ("up_blocks.1", "up_blocks.2"), ("up_blocks.1", "up_blocks.2", "up_blocks.3")]),
+])
+def test_table2_and_table11_arms_start_from_one_alpha_in_their_layouts(make_config, table, layouts):
+    from melfusion.training.experiments import arms
+    from melfusion.training.loop import training_synapse
+
+    bundle_synapse = load_pipeline(make_config().bundle).synapse
+    for (name, overrides), layout in zip(arms(table, []).items(), layouts):
+        synapse = training_synapse(bundle_synapse, make_config(initial_alpha=0.5, **overrides))
+        assert torch.equal(synapse.alphas, torch.full_like(synapse.alphas, 0.5)), name
+        if layout is not None:
+            assert tuple(synapse.config.blocks) == layout, name
+
+
+def test_encode_command_fills_the_cache_that_training_then_reads(make_config, tmp_path, capsys):
+    config = make_config(cache_dir=tmp_path / "cache")
+    flags = ["--bundle", str(config.bundle), "--data", str(config.data), "--out", str(config.out), "--seconds",
+             str(config.seconds), "--feature-steps", str(config.feature_steps), "--cache-dir", str(config.cache_dir)]
+    assert main(["encode", *flags]) == 0
+    assert "writing 4 image trajectories x 2,048 bytes" in capsys.readouterr().out  # exact size, said first
+    assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 4
+    assert main(["train", *flags, "--max-steps", "1"]) == 0
+    assert "writing 0 image trajectories" in capsys.readouterr().out
