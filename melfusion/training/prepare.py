@@ -163,14 +163,18 @@ def prepare_examples(
     Rows whose files fail to decode (on any process) move from `triplets.rows` to `triplets.bad`.
     """
     plan = _plan(triplets, cache_dir=cache_dir, fingerprint=fingerprint, steps=steps, seconds=seconds)
-    images = [p for p in plan if not _is_done(p.trajectory)]
-    images = list({p.trajectory: p for p in images}.values())  # one encoding per distinct image
-    clips = list({p.latents: p for p in plan if not _is_done(p.latents)}.values())
+    # Shard the distinct files, then look at the cache before any process writes to it
+    images = list({p.trajectory: p for p in plan}.values())
+    clips = list({p.latents: p for p in plan}.values())
+    mine_images = [p for p in images[rank::world] if not _is_done(p.trajectory)]
+    mine_clips = [p for p in clips[rank::world] if not _is_done(p.latents)]
+    missing_images = sum(not _is_done(p.trajectory) for p in images)
+    missing_clips = sum(not _is_done(p.latents) for p in clips)
+    wait_for_everyone()
     image_bytes, clip_bytes = cache_sizes(pipe, steps, seconds)
-    log(f"feature cache {cache_dir}: writing {len(images)} image trajectories x {image_bytes:,} bytes "
-        f"({TRAJECTORY_DTYPE}, {steps} steps) = {len(images) * image_bytes:,} bytes and {len(clips)} clip "
-        f"posteriors x {clip_bytes:,} bytes = {len(clips) * clip_bytes:,} bytes, on {world} process(es)")
-    mine_images, mine_clips = images[rank::world], clips[rank::world]
+    log(f"feature cache {cache_dir}: writing {missing_images} image trajectories x {image_bytes:,} bytes "
+        f"({TRAJECTORY_DTYPE}, {steps} steps) = {missing_images * image_bytes:,} bytes and {missing_clips} clip "
+        f"posteriors x {clip_bytes:,} bytes = {missing_clips * clip_bytes:,} bytes, on {world} process(es)")
     log_mel = LogMel.for_pipeline(pipe)
     with tqdm(total=len(mine_images) + len(mine_clips), desc=f"encoding (process {rank})", unit="file",
               disable=rank != 0 or not (mine_images or mine_clips)) as bar:
