@@ -60,6 +60,8 @@ class ImageKeyValues:
         self.grid = pipe.timestep_grid(steps)  # (steps,) descending: the trajectory's timesteps
         alphas = DDIMScheduler.from_config(pipe.image_scheduler.config).alphas_cumprod
         self.alphas_cumprod = alphas.to(torch.float64)
+        with torch.no_grad():  # CLIP's "" embedding, kept: the text encoder may leave the GPU after this
+            self.empty_prompt = pipe._empty_prompt_embeds(pipe.image_unet.device)
 
     def latents_at(self, trajectories: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) z_t^I for trajectories (B, steps, C, h, w) and any timesteps (B,) in [0, T)."""
@@ -81,7 +83,7 @@ class ImageKeyValues:
         """One pseudo-step of features: row b's K/V of ε_ψ(z_t^I, ∅, t) at t = timesteps[b]."""
         unet = self.pipe.image_unet
         latents = self.latents_at(trajectories, timesteps).to(unet.device, unet.dtype)
-        empty = self.pipe._empty_prompt_embeds(unet.device).expand(len(timesteps), -1, -1)
+        empty = self.empty_prompt.to(unet.device, unet.dtype).expand(len(timesteps), -1, -1)
         with recording_self_attention(unet, self.synapse) as store:
             unet(latents, timesteps.to(unet.device), encoder_hidden_states=empty)
         return store.features(timesteps).to(unet.device, self.pipe.music_unet.dtype)

@@ -278,8 +278,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     # 3. Data: every process encodes its share of the images and clips, then the SD VAE and CLIP leave the GPU
     examples = encode_data(pipe, config, accelerator)
+    image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)  # keeps CLIP's "" embedding
     pipe.image_vae.to("cpu")
-    pipe.image_text_encoder.to("cpu")  # the empty-prompt embedding stays cached on the device
+    pipe.image_text_encoder.to("cpu")
 
     # 4. Model and optimiser
     optimizer = make_optimizer(pipe, config)
@@ -290,7 +291,6 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.scaler.load_state_dict(resumed["scaler"])
     model.train()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)
     dropout = Dropout(text=config.text_dropout, caption=config.caption_dropout, image=config.image_dropout)
 
     # 5. The loop: Algorithm 1, one optimiser step per `gradient_accumulation` micro-batches
