@@ -67,9 +67,16 @@ class VisualSynapse(ModelMixin, ConfigMixin):
         self.alphas = torch.nn.Parameter(torch.tensor(initial[:count], dtype=torch.float32))
 
     def alpha_for(self, block: str) -> torch.Tensor:
-        """The α of one block, clamped to [0, 1] so eq. 5 stays a convex combination."""
+        """The α of one block, clamped to [0, 1] so eq. 5 stays a convex combination.
+
+        The clamp is straight-through: its gradient is 1 outside the range too, so an α that an optimiser
+        step pushed past 0 or 1 still learns whether to come back (a plain clamp's gradient is 0 there, and
+        the α would be stuck). α stays the stored parameter itself, so bundles keep the paper's values;
+        training also projects α back into [0, 1] after each step, so it never drifts far outside.
+        """
         index = 0 if self.config.share_alpha else self.config.blocks.index(block)
-        return self.alphas[index].clamp(0.0, 1.0)
+        alpha = self.alphas[index]
+        return alpha + (alpha.clamp(0.0, 1.0) - alpha).detach()
 
     def block_of(self, layer: str) -> str | None:
         """`up_blocks.2.attentions.1.transformer_blocks.0.attn2.processor` -> `up_blocks.2` if it is a synapse block."""

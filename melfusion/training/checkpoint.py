@@ -1,59 +1,96 @@
-"""Checkpoints as plain dicts (config + weights + optimiser + RNG), nanoGPT-style."""
+"""Checkpoints: one folder per step, written atomically, the last `keep_checkpoints` kept.
+
+    step-0001000/
+      weights.safetensors   synapse.* and (unless the UNet is frozen) music_unet.* tensors
+      trainer.pt            config, step, synapse config, optimiser, GradScaler (fp16) and RNG state
+
+On resume every process memory-maps both files (safetensors' `safe_open`, `torch.load(mmap=True)`) and
+copies tensors straight to its device, so the OS page cache holds one copy per machine instead of each
+process reading the full file into its own memory. Rank 0 writes them; that is right for DDP (every
+process holds the whole model) and for one process; FSDP and DeepSpeed, which shard it, are refused at start.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
 from .config import TrainConfig
 
+WEIGHTS, TRAINER = "weights.safetensors", "trainer.pt"
+
 
 def checkpoint_path(config: TrainConfig, step: int) -> Path:
-    return config.work_dir / "checkpoints" / f"step-{step:07d}.pt"
+    return config.work_dir / "checkpoints" / f"step-{step:07d}"
 
 
 def save_checkpoint(
-    path: Path, *, config: TrainConfig, step: int, pipe: MelFusionPipeline, optimizer: torch.optim.Optimizer
+    path: Path,
+    *,
+    config: TrainConfig,
+    step: int,
+    pipe: MelFusionPipeline,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Everything an exact resume needs; written atomically so a crash leaves the previous one intact.
+    """Everything an exact resume needs; a crash mid-write leaves the previous checkpoints intact.
 
-    The loop's own random draws come from generators seeded by (seed, micro-step, process), so `step` and
-    the config's seed restore them; torch's global RNG state is kept for anything else that draws from it.
+    The loop's own random draws come from generators seeded by (seed, micro-step, row), so `step` and the
+    config's seed restore them; torch's global RNG state is kept for anything else that draws from it.
     """
-    state = {
+    weights = {f"synapse.{k}": v for k, v in pipe.synapse.state_dict().items()}
+    if not config.freeze_unet:
+        weights |= {f"music_unet.{k}": v for k, v in pipe.music_unet.state_dict().items()}
+    trainer = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
         "step": step,
         "synapse_config": dict(pipe.synapse.config),
-        "synapse": pipe.synapse.state_dict(),
-        "music_unet": None if config.freeze_unet else pipe.music_unet.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
         "rng": {"seed": config.seed, "torch": torch.get_rng_state()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS)
+    torch.save(trainer, staging / TRAINER)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def prune_checkpoints(config: TrainConfig) -> list[Path]:
+    """Delete all but the newest `keep_checkpoints` step folders; returns the deleted ones."""
+    folders = sorted((config.work_dir / "checkpoints").glob("step-*"))
+    stale = folders[: max(len(folders) - config.keep_checkpoints, 0)]
+    for folder in stale:
+        shutil.rmtree(folder)
+    return stale
 
 
-def restore_weights(pipe: MelFusionPipeline, checkpoint: dict) -> None:
+def load_trainer_state(path: Path) -> dict:
+    """The small part (config, step, optimiser, scaler, RNG), memory-mapped rather than read."""
+    return torch.load(path / TRAINER, map_location="cpu", weights_only=False, mmap=True)
+
+
+def restore_weights(pipe: MelFusionPipeline, path: Path, trainer_state: dict) -> None:
     """Put the checkpoint's synapse (its layout wins over the config's) and music UNet into `pipe`."""
-    synapse_config = {k: v for k, v in checkpoint["synapse_config"].items() if not k.startswith("_")}
-    synapse = VisualSynapse(**synapse_config)
-    synapse.load_state_dict(checkpoint["synapse"])
-    pipe.register_modules(synapse=synapse.to(pipe.device))
-    if checkpoint["music_unet"] is not None:
-        pipe.music_unet.load_state_dict(checkpoint["music_unet"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-
+    synapse_config = {k: v for k, v in trainer_state["synapse_config"].items() if not k.startswith("_")}
+    synapse = VisualSynapse(**synapse_config).to(pipe.device)
+    device = str(pipe.device)
+    with safe_open(path / WEIGHTS, framework="pt", device=device) as handle:
+        for prefix, module in (("synapse.", synapse), ("music_unet.", pipe.music_unet)):
+            names = [name for name in handle.keys() if name.startswith(prefix)]  # noqa: SIM118
+            if names:
+                module.load_state_dict({name.removeprefix(prefix): handle.get_tensor(name) for name in names})
+    pipe.register_modules(synapse=synapse)
+    torch.set_rng_state(trainer_state["rng"]["torch"])

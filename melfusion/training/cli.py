@@ -1,4 +1,8 @@
-"""`melfusion train --bundle DIR --data MANIFEST --out DIR [...]`: the three flags alone train briefly."""
+"""`melfusion train --bundle DIR --data MANIFEST --out DIR [...]`: the three flags alone train briefly.
+
+`melfusion encode` with the same flags fills the cache only (under `accelerate launch` too), so a long
+encoding never runs inside a training job's collective timeout.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +11,73 @@ from pathlib import Path
 
 from .config import PLACEMENTS, TrainConfig
 
+NUMBERS = [
+    ("max_steps", int, "optimiser steps"),
+    ("batch_size", int, "examples per process and micro-batch"),
+    ("gradient_accumulation", int, "micro-batches per optimiser step"),
+    ("unet_lr", float, "music UNet learning rate"),
+    ("alpha_lr", float, "α learning rate (paper: 1e-5)"),
+    ("fix_alpha", float, "hold every α at this value (paper Table 14)"),
+    ("initial_alpha", float, "start α of the synapse (default: the bundle's if the layout matches, else 0.5)"),
+    ("text_dropout", float, "CFG: probability of dropping caption and image"),
+    ("caption_dropout", float, "CFG: probability of dropping the caption alone (trains image_guidance=both)"),
+    ("image_dropout", float, "CFG: probability of dropping the image alone"),
+    ("seconds", float, "clip length (bundle default if omitted)"),
+    ("feature_steps", int, "DDIM grid of the cached image trajectories (t is drawn from all T)"),
+    ("encode_batch_size", int, "images per SD batch while encoding"),
+    ("checkpoint_every", int, "steps between checkpoints"),
+    ("keep_checkpoints", int, "checkpoints kept (older ones are deleted)"),
+    ("distributed_timeout_minutes", int, "timeout of collectives between processes"),
+    ("seed", int, "seed of every random draw"),
+]
 
-def add_train_parser(commands) -> None:
-    parser = commands.add_parser("train", help="train the visual synapse (and the music UNet) on triplets")
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="starting model bundle")
     parser.add_argument("--data", required=True, type=Path, help="JSONL/CSV manifest or folder of triplets")
     parser.add_argument("--out", required=True, type=Path, help="trained bundle to write (work files in OUT.train/)")
     defaults = TrainConfig(Path(), Path(), Path())
-    for name, kind, text in [
-        ("max_steps", int, "optimiser steps"),
-        ("batch_size", int, "examples per process and micro-batch"),
-        ("gradient_accumulation", int, "micro-batches per optimiser step"),
-        ("unet_lr", float, "music UNet learning rate"),
-        ("alpha_lr", float, "α learning rate (paper: 1e-5)"),
-        ("fix_alpha", float, "hold every α at this value (paper Table 14)"),
-        ("initial_alpha", float, "start α of a new synapse"),
-        ("text_dropout", float, "CFG: probability of dropping caption and image"),
-        ("image_dropout", float, "CFG: probability of dropping the image alone"),
-        ("seconds", float, "clip length (bundle default if omitted)"),
-        ("feature_steps", int, "DDIM grid of the cached image features; t is drawn from it"),
-        ("checkpoint_every", int, "steps between checkpoints"),
-        ("seed", int, "seed of every random draw"),
-    ]:
+    for name, kind, text in NUMBERS:
         default = getattr(defaults, name)
         shown = "" if default is None else f" (default {default})"
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text + shown)
     parser.add_argument("--freeze-unet", action="store_true", help="train α only")
     parser.add_argument("--share-alpha", action="store_true", help="one α for all synapse blocks")
     parser.add_argument("--placement", choices=tuple(PLACEMENTS), default=defaults.placement, help="synapse blocks")
+    parser.add_argument("--synapse-blocks", nargs="+", help="explicit synapse blocks, e.g. up_blocks.1 (Table 11)")
+    parser.add_argument("--image-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="frozen SD side while encoding and training (auto: bfloat16 on a GPU)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: as accelerate launch says")
-    parser.add_argument("--resume", type=Path, help="checkpoint (.pt) to continue from")
-    parser.add_argument("--cache-dir", type=Path, help="feature cache (default OUT.train/cache)")
-    parser.set_defaults(run=run_train)
+    parser.add_argument("--resume", type=Path, help="checkpoint folder (OUT.train/checkpoints/step-...) to continue from")
+    parser.add_argument("--cache-dir", type=Path, help="encoding cache, e.g. on a shared filesystem (default OUT.train/cache)")
+
+
+def add_train_parser(commands) -> None:
+    train = commands.add_parser("train", help="train the visual synapse (and the music UNet) on triplets")
+    _add_config_arguments(train)
+    train.set_defaults(run=run_train)
+    encode = commands.add_parser("encode", help="fill the training cache (image trajectories, clip posteriors) only")
+    _add_config_arguments(encode)
+    encode.set_defaults(run=run_encode)
+
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    config = TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    if config.synapse_blocks:
+        config.synapse_blocks = tuple(config.synapse_blocks)
+    return config
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .loop import train
 
-    fields = TrainConfig.__dataclass_fields__
-    config = TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
-    train(config)
+    train(config_from(args))
+    return 0
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from .loop import encode
+
+    encode(config_from(args))
     return 0

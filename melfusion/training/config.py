@@ -29,12 +29,21 @@ class TrainConfig:
     fix_alpha: float | None = None  # hold every α at this value (paper Table 14); None learns α
     share_alpha: bool = False  # one α for all blocks (Table 2, "same α")
     placement: Placement = "decoder"  # synapse blocks (Table 2): decoder, encoder or both
+    synapse_blocks: tuple[str, ...] | None = None  # explicit blocks (Table 11: a subset of the decoder's); wins over placement
     initial_alpha: float | None = None  # start of a new synapse; None keeps the bundle's α if the layout matches
-    text_dropout: float = 0.1  # CFG: caption -> "" and the image hidden too (the pipeline's unconditional branch)
+    text_dropout: float = 0.1  # CFG: caption -> "" and the image hidden too (the unconditional branch of
+    #   image_guidance="conditional", the service default); TANGO dropped 10 % of captions
+    caption_dropout: float = 0.05  # CFG: caption -> "" with the image kept: the unconditional branch of
+    #   image_guidance="both", which the API serves, so it must be trained; 5 % keeps 85 % of rows fully conditioned
     image_dropout: float = 0.0  # CFG: hide the image alone, so guidance can also amplify the image
     seconds: float | None = None  # clip length; None takes the bundle's default_seconds (10 s for TANGO)
-    feature_steps: int = 50  # DDIM grid on which image features are captured; training draws t from it
+    feature_steps: int = 50  # DDIM grid of the cached image trajectories (t itself is drawn from all T)
+    encode_batch_size: int = 8  # images per SD batch while filling the cache
+    image_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # the frozen SD side's dtype while
+    #   encoding and training; auto: bfloat16 on a GPU (half the memory and time, K/V are mixed in at ~1e-2), else float32
     checkpoint_every: int = 500  # steps between checkpoints (one more is written at the end)
+    keep_checkpoints: int = 3  # older checkpoints are deleted: a full-size one is ~10 GB with the UNet's AdamW state
+    distributed_timeout_minutes: int = 180  # collective timeout (torch's default, 30, is shorter than a cache fill)
     resume: Path | None = None  # checkpoint to continue from, exactly
     seed: int = 0  # every random draw of the loop derives from it (see loop.step_generator)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: as `accelerate launch` says (else fp32)
@@ -47,4 +56,8 @@ class TrainConfig:
 
     @property
     def blocks(self) -> tuple[str, ...]:
-        return PLACEMENTS[self.placement]
+        return tuple(self.synapse_blocks) if self.synapse_blocks else PLACEMENTS[self.placement]
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir or self.work_dir / "cache"

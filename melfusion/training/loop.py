@@ -10,12 +10,14 @@ import csv
 import functools
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
@@ -24,10 +26,18 @@ from ..dataset.manifest import read_triplets
 from ..errors import InputError
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
-from .checkpoint import checkpoint_path, load_checkpoint, restore_weights, save_checkpoint
+from .checkpoint import checkpoint_path, load_trainer_state, prune_checkpoints, restore_weights, save_checkpoint
 from .config import TrainConfig
 from .denoiser import SynapseDenoiser
-from .prepare import Example, frozen_fingerprint, load_features, load_latents, prepare_examples
+from .image_side import ImageKeyValues
+from .prepare import (
+    Example,
+    frozen_fingerprint,
+    image_side_to,
+    load_posterior,
+    load_trajectories,
+    prepare_examples,
+)
 
 NEW_SYNAPSE_ALPHA = 0.5  # a new layout starts mid-way; the paper's learned α are 0.37-0.63
 
@@ -79,18 +89,25 @@ def epoch_order(size: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def batch_examples(
-    examples: list[Example], micro_step: int, batch_size: int, rank: int, world: int, seed: int
-) -> list[Example]:
-    """This process's share of micro-batch `micro_step`: a pure function of the step, hence exact resume."""
+def batch_positions(micro_step: int, batch_size: int, rank: int, world: int) -> range:
+    """This process's rows of micro-batch `micro_step`, as positions in the endless shuffled stream."""
     start = (micro_step * world + rank) * batch_size
-    return [examples[epoch_order(len(examples), p // len(examples), seed)[p % len(examples)]]
-            for p in range(start, start + batch_size)]
+    return range(start, start + batch_size)
 
 
-def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """The generator for one micro-batch's draws (t, posterior sample, ε, CFG dropout)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
+def batch_examples(examples: list[Example], positions: range, seed: int) -> list[Example]:
+    """A pure function of the positions, hence exact resume."""
+    return [examples[epoch_order(len(examples), p // len(examples), seed)[p % len(examples)]] for p in positions]
+
+
+def row_generator(seed: int, micro_step: int, position: int) -> torch.Generator:
+    """The generator for one row's draws (t, posterior sample, ε, CFG dropout).
+
+    Keyed by the row's place in the stream, not by the process: N processes with batch B draw exactly
+    what one process with batch N·B draws, so a run does not depend on how many GPUs it had.
+    """
+    state = np.random.SeedSequence([seed, micro_step, position]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def training_target(
@@ -105,36 +122,72 @@ def training_target(
     raise InputError("scheduler", f"training supports epsilon and v_prediction, not {prediction_type!r}")
 
 
+@dataclass(frozen=True)
+class Dropout:
+    """Classifier-free-guidance dropout: which conditions a training row hides."""
+
+    text: float = 0.0  # caption and image: the unconditional branch of image_guidance="conditional"
+    caption: float = 0.0  # caption only, image kept: the unconditional branch of image_guidance="both"
+    image: float = 0.0  # image only
+
+    def draw(self, generator: torch.Generator) -> tuple[bool, bool]:
+        """(drop the caption, drop the image) for one row; always three draws, so streams stay aligned."""
+        text, caption, image = (torch.rand(3, generator=generator) < torch.tensor([self.text, self.caption, self.image])).tolist()
+        return text or caption, text or image
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch of Algorithm 1 as tensors (lines 3-6 drawn, line 7's image still a trajectory)."""
+
+    captions: list[str]  # "" where dropped
+    latents: torch.Tensor  # (B, C, T, F) z_0^M, a posterior sample, scaled
+    noise: torch.Tensor  # (B, C, T, F) ε_t^M
+    timesteps: torch.Tensor  # (B,) t ∈ [0, T), uniform (eq. 7)
+    trajectories: torch.Tensor  # (B, steps, c, h, w) the images' SD latents on the cache grid
+    image_strength: torch.Tensor  # (B,) 1 where the row sees its image, 0 where it is dropped
+
+
+def draw_batch(
+    pipe: MelFusionPipeline, examples: list[Example], generators: list[torch.Generator], dropout: Dropout
+) -> TrainBatch:
+    """Read the rows' cached encodings and make each row's random draws from its own generator."""
+    num_timesteps = pipe.scheduler.config.num_train_timesteps
+    captions, latents, noises, timesteps, strengths = [], [], [], [], []
+    for example, generator in zip(examples, generators):
+        timesteps.append(torch.randint(num_timesteps, (1,), generator=generator))  # t ~ U[1, T] (eq. 7)
+        mean, std = load_posterior(example)  # E^M(M): z_0 ~ posterior, drawn afresh each time
+        latents.append(mean + std * torch.randn(mean.shape, generator=generator))
+        noises.append(torch.randn(mean.shape, generator=generator))  # ε_t^M (line 2)
+        drop_caption, drop_image = dropout.draw(generator)
+        captions.append("" if drop_caption else example.caption)
+        strengths.append(0.0 if drop_image else 1.0)
+    return TrainBatch(
+        captions=captions,
+        latents=torch.stack(latents) * pipe.mel_vae.config.scaling_factor,
+        noise=torch.stack(noises),
+        timesteps=torch.cat(timesteps),
+        trajectories=load_trajectories(examples),
+        image_strength=torch.tensor(strengths),
+    )
+
+
 def diffusion_loss(
     pipe: MelFusionPipeline,
     model: torch.nn.Module,
     noise_scheduler: DDPMScheduler,
-    grid: torch.Tensor,
-    examples: list[Example],
-    generator: torch.Generator,
-    *,
-    text_dropout: float = 0.0,
-    image_dropout: float = 0.0,
+    image_key_values: ImageKeyValues,
+    batch: TrainBatch,
 ) -> torch.Tensor:
     """Eq. 7 on one batch: MSE between the scheduler's target (ε, or v for v-prediction) and the model's output."""
-    device, count = pipe.device, len(examples)
-    # Training timesteps come from the grid the image features were captured on (see prepare.py).
-    steps = torch.randint(len(grid), (count,), generator=generator)
-    timesteps = grid[steps]
-    mean, std = load_latents(examples)  # E^M(M): z_0 ~ posterior, drawn afresh each time
-    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * pipe.mel_vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator)  # ε_t^M (line 2)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(noise_scheduler, latents, noise, timesteps)
-    # CFG dropout: a dropped caption takes the image with it (the unconditional branch sees neither)
-    drop_text = torch.rand(count, generator=generator) < text_dropout
-    drop_image = drop_text | (torch.rand(count, generator=generator) < image_dropout)
+    device = pipe.music_unet.device
+    noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)  # z_t^M
+    target = training_target(noise_scheduler, batch.latents, batch.noise, batch.timesteps)
     with torch.no_grad():
-        captions = ["" if drop else e.caption for drop, e in zip(drop_text.tolist(), examples)]
-        text_states, text_mask = pipe.encode_captions(captions, with_unconditional=False)  # c (line 4)
-    features = load_features(examples, steps.tolist(), timesteps).to(device)
+        text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=False)  # c (line 4)
+    features = image_key_values(batch.trajectories, batch.timesteps)  # K_l^I, V_l^I at each row's t (line 7)
     prediction = model(
-        noisy.to(device), timesteps.to(device), text_states, text_mask, features, (~drop_image).float().to(device)
+        noisy.to(device), batch.timesteps.to(device), text_states, text_mask, features, batch.image_strength.to(device)
     )
     return F.mse_loss(prediction.float(), target.to(device))
 
@@ -154,62 +207,110 @@ class LossLog:
                 csv.writer(handle).writerow([step, f"{loss:.6f}", f"{seconds:.3f}", *(f"{a:.6f}" for a in alphas.tolist())])
 
 
+def check_backend(accelerator: Accelerator) -> None:
+    """Single process and DDP (GPUs over NCCL, CPUs over gloo) hold the whole model in every process, which
+    checkpoints and export assume; sharding back ends would need their own gather and are refused."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise InputError("accelerate", f"{accelerator.distributed_type.value} is not supported; use DDP (multi-GPU)")
+
+
+def image_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if config.image_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.image_dtype)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.distributed_timeout_minutes))
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
+        kwargs_handlers=[timeout], cpu=not torch.cuda.is_available(),  # several CPU processes: DDP over gloo
+    )
+    check_backend(accelerator)
+    return accelerator
+
+
+def encode_data(pipe: MelFusionPipeline, config: TrainConfig, accelerator: Accelerator) -> list[Example]:
+    """Algorithm 1's frozen encoders over the data set, split across the processes (a filled cache is free)."""
+    triplets = read_triplets(config.data)
+    image_side_to(pipe, accelerator.device, image_dtype(config, accelerator.device))
+    examples = prepare_examples(
+        pipe, triplets, fingerprint=frozen_fingerprint(config.bundle), cache_dir=config.cache,
+        steps=config.feature_steps, seconds=config.seconds or pipe.config.default_seconds,
+        batch_size=config.encode_batch_size, rank=accelerator.process_index, world=accelerator.num_processes,
+        wait_for_everyone=accelerator.wait_for_everyone, log=accelerator.print,
+    )
+    accelerator.print(triplets.summary())
+    if not examples:
+        raise InputError("data", f"{config.data}: no usable rows")
+    return examples
+
+
+def encode(config: TrainConfig) -> list[Example]:
+    """Fill the cache without training (`melfusion encode`): the same processes, shards and files."""
+    accelerator = make_accelerator(config)
+    pipe = load_pipeline(config.bundle, device=accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    return encode_data(pipe, config, accelerator)
+
+
+def export_bundle(config: TrainConfig, pipe: MelFusionPipeline) -> None:
+    """The trained synapse and UNet with the bundle's own frozen files (the SD side ran in half precision)."""
+    export = load_pipeline(config.bundle)
+    export.register_modules(music_unet=pipe.music_unet, synapse=pipe.synapse)
+    save_bundle(export, config.out, source="melfusion-train")
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train, checkpoint every `checkpoint_every` steps and at the end, export the bundle to `config.out`."""
     # 1. Processes, devices, precision and accumulation: Accelerate's business
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
-    )
+    accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 2. The bundle, the synapse to train, and the state to resume from
     pipe = load_pipeline(config.bundle, device=accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.register_modules(synapse=training_synapse(pipe.synapse, config).to(accelerator.device))
-    checkpoint = load_checkpoint(config.resume) if config.resume else None
-    if checkpoint is not None:
-        restore_weights(pipe, checkpoint)
-    step = checkpoint["step"] if checkpoint else 0
+    resumed = load_trainer_state(config.resume) if config.resume else None
+    if resumed is not None:
+        restore_weights(pipe, config.resume, resumed)
+    step = resumed["step"] if resumed else 0
 
-    # 3. Data: read the manifest, encode images and clips once (the main process fills the cache)
-    triplets = read_triplets(config.data)
-    seconds = config.seconds or pipe.config.default_seconds
-    with accelerator.main_process_first():
-        examples = prepare_examples(
-            pipe, triplets, fingerprint=frozen_fingerprint(config.bundle),
-            cache_dir=config.cache_dir or config.work_dir / "cache", steps=config.feature_steps, seconds=seconds,
-        )
-    accelerator.print(triplets.summary())
-    if not examples:
-        raise InputError("data", f"{config.data}: no usable rows")
+    # 3. Data: every process encodes its share of the images and clips, then the SD VAE and CLIP leave the GPU
+    examples = encode_data(pipe, config, accelerator)
+    image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)  # keeps CLIP's "" embedding
+    pipe.image_vae.to("cpu")
+    pipe.image_text_encoder.to("cpu")
 
     # 4. Model and optimiser
     optimizer = make_optimizer(pipe, config)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
     model, optimizer = accelerator.prepare(SynapseDenoiser(pipe.music_unet, pipe.synapse), optimizer)
+    if resumed is not None and accelerator.scaler is not None and resumed["scaler"] is not None:
+        accelerator.scaler.load_state_dict(resumed["scaler"])
     model.train()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    grid = pipe.timestep_grid(config.feature_steps)
+    dropout = Dropout(text=config.text_dropout, caption=config.caption_dropout, image=config.image_dropout)
 
     # 5. The loop: Algorithm 1, one optimiser step per `gradient_accumulation` micro-batches
     result = TrainResult(bundle=config.out, step=step)
-    log = LossLog(config.work_dir / "loss.csv", len(pipe.synapse.alphas), append=checkpoint is not None,
+    log = LossLog(config.work_dir / "loss.csv", len(pipe.synapse.alphas), append=resumed is not None,
                   enabled=accelerator.is_main_process)
     bar = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     while step < config.max_steps:
         started, losses = time.perf_counter(), []
         for micro in range(config.gradient_accumulation):
             micro_step = step * config.gradient_accumulation + micro
-            batch = batch_examples(examples, micro_step, config.batch_size, rank, world, config.seed)
+            positions = batch_positions(micro_step, config.batch_size, rank, world)
+            generators = [row_generator(config.seed, micro_step, p) for p in positions]
+            batch = draw_batch(pipe, batch_examples(examples, positions, config.seed), generators, dropout)
             with accelerator.accumulate(model):
-                loss = diffusion_loss(
-                    pipe, model, noise_scheduler, grid, batch, step_generator(config.seed, micro_step, rank),
-                    text_dropout=config.text_dropout, image_dropout=config.image_dropout,
-                )
+                loss = diffusion_loss(pipe, model, noise_scheduler, image_key_values, batch)
                 accelerator.backward(loss)
                 optimizer.step()  # Accelerate holds it back until the last micro-batch
                 optimizer.zero_grad()
+                pipe.synapse.alphas.data.clamp_(0.0, 1.0)  # projected step: α stays where eq. 5 is convex
             losses.append(accelerator.gather(loss.detach()[None]).mean().item())
         step += 1
         result.losses.append(sum(losses) / len(losses))
@@ -219,14 +320,16 @@ def train(config: TrainConfig) -> TrainResult:
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             if accelerator.is_main_process:
                 path = checkpoint_path(config, step)
-                result.checkpoints.append(save_checkpoint(path, config=config, step=step, pipe=pipe, optimizer=optimizer))
+                result.checkpoints.append(save_checkpoint(
+                    path, config=config, step=step, pipe=pipe, optimizer=optimizer, scaler=accelerator.scaler))
+                prune_checkpoints(config)
             accelerator.wait_for_everyone()
     bar.close()
 
     # 6. Export: the trained synapse and UNet with the frozen parts, a bundle a worker can serve
     result.step = step
     if accelerator.is_main_process:
-        save_bundle(pipe, config.out, source="melfusion-train")
+        export_bundle(config, pipe)
     accelerator.wait_for_everyone()
     if result.losses:
         accelerator.print(f"trained {len(result.losses)} steps to step {step}: "

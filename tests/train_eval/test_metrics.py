@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from melfusion.evaluation.metrics import frechet_distance, imsm_matrix, imsm_score, kl_divergence
+from melfusion.evaluation.metrics import frechet_distance, imsm, imsm_matrix, imsm_score, kl_divergence
 
 
 def test_frechet_distance_is_zero_for_identical_sets():
@@ -40,20 +40,41 @@ def test_kl_divergence_of_label_distributions():
     assert kl_divergence(p, p) == pytest.approx(0.0)
 
 
-def test_imsm_matrix_shape_and_values_on_hand_made_embeddings():
+def test_imsm_matrix_is_eq_8_on_hand_made_embeddings():
     # Two triples whose image, text and audio embeddings are the axes: image 0 ~ text 0 ~ audio 1, crossed
     image = np.array([[1.0, 0.0], [0.0, 1.0]])
     text = np.array([[2.0, 0.0], [0.0, 3.0]])  # lengths must not matter: cosine similarity
     audio = np.array([[0.0, 1.0], [1.0, 0.0]])
     matrix = imsm_matrix(image, text, audio, text, clip_scale=1.0, clap_scale=1.0)
-    assert matrix.shape == (2, 2)
     hi, lo = math.e / (math.e + 1), 1 / (math.e + 1)  # softmax over captions of cosines (1, 0)
     a_clip = np.array([[hi, lo], [lo, hi]])
     a_clap = np.array([[lo, hi], [hi, lo]])
     np.testing.assert_allclose(matrix, a_clip @ a_clap.T)
-    assert matrix[0, 0] == pytest.approx(2 * hi * lo)
-    assert imsm_score(matrix) == pytest.approx(2 * hi * lo)
-    # the matched order scores higher than the crossed one
-    matched = imsm_matrix(image, text, audio[::-1], text, clip_scale=1.0, clap_scale=1.0)
-    assert imsm_score(matched) == pytest.approx(hi * hi + lo * lo) and imsm_score(matched) > imsm_score(matrix)
+    assert imsm_score(matrix) == 0.0  # every image prefers the other image's clip
+    assert imsm_score(imsm_matrix(image, text, audio[::-1], text, clip_scale=1.0, clap_scale=1.0)) == 1.0
 
+
+def triples(n: int, rng: np.random.Generator, *, noise: float) -> tuple[np.ndarray, ...]:
+    """n (image, text, audio) embeddings around n shared topics; `noise` blurs image and audio."""
+    topics = rng.normal(size=(n, 16))
+    return (topics + noise * rng.normal(size=(n, 16)), topics, topics + noise * rng.normal(size=(n, 16)))
+
+
+def test_imsm_does_not_change_with_the_number_of_rows():
+    """Eq. 8's diagonal falls like 1/N for equally good music; IMSM must not move."""
+    rng = np.random.default_rng(0)
+    scores, diagonals = {}, {}
+    for n in (256, 1024, 4096):
+        image, text, audio = triples(n, rng, noise=1.5)
+        matrix = imsm_matrix(image, text, audio, text, clip_scale=10.0, clap_scale=10.0)
+        diagonals[n] = float(np.diag(matrix).mean())
+        scores[n] = imsm(image, text, audio, text, clip_scale=10.0, clap_scale=10.0)
+    assert diagonals[4096] < diagonals[256] / 10  # what the old score did
+    assert max(scores.values()) - min(scores.values()) < 0.03 and min(scores.values()) > 0.8
+
+
+def test_imsm_of_music_unrelated_to_its_image_is_one_half():
+    rng = np.random.default_rng(1)
+    image, text, _ = triples(512, rng, noise=0.5)
+    unrelated = rng.normal(size=(512, 16))
+    assert imsm(image, text, unrelated, text, clip_scale=10.0, clap_scale=10.0) == pytest.approx(0.5, abs=0.03)

@@ -11,9 +11,10 @@ from melfusion.cli import main
 from melfusion.dataset.manifest import read_triplets
 from melfusion.images import load_image
 from melfusion.presets import sd_scheduler
-from melfusion.training.checkpoint import load_checkpoint
+from melfusion.training.checkpoint import load_trainer_state
 from melfusion.training.denoiser import SynapseDenoiser
-from melfusion.training.loop import diffusion_loss, step_generator, train, training_target
+from melfusion.training.image_side import ImageKeyValues
+from melfusion.training.loop import Dropout, diffusion_loss, draw_batch, row_generator, train, training_target
 from melfusion.training.prepare import frozen_fingerprint, prepare_examples
 
 FROZEN = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
@@ -27,9 +28,12 @@ def fixed_batch_loss(config, bundle) -> float:
         steps=config.feature_steps, seconds=config.seconds,
     )
     model = SynapseDenoiser(pipe.music_unet, pipe.synapse)
-    scheduler, grid = DDPMScheduler.from_config(pipe.scheduler.config), pipe.timestep_grid(config.feature_steps)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)
     with torch.no_grad():
-        losses = [diffusion_loss(pipe, model, scheduler, grid, examples, step_generator(99, i, 0)) for i in range(4)]
+        batches = [draw_batch(pipe, examples, [row_generator(99, i, p) for p in range(len(examples))], Dropout())
+                   for i in range(4)]
+        losses = [diffusion_loss(pipe, model, scheduler, image_key_values, batch) for batch in batches]
     return float(torch.stack(losses).mean())
 
 
@@ -83,7 +87,7 @@ def test_fixed_alpha_stays_put_while_the_unet_trains(make_config):
 def test_resume_gives_the_same_next_steps_as_uninterrupted_training(make_config):
     straight = train(make_config("straight", max_steps=3, checkpoint_every=2, unet_lr=1e-3, alpha_lr=1e-2))
     halfway = straight.checkpoints[0]
-    assert load_checkpoint(halfway)["step"] == 2
+    assert load_trainer_state(halfway)["step"] == 2
     resumed = train(make_config("resumed", max_steps=3, unet_lr=1e-3, alpha_lr=1e-2, resume=halfway))
     assert len(resumed.losses) == 1 and resumed.losses == straight.losses[2:]
     a, b = load_pipeline(straight.bundle), load_pipeline(resumed.bundle)
@@ -121,3 +125,49 @@ def test_the_loss_targets_what_the_bundle_scheduler_predicts(prediction_type):
     else:
         alpha_bar = scheduler.alphas_cumprod[timesteps][:, None, None, None]
         assert torch.allclose(target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
+
+
+def test_table14_experiment_trains_one_run_per_fixed_alpha_and_tabulates_them_with_tango(
+    tiny_bundle, manifest, feature_cache, tmp_path
+):
+    from melfusion.training.experiments import build_parser, run
+
+    args = build_parser().parse_args([
+        "table14", "--bundle", str(tiny_bundle), "--data", str(manifest), "--test-data", str(manifest),
+        "--out-dir", str(tmp_path / "t14"), "--alphas", "0", "0.9", "--max-steps", "1", "--batch-size", "4",
+        "--seconds", "0.5", "--feature-steps", "4", "--cache-dir", str(feature_cache), "--steps", "2",
+    ])
+    table = run(args).read_text()
+    assert [row.split(" | ")[0] for row in table.splitlines() if row.startswith("| ") and "---" not in row][1:] == [
+        "| TANGO (untouched UNet, caption only)", "| alpha 0 (fixed in training)", "| alpha 0.9 (fixed in training)",
+        "| learned alpha"]
+    assert torch.equal(load_pipeline(tmp_path / "t14" / "alpha-0-9--fixed-in-training").synapse.alphas, torch.full((3,), 0.9))
+    learned = load_pipeline(tmp_path / "t14" / "learned-alpha").synapse.alphas
+    assert (learned - 0.5).abs().max() > 0 and (learned - 0.5).abs().max() < 1e-3  # started at 0.5, not the bundle's α
+
+
+@pytest.mark.parametrize(("table", "layouts"), [
+    ("table2", [("down_blocks.0", "down_blocks.1", "down_blocks.2"), None, ("up_blocks.1", "up_blocks.2", "up_blocks.3")]),
+    ("table11", [("up_blocks.1",), ("up_blocks.1", "up_blocks.2"), ("up_blocks.1", "up_blocks.2", "up_blocks.3")]),
+])
+def test_table2_and_table11_arms_start_from_one_alpha_in_their_layouts(make_config, table, layouts):
+    from melfusion.training.experiments import arms
+    from melfusion.training.loop import training_synapse
+
+    bundle_synapse = load_pipeline(make_config().bundle).synapse
+    for (name, overrides), layout in zip(arms(table, []).items(), layouts):
+        synapse = training_synapse(bundle_synapse, make_config(initial_alpha=0.5, **overrides))
+        assert torch.equal(synapse.alphas, torch.full_like(synapse.alphas, 0.5)), name
+        if layout is not None:
+            assert tuple(synapse.config.blocks) == layout, name
+
+
+def test_encode_command_fills_the_cache_that_training_then_reads(make_config, tmp_path, capsys):
+    config = make_config(cache_dir=tmp_path / "cache")
+    flags = ["--bundle", str(config.bundle), "--data", str(config.data), "--out", str(config.out), "--seconds",
+             str(config.seconds), "--feature-steps", str(config.feature_steps), "--cache-dir", str(config.cache_dir)]
+    assert main(["encode", *flags]) == 0
+    assert "writing 4 image trajectories x 2,048 bytes" in capsys.readouterr().out  # exact size, said first
+    assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 4
+    assert main(["train", *flags, "--max-steps", "1"]) == 0
+    assert "writing 0 image trajectories" in capsys.readouterr().out

@@ -1,0 +1,136 @@
+"""The pieces of Algorithm 1 that a wrong index or a wrong flag would break silently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melfusion.bundle import load_pipeline
+from melfusion.dataset.manifest import read_triplets
+from melfusion.images import load_image
+from melfusion.synapse import VisualSynapse
+from melfusion.training.checkpoint import checkpoint_path, load_trainer_state, prune_checkpoints, save_checkpoint
+from melfusion.training.image_side import ImageKeyValues, encode_trajectories
+from melfusion.training.loop import Dropout, draw_batch, make_optimizer, row_generator, train
+from melfusion.training.prepare import frozen_fingerprint, load_trajectories, prepare_examples
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    pipe = load_pipeline(tiny_bundle)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def image(manifest):
+    return load_image(read_triplets(manifest).rows[0].image)
+
+
+def test_image_kv_read_in_training_is_encode_images_step_at_the_music_timestep(pipe, image, make_config):
+    features = pipe.encode_image(image, STEPS)  # what sampling mixes in at step i, t = grid[i]
+    image_kv = ImageKeyValues(pipe, pipe.synapse, STEPS)
+    trajectory = encode_trajectories(pipe, [image], STEPS)
+    for i, t in enumerate(image_kv.grid.tolist()):
+        read = image_kv(trajectory, torch.tensor([t]))
+        for site in features.keys:
+            for kind in ("keys", "values"):
+                expected, got = getattr(features, kind)[site][:, 0], getattr(read, kind)[site][0, 0]
+                torch.testing.assert_close(got, expected[i], atol=1e-5, rtol=1e-5)
+                assert all((expected[j] - got).abs().max() > 1e-2 for j in range(STEPS) if j != i)  # can fail
+    # the cache holds those trajectories in float16: the data set's 4 images, encoded as one batch
+    # (a random UNet's re-denoising amplifies batch-size rounding differences, so compare like with like)
+    config = make_config()
+    triplets = read_triplets(config.data)
+    batch = encode_trajectories(pipe, [load_image(row.image) for row in triplets.rows], STEPS)
+    examples = prepare_examples(pipe, triplets, fingerprint=frozen_fingerprint(config.bundle),
+                                cache_dir=config.cache, steps=STEPS, seconds=config.seconds)
+    torch.testing.assert_close(load_trajectories(examples), batch.half().float(), atol=0, rtol=0)
+
+
+def test_latents_between_grid_points_follow_the_ddim_step(pipe, image):
+    """Off the grid, z_t is the DDIM step from the grid point above, with the ε predicted there."""
+    trajectory = encode_trajectories(pipe, [image], STEPS)
+    image_kv = ImageKeyValues(pipe, pipe.synapse, STEPS)
+    grid, alphas = image_kv.grid, image_kv.alphas_cumprod
+    t_a, t_b = grid[1].item(), grid[2].item()
+    z_a = trajectory[0, 1].double()
+    with torch.no_grad():
+        epsilon = pipe.image_unet(z_a[None].float(), t_a, encoder_hidden_states=pipe._empty_prompt_embeds(pipe.device)).sample[0].double()
+    x_0 = (z_a - (1 - alphas[t_a]).sqrt() * epsilon) / alphas[t_a].sqrt()
+    for t in (t_b, (t_a + t_b) // 2):
+        expected = alphas[t].sqrt() * x_0 + (1 - alphas[t]).sqrt() * epsilon
+        got = image_kv.latents_at(trajectory, torch.tensor([t]))[0]
+        torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+def test_training_timesteps_cover_all_of_t(pipe, make_config):
+    config = make_config()
+    examples = prepare_examples(pipe, read_triplets(config.data), fingerprint=frozen_fingerprint(config.bundle),
+                                cache_dir=config.cache, steps=STEPS, seconds=config.seconds)
+    drawn = torch.cat([draw_batch(pipe, examples, [row_generator(0, s, p) for p in range(4)], Dropout()).timesteps
+                       for s in range(100)])
+    grid = set(pipe.timestep_grid(STEPS).tolist())
+    assert drawn.min() < 50 and drawn.max() > 950 and len(set(drawn.tolist()) - grid) > 300
+    assert load_trajectories(examples).shape[:2] == (4, STEPS)
+
+
+@pytest.mark.parametrize(("dropout", "caption", "image"), [
+    (Dropout(text=1.0), True, True),  # the unconditional branch of image_guidance="conditional"
+    (Dropout(caption=1.0), True, False),  # the unconditional branch of image_guidance="both"
+    (Dropout(image=1.0), False, True),
+    (Dropout(), False, False),
+])
+def test_caption_dropout_drops_the_image_and_caption_only_dropout_keeps_it(pipe, make_config, dropout, caption, image):
+    config = make_config()
+    examples = prepare_examples(pipe, read_triplets(config.data), fingerprint=frozen_fingerprint(config.bundle),
+                                cache_dir=config.cache, steps=STEPS, seconds=config.seconds)
+    batch = draw_batch(pipe, examples, [row_generator(0, 0, p) for p in range(4)], dropout)
+    assert all((c == "") == caption for c in batch.captions)
+    assert torch.equal(batch.image_strength, torch.full((4,), 0.0 if image else 1.0))
+
+
+def test_alpha_has_no_weight_decay(pipe, make_config):
+    config = make_config(weight_decay=0.5, alpha_lr=1e-2)
+    optimizer = make_optimizer(pipe, config)
+    start = pipe.synapse.alphas.detach().clone()
+    pipe.synapse.alphas.grad = torch.zeros_like(start)  # no gradient: only decay could move α
+    for parameter in pipe.music_unet.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    unet_before = next(pipe.music_unet.parameters()).detach().clone()
+    optimizer.step()
+    assert torch.equal(pipe.synapse.alphas.detach(), start)
+    assert not torch.equal(next(pipe.music_unet.parameters()).detach(), unet_before)  # the UNet does decay
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        pipe.music_unet.load_state_dict(load_pipeline(config.bundle).music_unet.state_dict())
+
+
+def test_an_alpha_past_a_bound_is_used_clamped_and_still_learns():
+    synapse = VisualSynapse(initial_alphas=(1.2, -0.3, 0.5))
+    used = torch.stack([synapse.alpha_for(b) for b in synapse.config.blocks])
+    assert torch.equal(used.detach(), torch.tensor([1.0, 0.0, 0.5]))
+    used.sum().backward()
+    assert torch.equal(synapse.alphas.grad, torch.ones(3))  # a plain clamp gives 0 for the first two
+
+
+def test_training_keeps_alpha_in_range_and_it_comes_back_from_a_bound(make_config):
+    result = train(make_config(max_steps=3, initial_alpha=1.0, alpha_lr=0.3, freeze_unet=True, text_dropout=0.0))
+    alphas = load_pipeline(result.bundle).synapse.alphas
+    assert ((alphas >= 0) & (alphas <= 1)).all()
+    assert (alphas < 1).any(), alphas  # started at the bound, moved back inside
+
+
+def test_checkpoints_keep_the_last_k_and_hold_the_grad_scaler(pipe, make_config):
+    config = make_config(keep_checkpoints=2)
+    optimizer = make_optimizer(pipe, config)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1234.0)
+    for step in (1, 2, 3):
+        save_checkpoint(checkpoint_path(config, step), config=config, step=step, pipe=pipe, optimizer=optimizer,
+                        scaler=scaler)
+        prune_checkpoints(config)
+    kept = sorted(p.name for p in (config.work_dir / "checkpoints").iterdir())
+    assert kept == ["step-0000002", "step-0000003"]
+    assert load_trainer_state(checkpoint_path(config, 3))["scaler"]["scale"] == 1234.0
