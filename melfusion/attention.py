@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from .synapse import VisualSynapse
@@ -197,7 +197,8 @@ class SynapseState:
     - `token_matching`: (B, S, N) how the N image tokens meet the S text tokens.
     """
 
-    def __init__(self, widths: dict[str, int]):
+    def __init__(self, synapse: VisualSynapse, widths: dict[str, int]):
+        self.synapse = synapse  # whose α the mixers apply
         self.widths = widths  # site -> K/V width, for the zero features of a caption-only call
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
@@ -274,20 +275,31 @@ def _attach(unet: UNet2DConditionModel, replacements: dict) -> None:
     unet.set_attn_processor({**unet.attn_processors, **replacements})
 
 
+def _remove(unet: UNet2DConditionModel, kind: type) -> None:
+    """Give the layers that carry a `kind` processor diffusers' stock attention back."""
+    stock = {name: AttnProcessor2_0() for name, p in unet.attn_processors.items() if isinstance(p, kind)}
+    if stock:
+        unet.set_attn_processor({**unet.attn_processors, **stock})
+
+
 def attach_recorders(unet: UNet2DConditionModel, synapse: VisualSynapse) -> FeatureRecorder:
-    """Put recorders on the image UNet's synapse self-attention layers, once; returns their recorder."""
-    recorder = FeatureRecorder(synapse)
+    """Put recorders for `synapse` on the image UNet's synapse self-attention layers; returns their recorder
+    (also kept as `unet.feature_recorder`). The pipeline does this once; another synapse's recorders go."""
+    _remove(unet, SelfAttentionRecorder)
+    recorder = unet.feature_recorder = FeatureRecorder(synapse)
     sites = synapse_sites(unet, synapse, "attn1")
     _attach(unet, {name: SelfAttentionRecorder(site_of(name), recorder) for name in sites})
     return recorder
 
 
 def attach_mixers(unet: UNet2DConditionModel, synapse: VisualSynapse) -> SynapseState:
-    """Put mixers on the music UNet's synapse cross-attention layers, once; returns the state they read."""
+    """Put mixers for `synapse` on the music UNet's synapse cross-attention layers; returns the state they
+    read. The pipeline does this once; mixers of another synapse (other blocks, other α) are removed."""
+    _remove(unet, SynapseMixer)
     layers = synapse_sites(unet, synapse, "attn2")
     modules = dict(unet.named_modules())
     widths = {site_of(n): modules[n.removesuffix(".processor")].to_k.out_features for n in layers}
-    state = SynapseState(widths)
+    state = SynapseState(synapse, widths)
     _attach(unet, {n: SynapseMixer(site_of(n), block, synapse, state) for n, block in layers.items()})
     return state
 
@@ -305,7 +317,7 @@ def mixing_image_features(
     """The music UNet mixes `features` at `step` for the `with` body (training and tests; one image
     per row, or one for all rows). Attaches the mixers on first use and leaves them at strength 0."""
     state = getattr(unet, "synapse_state", None)
-    if state is None:
+    if state is None or state.synapse is not synapse:  # training may bring its own synapse (ablations)
         state = unet.synapse_state = attach_mixers(unet, synapse)
     num_tokens = next(iter(features.keys.values())).shape[2]
     rows = text_mask.shape[0]

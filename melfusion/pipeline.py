@@ -171,8 +171,8 @@ class MelFusionPipeline(DiffusionPipeline):
             image_features_from=image_features_from,
         )
         # The synapse's processors are attached once, here; per-call and per-step state lives in tensors.
-        self.feature_recorder = attach_recorders(self.image_unet, self.synapse)
-        self.synapse_state = self.music_unet.synapse_state = attach_mixers(self.music_unet, self.synapse)
+        attach_recorders(self.image_unet, self.synapse)
+        self.music_unet.synapse_state = attach_mixers(self.music_unet, self.synapse)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
         self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
         self.feature_cache: ImageFeatureCache | None = None
@@ -189,6 +189,16 @@ class MelFusionPipeline(DiffusionPipeline):
             if isinstance(module, torch.nn.Module):
                 keep_float32_modules(module)
         return self
+
+    @property
+    def feature_recorder(self):
+        """Where the image UNet's recorders leave each step's K/V (kept on the UNet, like `synapse_state`)."""
+        return self.image_unet.feature_recorder
+
+    @property
+    def synapse_state(self):
+        """The tensors the music UNet's mixers read (kept on the UNet: training may attach its own synapse)."""
+        return self.music_unet.synapse_state
 
     def compile_unets(self, mode: str | None = None, *, backend: str = "inductor") -> None:
         """`torch.compile` both UNets in place (module identity, configs and saving are unchanged).

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from ..attention import ImageFeatures, recording_self_attention
+from ..attention import ImageFeatures, attach_recorders
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
 
@@ -84,6 +84,11 @@ class ImageKeyValues:
         unet = self.pipe.image_unet
         latents = self.latents_at(trajectories, timesteps).to(unet.device, unet.dtype)
         empty = self.empty_prompt.to(unet.device, unet.dtype).expand(len(timesteps), -1, -1)
-        with recording_self_attention(unet, self.synapse) as store:
-            unet(latents, timesteps.to(unet.device), encoder_hidden_states=empty)
-        return store.features(timesteps).to(unet.device, self.pipe.music_unet.dtype)
+        recorder = self.pipe.feature_recorder
+        if recorder.synapse is not self.synapse:  # an ablation's synapse records other blocks
+            recorder = attach_recorders(unet, self.synapse)
+        recorder.start()
+        unet(latents, timesteps.to(unet.device), encoder_hidden_states=empty)
+        keys = {site: key[None] for site, (key, _) in recorder.latest.items()}  # (1, B, grid², D)
+        values = {site: value[None] for site, (_, value) in recorder.latest.items()}
+        return ImageFeatures(timesteps.cpu(), keys, values).to(unet.device, self.pipe.music_unet.dtype)

@@ -30,7 +30,13 @@ def image(manifest):
 
 
 def test_image_kv_read_in_training_is_encode_images_step_at_the_music_timestep(pipe, image, make_config):
-    features = pipe.encode_image(image, STEPS)  # what sampling mixes in at step i, t = grid[i]
+    # Training reads ε_ψ(z_t^I, ∅, t) on the re-denoised trajectory: what sampling mixes in at step i with the
+    # "redenoise" image-feature source (the default "inversion" source approximates it in one pass).
+    pipe.register_to_config(image_features_from="redenoise")
+    try:
+        features = pipe.encode_image(image, STEPS)
+    finally:
+        pipe.register_to_config(image_features_from="inversion")
     image_kv = ImageKeyValues(pipe, pipe.synapse, STEPS)
     trajectory = encode_trajectories(pipe, [image], STEPS)
     for i, t in enumerate(image_kv.grid.tolist()):
