@@ -171,42 +171,50 @@ def small_generations(image: Image.Image, repeats: int, seconds: float, steps: i
     print(f"  output moved by the coarse image grid: {moved:.3f} RMS relative to the clip")
 
 
-def service_batching(jobs: int, rounds: int, seconds: float, steps: int) -> None:
-    """Clips per second through the real service (API, Redis, one worker, local storage, tiny bundle) for
-    `jobs` concurrent repeated-photo jobs, batching off (MELFUSION_MAX_BATCH=1) vs on, alternating rounds."""
+def service_batching(
+    jobs: int, rounds: int, seconds: float, steps: int, *, bundle: Path | None = None, **worker_settings
+) -> dict[str, float]:
+    """Clips per second through the real service (API, Redis, one worker, local storage; the tiny bundle
+    unless `bundle` is given) for `jobs` concurrent repeated-photo jobs, batching off (MELFUSION_MAX_BATCH=1)
+    vs on, alternating rounds. `worker_settings` are further MELFUSION_* settings (device, dtype, …).
+    Returns the median clips per second of each."""
     from embedded.processes import free_port, settings_env, start_api, start_redis, start_worker, wait_until
     from melfusion_client import MelFusionClient
 
-    print(f"service, {jobs} concurrent jobs, tiny bundle, {seconds:g} s clip, {steps} steps, one worker, 1 thread")
+    print(f"service, {jobs} concurrent jobs, {bundle or 'tiny bundle'}, {seconds:g} s clip, {steps} DPM-Solver++ "
+          f"steps, one worker {worker_settings or '(1 thread)'}", flush=True)  # fmt: skip
+    worker_settings = worker_settings or {"torch_threads": 1}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle = create_tiny_bundle(work / "bundle")
+        bundle = bundle or create_tiny_bundle(work / "bundle")
         redis_port = free_port()
         redis = start_redis(port=redis_port, data_dir=work / "redis")
         stacks = {}
         try:
             for db, (label, max_batch) in enumerate((("sequential", 1), (f"batched (max {jobs})", jobs)), start=1):
                 env = settings_env(redis_url=f"redis://127.0.0.1:{redis_port}/{db}", bundle_dir=bundle,
-                                   storage_dir=work / label, host="127.0.0.1", port=free_port(), torch_threads=1,
-                                   max_batch=max_batch, batch_wait_ms=20)  # fmt: skip
+                                   storage_dir=work / label, host="127.0.0.1", port=free_port(),
+                                   max_batch=max_batch, batch_wait_ms=20, **worker_settings)  # fmt: skip
                 stacks[label] = [start_api(env=env, log_dir=work, name=f"api-{db}"),
                                  start_worker(env=env, log_dir=work, name=f"worker-{db}")]  # fmt: skip
                 client = MelFusionClient(f"http://127.0.0.1:{env['MELFUSION_PORT']}")
-                wait_until(lambda c=client: c.http.get("/readyz").status_code == 200, timeout=120, what="a worker")
+                wait_until(lambda c=client: c.http.get("/readyz").status_code == 200, timeout=600, what="a worker")
                 stacks[label].append(client)
             rates = {label: [] for label in stacks}
             for _ in range(rounds + 1):  # the first round warms up (feature cache, first-call kernels)
                 for label, (_, _, client) in stacks.items():
                     started = time.perf_counter()
-                    ids = [client.submit(SAMPLE_IMAGE, CAPTION, seconds=seconds, steps=steps, seed=i).id
-                           for i in range(jobs)]  # fmt: skip
+                    ids = [client.submit(SAMPLE_IMAGE, CAPTION, seconds=seconds, steps=steps, seed=i,
+                                         scheduler="dpmpp").id for i in range(jobs)]  # fmt: skip
                     assert all(client.wait(job_id, timeout=900).status == "succeeded" for job_id in ids)
                     rates[label].append(jobs / (time.perf_counter() - started))
             for label, measured in rates.items():
                 print(f"  {label:<22} {statistics.median(measured[1:]):.2f} clips/s (rounds: "
                       + ", ".join(f"{rate:.2f}" for rate in measured[1:]) + ")")  # fmt: skip
-            sequential, batched = (statistics.median(measured[1:]) for measured in rates.values())
+            medians = {label: statistics.median(measured[1:]) for label, measured in rates.items()}
+            sequential, batched = medians.values()
             print(f"  batched/sequential: x{batched / sequential:.2f}")
+            return medians
         finally:
             for api, worker, client in stacks.values():
                 client.http.close()

@@ -119,8 +119,29 @@ def check_outputs(bench: Bench, pipe: MelFusionPipeline, args: argparse.Namespac
     batch = pipe([CAPTION, "rainy jazz"], [image, None], **{**request, "seed": [3, 4]}).audios
     bench.row("same seed twice: max |difference|", f"{np.abs(first - again).max():.2e}")
     bench.row("image_strength 0 vs caption only: max |difference|", f"{np.abs(zero - plain).max():.2e}")
-    bench.row("batch row vs alone: max |difference|", f"{np.abs(batch[0] - first[0]).max():.2e}", "fp16")
+    bench.row("batch row vs alone: max |difference|", f"{np.abs(batch[0] - first[0]).max():.2e}", str(pipe.music_unet.dtype))
     bench.row("all finite, RMS of a clip", f"{bool(np.isfinite(first).all())}, {float(np.sqrt((first**2).mean())):.3f}")
+
+
+def through_service(bench: Bench, pipe: MelFusionPipeline, args: argparse.Namespace) -> None:
+    """The same pipeline through the real service (API, Redis, one eager worker, local storage): clips per
+    second for concurrent jobs with batching off and on. The bundle is written once (in the bench's dtype)
+    to a temporary folder, which the worker loads as in production."""
+    import tempfile
+
+    from bench.generation import service_batching
+    from melfusion.bundle import save_bundle
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        bundle = save_bundle(pipe, Path(folder) / "bundle", source=f"bench.gpu --size {args.size}")
+        bench.row("write the bundle for the worker", f"{time.perf_counter() - started:.1f} s")
+        device = "cuda" if bench.device.type == "cuda" else "cpu"
+        rates = service_batching(
+            args.service_jobs, 1, args.seconds, args.steps, bundle=bundle, device=device, dtype=args.dtype
+        )
+    for label, rate in rates.items():
+        bench.row(f"service: {args.service_jobs} concurrent jobs, {label}", f"{rate:.2f} clips/s", "target ≥ 4")
 
 
 def main() -> None:
@@ -133,7 +154,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[4, 8])
     parser.add_argument("--compile", default="reduce-overhead", help="music UNet's torch.compile mode ('off' skips)")
+    parser.add_argument("--compiled-batches", type=int, nargs="*", default=[4], help="batch sizes measured compiled")
     parser.add_argument("--image-backend", default="cudagraphs", help="torch.compile backend of the image UNet")
+    parser.add_argument("--service-jobs", type=int, default=16, help="concurrent jobs through the service (0 skips)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     bench = Bench(args.device, args.repeats)
@@ -147,6 +170,8 @@ def main() -> None:
 
     measure(bench, pipe, "eager", args, image)
     check_outputs(bench, pipe, args, image)
+    if args.service_jobs:
+        through_service(bench, pipe, args)
     if args.compile == "off":
         print(bench.markdown())
         return
@@ -156,11 +181,11 @@ def main() -> None:
     request = dict(seconds=args.seconds, num_inference_steps=args.steps, scheduler="dpmpp", seed=0)
     warm_up = bench.once(lambda: pipe(CAPTION, image, **request))
     bench.row(f"compile + warm-up (music {args.compile}, image {args.image_backend}), batch 1", f"{warm_up:.1f} s")
-    for batch in args.batches:
+    for batch in args.compiled_batches:
         captions = [CAPTION] * batch
         warm_up = bench.once(lambda: pipe(captions, image, **{**request, "seed": list(range(batch))}))
         bench.row(f"compile + warm-up, batch {batch}", f"{warm_up:.1f} s")
-    measure(bench, pipe, "compiled", args, image)
+    measure(bench, pipe, "compiled", argparse.Namespace(**{**vars(args), "batches": args.compiled_batches}), image)
     check_outputs(bench, pipe, args, image)
     print("\n" + bench.markdown())
     if args.markdown:
