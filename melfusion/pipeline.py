@@ -208,6 +208,11 @@ class MelFusionPipeline(DiffusionPipeline):
         call; `mode="reduce-overhead"` adds CUDA graphs, which remove the per-kernel launch cost that
         bounds eager UNet steps on a large GPU.
         """
+        # Both UNets run UNet2DConditionModel.forward, one code object to dynamo: with automatic dynamic
+        # shapes the second UNet's shapes would turn both into one slow dynamic graph (no CUDA graphs).
+        # Static graphs, one per UNet and shape, need a cache larger than dynamo's default 8.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for unet in (self.music_unet, self.image_unet):
             unet.compile(mode=mode, backend=backend)
 
@@ -326,9 +331,10 @@ class MelFusionPipeline(DiffusionPipeline):
         inverse, _ = self._image_schedulers(num_inference_steps)
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
         self.feature_recorder.start()
-        for t in inverse.timesteps:
+        unet_timesteps = inverse.timesteps.to(latents.device)  # on the device: no copy per step
+        for i, t in enumerate(inverse.timesteps):
             tracker.check_cancel()
-            noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty, return_dict=False)[0]
+            noise_pred = self.image_unet(latents, unet_timesteps[i], encoder_hidden_states=empty, return_dict=False)[0]
             self.feature_recorder.keep(t)
             latents = inverse.step(noise_pred, t, latents).prev_sample
             tracker.advance("image_inversion", t)
@@ -344,9 +350,10 @@ class MelFusionPipeline(DiffusionPipeline):
         _, scheduler = self._image_schedulers(num_inference_steps)
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
         self.feature_recorder.start()
-        for t in scheduler.timesteps:
+        unet_timesteps = scheduler.timesteps.to(latents.device)
+        for i, t in enumerate(scheduler.timesteps):
             tracker.check_cancel()
-            noise_pred = self.image_unet(latents, t, encoder_hidden_states=empty, return_dict=False)[0]
+            noise_pred = self.image_unet(latents, unet_timesteps[i], encoder_hidden_states=empty, return_dict=False)[0]
             self.feature_recorder.keep(t)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
             tracker.advance("image_denoise", t)
