@@ -12,6 +12,7 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
+from jobs.lifecycle import announce
 from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_cancel_requested_at, get_status
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
@@ -153,3 +154,4 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
             pass
         redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
         storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+        announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))
