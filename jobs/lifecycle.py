@@ -21,6 +21,7 @@ from rq.job import Job
 
 from .metrics import count_outcome
 from .queue import KEY_PREFIX, ErrorCode, JobStatus
+from .webhooks import queue_delivery
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 EVENT_STREAM_LENGTH = 256  # recent changes kept per job: a reader that falls further behind reads the job instead
@@ -89,11 +90,13 @@ def announce(
         job.meta["error"] = {"code": error[0].value, "message": error[1]}
     if progress is not None or error is not None:  # a bare start changes nothing in meta: no stale overwrite
         job.save_meta()
-    record = {"event": event.value, "status": status.value, "progress": job.meta.get("progress", 0.0), "at": time.time()}
+    progress_now = job.meta.get("progress", 0.0)
+    record = {"event": event.value, "status": status.value, "progress": progress_now, "at": time.time()}
     with redis.pipeline(transaction=False) as pipe:
         pipe.xadd(events_key(job.id), {"data": json.dumps(record)}, maxlen=EVENT_STREAM_LENGTH, approximate=True)
         pipe.expire(events_key(job.id), ttl)
         pipe.execute()
+    queue_delivery(redis, job_id=job.id, meta=job.meta, event=event.value)
     if event is Event.COMPLETED:
         count_outcome(redis, status.value)
     return True

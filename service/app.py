@@ -17,8 +17,10 @@ from melfusion.limits import read_limits
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .metrics import JobMetricsCollector
+from .operations import describe_job
 from .routes import files, health
 from .routes.jobs import build_jobs_router
+from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
 
@@ -29,7 +31,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.webhook_sender.start()
         yield
+        app.state.webhook_sender.stop()
         redis.close()
 
     app = FastAPI(
@@ -43,6 +47,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits
+    base_url = settings.public_url or f"http://{settings.host}:{settings.port}/"
+    describe = lambda job: describe_job(job, redis=redis, storage=app.state.storage, base_url=base_url)
+    app.state.webhook_sender = WebhookSender(
+        redis=redis, settings=settings, describe=lambda job: describe(job).model_dump_json()
+    )
     app.state.metrics_registry = CollectorRegistry()
     app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue, app.state.storage))
 

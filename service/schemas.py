@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from jobs.queue import JobStatus
+from jobs.webhooks import EVENTS as WEBHOOK_EVENTS
 from melfusion.request import GenerationRequest
 
 
@@ -25,6 +28,28 @@ class JobError(BaseModel):
     message: str
 
 
+class WebhookSubscription(BaseModel):
+    url: str = Field(description="where the job JSON is POSTed, signed per Standard Webhooks")
+    events: list[str] = Field(description=f"any of {', '.join(WEBHOOK_EVENTS)}")
+
+
+class WebhookAttempt(BaseModel):
+    webhook_id: str = Field(description="the `webhook-id` header; the same on every retry of one event")
+    event: str = Field(description="start, progress or completed")
+    attempt: int = Field(description="1 for the first try")
+    at: dt.datetime
+    status_code: int | None = Field(description="the target's answer; null if none came")
+    error: str | None = Field(description="why the attempt failed (timeout, refused connection, HTTP status...)")
+    duration_ms: float
+    outcome: Literal["delivered", "retrying", "gave_up"]
+    next_attempt_in_seconds: float | None = None
+
+
+class WebhookAttempts(BaseModel):
+    data: list[WebhookAttempt]
+    count: int
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -36,6 +61,7 @@ class JobPublic(BaseModel):
     params: GenerationRequest = Field(description="every value resolved (defaults applied, seed chosen)")
     result: JobResult | None
     error: JobError | None
+    webhook: WebhookSubscription | None = None
 
 
 class Check(BaseModel):

@@ -10,17 +10,21 @@ from fastapi.responses import FileResponse, RedirectResponse
 from jobs.queue import JobStatus
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
+from jobs.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
+from jobs.webhooks import EVENTS as WEBHOOK_EVENTS
+from jobs.webhooks import read_attempts
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
 from melfusion.request import MAX_SEED, GenerationRequest
 
 from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
 from ..errors import ErrorResponse, JobStateConflict
 from ..operations import cancel_job, describe_job, find_job, submit_job
-from ..schemas import JobPublic
+from ..schemas import JobPublic, WebhookAttempts, WebhookSubscription
 from ..uploads import read_image_upload
 
 ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
 Preset = Literal[tuple(SAMPLING_PRESETS)]  # type: ignore[valid-type]
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
 
@@ -71,6 +75,16 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         scheduler: Annotated[Scheduler | None, Form(description=describe("scheduler"))] = None,
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description=describe("seed"))] = None,
         preset: Annotated[Preset | None, Form(description=describe("preset"))] = None,
+        webhook_url: Annotated[
+            str | None,
+            Form(max_length=2048, description="POST the job JSON here, signed per Standard Webhooks "
+                 "(`webhook-id`, `webhook-timestamp`, `webhook-signature`); public http(s) addresses only"),
+        ] = None,
+        webhook_events: Annotated[
+            list[WebhookEvent] | None,
+            Form(description="repeat the field to choose several; progress is sent at most twice a second; "
+                 f"default {', '.join(DEFAULT_WEBHOOK_EVENTS)}"),
+        ] = None,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JobPublic:
         """Queue a generation; poll the returned job (its URL is in `Location`)."""
@@ -79,9 +93,12 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
             image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
         )  # fmt: skip
+        webhook = None
+        if webhook_url is not None:
+            webhook = WebhookSubscription(url=webhook_url, events=webhook_events or list(DEFAULT_WEBHOOK_EVENTS))
         job, replayed = submit_job(
             redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
-            image=data, image_type=image_type, request=request, idempotency_key=idempotency_key,
+            image=data, image_type=image_type, request=request, webhook=webhook, idempotency_key=idempotency_key,
         )  # fmt: skip
         response.headers["Location"] = f"/jobs/{job.id}"
         if replayed:
@@ -94,6 +111,13 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     ) -> JobPublic:
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+
+    @router.get("/{job_id}/webhooks", response_model=WebhookAttempts, responses=ERRORS)
+    def get_webhook_attempts(job_id: JobId, redis: RedisDep, owner: OwnerDep) -> WebhookAttempts:
+        """Every delivery attempt of this job's webhooks, oldest first, with the target's answer or the error."""
+        job = find_job(redis=redis, job_id=job_id, owner=owner)
+        attempts = read_attempts(redis, job.id)
+        return WebhookAttempts(data=attempts, count=len(attempts))
 
     @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**ERRORS, 409: {"model": ErrorResponse}})
     def cancel(
