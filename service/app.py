@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from jobs.queue import open_queue
 from jobs.settings import Settings, load_settings
@@ -34,6 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.webhook_sender.start()
         yield
         app.state.webhook_sender.stop()
+        await app.state.async_redis.aclose()
         redis.close()
 
     app = FastAPI(
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis
+    app.state.async_redis = AsyncRedis.from_url(settings.redis_url)
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits

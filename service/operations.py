@@ -122,7 +122,13 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         stored = meta["result"]
         signed = storage.signed_url(stored["key"])
         fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
-        result = JobResult(url=urljoin(base_url, signed.url), expires_at=signed.expires_at, **fields)
+        picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
+        result = JobResult(
+            url=urljoin(base_url, signed.url),
+            spectrogram_url=picture and urljoin(base_url, picture),
+            expires_at=signed.expires_at,
+            **fields,
+        )
     error = None
     if status is JobStatus.FAILED:
         error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))

@@ -15,6 +15,9 @@ from melfusion.request import GenerationRequest
 
 class JobResult(BaseModel):
     url: str = Field(description="time-limited download URL of the WAV")
+    spectrogram_url: str | None = Field(
+        None, description="time-limited URL of a PNG of the clip's mel spectrogram (time and frequency axes)"
+    )
     content_type: str = "audio/wav"
     seconds: float
     sample_rate: int

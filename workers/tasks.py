@@ -23,11 +23,12 @@ from rq.job import Job
 from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
 from jobs.queue import ErrorCode, JobStatus, cancel_key
-from jobs.storage import WAV, StorageUnavailable, output_key
+from jobs.storage import PNG, WAV, StorageUnavailable, output_key, spectrogram_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.request import GenerationRequest
+from melfusion.spectrogram import spectrogram_png
 
 from .warm import Runtime, get_runtime
 
@@ -151,12 +152,15 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
 
 
 def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict:
-    """Write the WAV to storage; returns the result record the API reads."""
+    """Write the WAV, then its spectrogram PNG, to storage; returns the result record the API reads."""
     wav = encode_wav(audio, sampling_rate)
     key = output_key(job_id)
     runtime.storage.put(key, wav, content_type=WAV)
+    picture = spectrogram_key(job_id)
+    runtime.storage.put(picture, spectrogram_png(runtime.get_pipeline(), audio), content_type=PNG)
     return {
         "key": key,
+        "spectrogram_key": picture,
         "content_type": WAV,
         "seconds": audio.shape[-1] / sampling_rate,
         "sample_rate": sampling_rate,

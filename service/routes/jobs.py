@@ -6,7 +6,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, Path, Response, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
+from jobs.lifecycle import TERMINAL
 from jobs.queue import JobStatus
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
@@ -16,8 +19,9 @@ from jobs.webhooks import read_attempts
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
 from melfusion.request import MAX_SEED, GenerationRequest
 
-from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
+from ..deps import AsyncRedisDep, BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
 from ..errors import ErrorResponse, JobStateConflict
+from ..events import EVENTS_DOC, parse_prefer_wait, sse_events, wait_for_end
 from ..operations import cancel_job, describe_job, find_job, submit_job
 from ..schemas import JobPublic, WebhookAttempts, WebhookSubscription
 from ..uploads import read_image_upload
@@ -43,11 +47,16 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         "",
         status_code=202,
         response_model=JobPublic,
-        responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 503)}},
+        responses={
+            **ERRORS,
+            **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 503)},
+            201: {"model": JobPublic, "description": "with `Prefer: wait=N`: the job ended within the wait"},
+        },
     )
-    def create_job(
+    async def create_job(
         response: Response,
         redis: RedisDep,
+        async_redis: AsyncRedisDep,
         queue: QueueDep,
         storage: StorageDep,
         owner: OwnerDep,
@@ -86,9 +95,15 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
                  f"default {', '.join(DEFAULT_WEBHOOK_EVENTS)}"),
         ] = None,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        prefer: Annotated[
+            str | None,
+            Header(description="`wait=N`: hold the request up to N seconds (at most "
+                   f"{settings.prefer_wait_max_seconds:g}) and answer 201 with the finished job, else 202"),
+        ] = None,
     ) -> JobPublic:
-        """Queue a generation; poll the returned job (its URL is in `Location`)."""
-        data, image_type = read_image_upload(image, max_bytes=settings.max_upload_bytes)
+        """Queue a generation; follow the returned job (its URL is in `Location`) with GET, its event
+        stream or a webhook, or hold this request with `Prefer: wait=N`."""
+        data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
             image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
@@ -96,14 +111,24 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         webhook = None
         if webhook_url is not None:
             webhook = WebhookSubscription(url=webhook_url, events=webhook_events or list(DEFAULT_WEBHOOK_EVENTS))
-        job, replayed = submit_job(
-            redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
+        job, replayed = await run_in_threadpool(
+            submit_job, redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
             image=data, image_type=image_type, request=request, webhook=webhook, idempotency_key=idempotency_key,
         )  # fmt: skip
         response.headers["Location"] = f"/jobs/{job.id}"
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
-        return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+        describe = lambda: describe_job(find_job(redis=redis, job_id=job.id, owner=owner), redis=redis,
+                                        storage=storage, base_url=base_url)  # fmt: skip
+        wait = parse_prefer_wait(prefer)
+        if wait is not None:
+            wait = min(wait, settings.prefer_wait_max_seconds)
+            await wait_for_end(async_redis, job.id, describe, seconds=wait)
+            response.headers["Preference-Applied"] = f"wait={wait:g}"
+        public = await run_in_threadpool(describe)
+        if public.status in TERMINAL:
+            response.status_code = 201
+        return public
 
     @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
     def get_job(
@@ -111,6 +136,21 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     ) -> JobPublic:
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+
+    @router.get(
+        "/{job_id}/events",
+        response_class=EventSourceResponse,
+        responses={**ERRORS, 200: {"description": EVENTS_DOC, "content": {"text/event-stream": {}}}},
+    )
+    async def get_job_events(
+        job_id: JobId, redis: RedisDep, async_redis: AsyncRedisDep, storage: StorageDep, owner: OwnerDep,
+        base_url: BaseUrlDep,
+    ) -> EventSourceResponse:  # fmt: skip
+        """Server-Sent Events until the job ends: `status`, `progress`, then `completed` (see below)."""
+        describe = lambda: describe_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis,
+                                        storage=storage, base_url=base_url)  # fmt: skip
+        await run_in_threadpool(describe)  # 404 before the stream starts
+        return EventSourceResponse(sse_events(async_redis, job_id, describe), ping=15)
 
     @router.get("/{job_id}/webhooks", response_model=WebhookAttempts, responses=ERRORS)
     def get_webhook_attempts(job_id: JobId, redis: RedisDep, owner: OwnerDep) -> WebhookAttempts:
