@@ -6,6 +6,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -19,7 +20,7 @@ from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .metrics import JobMetricsCollector
 from .operations import describe_job
-from .routes import files, health
+from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
 from .webhooks import WebhookSender
 
@@ -62,6 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(build_jobs_router(limits, settings))
     app.include_router(health.router)
+    app.include_router(demo.router)
+    app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     if isinstance(app.state.storage, LocalStorage):
         app.include_router(files.router)
     return app
