@@ -1,8 +1,10 @@
-"""`python -m embedded`: redis-server, one worker, the API, local storage and the tiny bundle, then one
-job through HTTP (docs/sample.png + a caption), polled to the end and downloaded. Prints the WAV's path.
+"""`python -m embedded`: the whole service on this machine (redis-server, one worker, the API, local storage,
+the embedded tiny bundle), then one job through HTTP: the image and caption are submitted, followed live to
+the end, and the WAV is downloaded; its path is printed.
 
-Everything lives under --workdir (default outputs/embedded); the processes stop when this exits
-unless --keep-running is given.
+Storage, logs and Redis data live under --workdir; the tiny bundle is the one `melfusion generate` uses
+($MELFUSION_HOME, default ~/.cache/melfusion). The processes stop when this exits unless --keep-running is
+given; then the demo page is at http://127.0.0.1:PORT/ and the API reference at /docs.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ from .processes import PROJECT_ROOT, free_port, settings_env, start_api, start_r
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m embedded", description=__doc__.splitlines()[0])
-    parser.add_argument("--image", type=Path, default=PROJECT_ROOT / "docs" / "sample.png")
-    parser.add_argument("--caption", default="calm piano at sunset")
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--workdir", type=Path, default=Path("outputs/embedded"))
-    parser.add_argument("--port", type=int, default=8000, help="API port (0 = any free port)")
-    parser.add_argument("--keep-running", action="store_true", help="leave the stack up; Ctrl+C stops it")
+    parser = argparse.ArgumentParser(
+        prog="python -m embedded",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--image", type=Path, default=PROJECT_ROOT / "docs" / "sample.png",
+                        help="JPEG, PNG or WebP to submit; default docs/sample.png")
+    parser.add_argument("--caption", default="calm piano at sunset", help="the music to ask for; default %(default)r")
+    parser.add_argument("--seconds", type=float, default=4.0, help="clip length; default %(default)s")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps; default %(default)s")
+    parser.add_argument("--workdir", type=Path, default=Path("outputs/embedded"),
+                        help="storage, logs and Redis data; default %(default)s")
+    parser.add_argument("--port", type=int, default=8000, help="API port (0 = any free port); default %(default)s")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="leave the stack up (demo page at /, API reference at /docs); Ctrl+C stops it")
     return parser.parse_args()
 
 
@@ -38,8 +47,10 @@ def main() -> int:
     args = parse_args()
     workdir = args.workdir.resolve()
     from melfusion.bundle import ensure_tiny_bundle  # imports torch; the API then reads this bundle torch-free
+    from melfusion.quiet import silence_library_noise
 
-    bundle = ensure_tiny_bundle(workdir / "tiny-bundle")
+    silence_library_noise()
+    bundle = ensure_tiny_bundle()  # the same place `melfusion generate` uses
     redis_port, api_port = free_port(), args.port or free_port()
     env = settings_env(
         redis_url=f"redis://127.0.0.1:{redis_port}/0",
@@ -71,7 +82,7 @@ def main() -> int:
             print(f"wrote {path} ({result['seconds']:g} s at {result['sample_rate']} Hz, seed {job.params['seed']}, "
                   f"sha256 {result['sha256'][:12]}…; submit to download {took:.1f} s)")  # fmt: skip
         if args.keep_running:
-            print(f"API at {base_url}/docs; Ctrl+C stops it")
+            print(f"demo page at {base_url}/, API reference at {base_url}/docs; Ctrl+C stops it")
             children[-1].popen.wait()
     except KeyboardInterrupt:
         pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +49,16 @@ class Settings(BaseSettings):
     # a repeated photo then skips DDIM inversion and re-denoising. 0 turns the cache off.
     feature_cache_mb: int = Field(1024, ge=0)
 
+    # Results without polling
+    prefer_wait_max_seconds: float = Field(60.0, ge=0)  # cap of `Prefer: wait=N` on POST /jobs
+    # Webhooks, signed per Standard Webhooks with this secret (`whsec_` + base64); unset = webhooks refused
+    webhook_secret: SecretStr | None = None
+    webhook_allow_private: bool = False  # allow loopback/private/link-local targets (tests, one-machine setups)
+    webhook_timeout_seconds: float = Field(5.0, gt=0)  # one attempt; a hanging target costs a sender thread this long
+    webhook_retry_seconds: float = Field(600.0, ge=0)  # no new attempt this long after the first one
+    webhook_backoff_seconds: float = Field(1.0, gt=0)  # first retry delay, doubled each retry (capped at 60 s)
+    webhook_senders: int = Field(8, ge=1)  # concurrent deliveries per API process
+
     # Request limits (the bundle adds seconds/steps ranges)
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
@@ -67,6 +79,20 @@ class Settings(BaseSettings):
     @classmethod
     def split_commas(cls, value):
         return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = value.get_secret_value()
+            encoded = text.removeprefix("whsec_").rstrip("=")
+            try:
+                key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+            except binascii.Error:
+                key = b""
+            if not text.startswith("whsec_") or len(key) < 16:
+                raise ValueError("expected whsec_ followed by at least 16 bytes in base64 (Standard Webhooks)")
+        return value
 
     @model_validator(mode="after")
     def keep_cpu_exact(self) -> Settings:

@@ -22,6 +22,7 @@ from melfusion.audio import write_atomically
 from .settings import Settings
 
 WAV = "audio/wav"
+PNG = "image/png"
 _SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|wav)$")
 
 
@@ -45,6 +46,14 @@ def input_key(job_id: str, extension: str) -> str:
 
 def output_key(job_id: str) -> str:
     return f"outputs/{job_id}.wav"
+
+
+def spectrogram_key(job_id: str) -> str:
+    return f"outputs/{job_id}.png"
+
+
+def content_type_of(key: str) -> str:
+    return PNG if key.endswith(".png") else WAV
 
 
 def check_key(key: str) -> str:
@@ -189,7 +198,7 @@ class S3Storage:
     def signed_url(self, key: str) -> SignedUrl:
         url = self.public_client.generate_presigned_url(
             "get_object",
-            Params={"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": WAV},
+            Params={"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": content_type_of(key)},
             ExpiresIn=self.url_ttl_seconds,
         )
         return SignedUrl(url, _expiry(self.url_ttl_seconds))

@@ -1,4 +1,4 @@
-"""`melfusion` console script: `melfusion generate --image IMG --caption TEXT --out OUT.wav`.
+"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav`.
 
 Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
 request fails in well under a second; the WAV is written atomically, so a failure leaves no file.
@@ -15,6 +15,7 @@ from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .images import load_image
 from .limits import IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, read_limits
+from .quiet import silence_library_noise
 from .request import GenerationRequest
 from .training.cli import add_train_parser
 
@@ -22,8 +23,8 @@ EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
 
 def add_generate_parser(commands) -> None:
-    parser = commands.add_parser("generate", help="image + caption -> WAV")
-    parser.add_argument("--image", required=True, help="JPEG, PNG or WebP file")
+    parser = commands.add_parser("generate", help="image + caption -> WAV (or caption only, without --image)")
+    parser.add_argument("--image", help="JPEG, PNG or WebP file; without it the clip follows the caption only")
     parser.add_argument("--caption", required=True, help="a short description of the music")
     parser.add_argument("--out", required=True, type=Path, help="WAV file to write")
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
@@ -32,11 +33,12 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--guidance", dest="guidance_scale", type=float, help=_help("guidance_scale", "paper: 7"))
     parser.add_argument("--seed", type=int, help=_help("seed", "printed so the clip can be reproduced"))
     parser.add_argument("--scheduler", choices=SCHEDULERS, help=_help("scheduler"))
-    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset"))
+    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset", "default none"))
     parser.add_argument("--image-strength", type=float, help=_help("image_strength"))
     parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, help=_help("image_guidance"))
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1; default cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="weights and activations; half precision needs a GPU; default float32")
     parser.set_defaults(run=run_generate)
 
 
@@ -48,7 +50,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .bundle import ensure_tiny_bundle, verify_bundle
 
     # 1. Validate everything that needs no model weights
-    image = load_image(args.image)
+    image = load_image(args.image) if args.image else None
     bundle = args.bundle or ensure_tiny_bundle()
     verify_bundle(bundle, hashes=False)
     fields = {name: getattr(args, name) for name in GenerationRequest.field_names()}
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_library_noise()
     try:
         return args.run(args)
     except InputError as exc:

@@ -90,6 +90,7 @@ class _StepTracker:
     def advance(self, phase: Phase, timestep: torch.Tensor) -> None:
         self.done += 1
         if self.bar is not None:
+            self.bar.set_description_str(phase, refresh=False)  # which pass the count is in
             self.bar.update()
         if self.callback is not None:
             self.callback(StepInfo(phase, self.done, self.total, int(timestep)))

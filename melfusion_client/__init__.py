@@ -2,7 +2,7 @@
 
     client = MelFusionClient("http://127.0.0.1:8000", api_key=None)
     job = client.submit("photo.jpg", "calm piano at sunset", seconds=10)
-    job = client.wait(job.id, on_progress=lambda j: print(f"{j.status} {j.progress:.0%}"))
+    job = client.wait(job.id, on_progress=lambda j: print(f"{j.status} {j.progress:.0%}"))  # live events
     client.download(job, "clip.wav")  # checks the sha256 the service reported
 
 Depends only on httpx, so an app can vendor it.
@@ -11,6 +11,7 @@ Depends only on httpx, so an app can vendor it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -78,17 +79,19 @@ class MelFusionClient:
         caption: str,
         *,
         idempotency_key: str | None = None,
-        **params: float | int | str | None,
+        **params: float | int | str | list[str] | None,
     ) -> Job:
         """POST /jobs. `params` are the form's other fields (seconds, steps, guidance_scale, image_strength,
-        image_guidance, scheduler, seed, preset; their ranges are in /openapi.json); None means the
-        service's default. Retrying with the same `idempotency_key` can never create a second job."""
+        image_guidance, scheduler, seed, preset, webhook_url, webhook_events as a list; their ranges are in
+        /openapi.json); None means the service's default. Retrying with the same `idempotency_key` can never
+        create a second job."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = {"caption": caption, **params}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self.http.post(
             "/jobs",
-            data={name: str(value) for name, value in form.items() if value is not None},
+            data={name: value if isinstance(value, list) else str(value) for name, value in form.items()
+                  if value is not None},
             files={"image": ("image", data, "application/octet-stream")},
             headers=headers,
         )
@@ -108,23 +111,63 @@ class MelFusionClient:
         poll_seconds: float = 0.25,
         on_progress: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Poll until the job ends; `on_progress` sees every change of status or progress.
+        """Follow the job's event stream until it ends (polling if the stream cannot be had or breaks);
+        `on_progress` sees every change of status or progress.
 
         Raises:
             TimeoutError: the job did not end within `timeout` seconds.
         """
         deadline = time.monotonic() + timeout
-        last = None
+        seen = {"last": None}
+
+        def report(job: Job) -> None:
+            if on_progress is not None and (job.status, job.progress) != seen["last"]:
+                on_progress(job)
+                seen["last"] = (job.status, job.progress)
+
+        try:
+            job = self._wait_streaming(job_id, deadline=deadline, report=report)
+            if job is not None:
+                return job
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass  # no stream (proxy, older server) or it broke: poll instead
         while True:
             job = self.get(job_id)
-            if on_progress is not None and (job.status, job.progress) != last:
-                on_progress(job)
-                last = (job.status, job.progress)
+            report(job)
             if job.is_done:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout:g} s")
             time.sleep(poll_seconds)
+
+    def _wait_streaming(self, job_id: str, *, deadline: float, report: Callable[[Job], None]) -> Job | None:
+        """The finished job from `GET /jobs/{id}/events`, or None if the stream ended without it."""
+        current: dict[str, Any] | None = None
+        read_timeout = max(1.0, deadline - time.monotonic())
+        timeouts = httpx.Timeout(30.0, read=read_timeout)
+        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=timeouts) as response:
+            if response.status_code == 404:
+                return None  # an older server without streams; polling says whether the job exists
+            if response.is_error:
+                response.read()
+                self._job(response)  # raises ServiceError (401...)
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line.removeprefix("data:").strip())
+                    if event in ("status", "completed"):
+                        current = data
+                    elif event == "progress" and current is not None:
+                        current = {**current, **data}
+                    if current is not None:
+                        report(Job.from_json(current))
+                    if event == "completed":
+                        return Job.from_json(current)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {current and current['status']} at the deadline")
+        return None
 
     def download(self, job: Job, path: str | os.PathLike) -> Path:
         """Fetch the WAV from the job's result URL and check it against the sha256 the service reported."""

@@ -6,8 +6,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from jobs.queue import open_queue
 from jobs.settings import Settings, load_settings
@@ -17,8 +19,10 @@ from melfusion.limits import read_limits
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .metrics import JobMetricsCollector
-from .routes import files, health
+from .operations import describe_job
+from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
+from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
 
@@ -29,7 +33,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.webhook_sender.start()
         yield
+        app.state.webhook_sender.stop()
+        await app.state.async_redis.aclose()
         redis.close()
 
     app = FastAPI(
@@ -40,9 +47,15 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis
+    app.state.async_redis = AsyncRedis.from_url(settings.redis_url)
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits
+    base_url = settings.public_url or f"http://{settings.host}:{settings.port}/"
+    describe = lambda job: describe_job(job, redis=redis, storage=app.state.storage, base_url=base_url)
+    app.state.webhook_sender = WebhookSender(
+        redis=redis, settings=settings, describe=lambda job: describe(job).model_dump_json()
+    )
     app.state.metrics_registry = CollectorRegistry()
     app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue, app.state.storage))
 
@@ -50,6 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(build_jobs_router(limits, settings))
     app.include_router(health.router)
+    app.include_router(demo.router)
+    app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     if isinstance(app.state.storage, LocalStorage):
         app.include_router(files.router)
     return app

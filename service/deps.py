@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
 from jobs.settings import Settings
@@ -29,6 +30,10 @@ def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
+def get_async_redis(request: Request) -> AsyncRedis:
+    return request.app.state.async_redis
+
+
 def get_queue(request: Request) -> Queue:
     return request.app.state.queue
 
@@ -43,6 +48,7 @@ def get_limits(request: Request) -> GenerationLimits:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 LimitsDep = Annotated[GenerationLimits, Depends(get_limits)]

@@ -53,6 +53,10 @@ class IdempotencyConflict(ApiError):
     status_code, code = 422, "idempotency_key_reused"
 
 
+class TargetRefused(ApiError):
+    status_code, code = 422, "invalid_parameter"
+
+
 class Unauthorized(ApiError):
     status_code, code = 401, "unauthorized"
 

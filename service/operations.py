@@ -12,17 +12,20 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
+from jobs.lifecycle import announce
 from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_cancel_requested_at, get_status
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
 from jobs.storage import Storage, input_key
+from jobs.webhooks import get_subscription
 from melfusion.images import load_image
 from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
-from .errors import IdempotencyConflict, JobNotFound, JobStateConflict
-from .schemas import JobError, JobPublic, JobResult
+from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, TargetRefused
+from .schemas import JobError, JobPublic, JobResult, WebhookSubscription
 from .uploads import ImageType
+from .webhooks import check_target
 
 
 def _idempotency_record_key(owner: str, key: str) -> str:
@@ -46,16 +49,24 @@ def submit_job(
     image: bytes,
     image_type: ImageType,
     request: GenerationRequest,
+    webhook: WebhookSubscription | None,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
 
     Raises:
         InputError: a bad image or parameter (names the field).
+        TargetRefused: webhooks are off, or the webhook URL is not a public http(s) address.
         IdempotencyConflict: the key was used before with a different request.
     """
     load_image(image, max_pixels=settings.max_image_pixels)  # decodes fully: truncated files and bombs stop here
     params = request.resolved(limits)
+    meta = {"owner": owner, "progress": 0.0}
+    if webhook is not None:
+        if settings.webhook_secret is None:
+            raise TargetRefused("webhooks are off: the server has no MELFUSION_WEBHOOK_SECRET", field="webhook_url")
+        check_target(webhook.url, allow_private=settings.webhook_allow_private)
+        meta["webhook"] = webhook.model_dump()
     job_id = str(uuid.uuid4())
     record_key = None
     if idempotency_key is not None:
@@ -74,7 +85,7 @@ def submit_job(
             timeout=settings.job_timeout_seconds,
             result_ttl=settings.job_ttl_seconds,
             failure_ttl=settings.job_ttl_seconds,
-            meta={"owner": owner, "progress": 0.0},
+            meta=meta,
             description=f"melfusion job {job_id}",
         )
     except BaseException:
@@ -111,7 +122,13 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         stored = meta["result"]
         signed = storage.signed_url(stored["key"])
         fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
-        result = JobResult(url=urljoin(base_url, signed.url), expires_at=signed.expires_at, **fields)
+        picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
+        result = JobResult(
+            url=urljoin(base_url, signed.url),
+            spectrogram_url=picture and urljoin(base_url, picture),
+            expires_at=signed.expires_at,
+            **fields,
+        )
     error = None
     if status is JobStatus.FAILED:
         error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
@@ -131,6 +148,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         params=GenerationRequest.from_dict(job.kwargs["params"]),
         result=result,
         error=error,
+        webhook=get_subscription(meta),
     )
 
 
@@ -153,3 +171,4 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
             pass
         redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
         storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+        announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))

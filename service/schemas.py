@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from jobs.queue import JobStatus
+from jobs.webhooks import EVENTS as WEBHOOK_EVENTS
 from melfusion.request import GenerationRequest
 
 
 class JobResult(BaseModel):
     url: str = Field(description="time-limited download URL of the WAV")
+    spectrogram_url: str | None = Field(
+        None, description="time-limited URL of a PNG of the clip's mel spectrogram (time and frequency axes)"
+    )
     content_type: str = "audio/wav"
     seconds: float
     sample_rate: int
@@ -25,6 +31,28 @@ class JobError(BaseModel):
     message: str
 
 
+class WebhookSubscription(BaseModel):
+    url: str = Field(description="where the job JSON is POSTed, signed per Standard Webhooks")
+    events: list[str] = Field(description=f"any of {', '.join(WEBHOOK_EVENTS)}")
+
+
+class WebhookAttempt(BaseModel):
+    webhook_id: str = Field(description="the `webhook-id` header; the same on every retry of one event")
+    event: str = Field(description="start, progress or completed")
+    attempt: int = Field(description="1 for the first try")
+    at: dt.datetime
+    status_code: int | None = Field(description="the target's answer; null if none came")
+    error: str | None = Field(description="why the attempt failed (timeout, refused connection, HTTP status...)")
+    duration_ms: float
+    outcome: Literal["delivered", "retrying", "gave_up"]
+    next_attempt_in_seconds: float | None = None
+
+
+class WebhookAttempts(BaseModel):
+    data: list[WebhookAttempt]
+    count: int
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -36,6 +64,7 @@ class JobPublic(BaseModel):
     params: GenerationRequest = Field(description="every value resolved (defaults applied, seed chosen)")
     result: JobResult | None
     error: JobError | None
+    webhook: WebhookSubscription | None = None
 
 
 class Check(BaseModel):

@@ -4,9 +4,9 @@ all clips in one pipeline call, store each WAV, and end every job on its own.
 Each job of a batch keeps its own status, progress, cancel flag, result and error: an undecodable image
 fails only its job; a canceled job ends (canceled) at the next step while its row, which no other row
 depends on, is computed to the end and thrown away; the pipeline stops early only when every row is
-canceled. Progress goes to `job.meta` at most `PROGRESS_INTERVAL_SECONDS` apart per job (the final value
-is always saved with the outcome). Errors are recorded as `{code, message}` in meta for the API;
-tracebacks stay in the worker's log.
+canceled. Every change (start, progress, outcome) is announced through `jobs.lifecycle.announce`; progress
+at most `PROGRESS_INTERVAL_SECONDS` apart per job (the final value is always saved with the outcome).
+Errors are recorded as `{code, message}` for the API; tracebacks stay in the worker's log.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from rq import get_current_job
 from rq.job import Job
 
-from jobs.metrics import QUEUE_WAIT, RUN_TIME, count_outcome, observe
+from jobs.lifecycle import announce
+from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
 from jobs.queue import ErrorCode, JobStatus, cancel_key
-from jobs.storage import WAV, StorageUnavailable, output_key
+from jobs.storage import PNG, WAV, StorageUnavailable, output_key, spectrogram_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.request import GenerationRequest
+from melfusion.spectrogram import spectrogram_png
 
 from .warm import Runtime, get_runtime
 
@@ -68,7 +70,7 @@ class _Row:
     def report_progress(self, fraction: float) -> None:
         self.job.meta["progress"] = round(fraction, 4)  # always current in memory: the outcome write saves it
         if time.monotonic() - self.saved_progress_at >= PROGRESS_INTERVAL_SECONDS:
-            self.job.save_meta()
+            announce(self.job, JobStatus.RUNNING, progress=fraction)
             self.saved_progress_at = time.monotonic()
 
 
@@ -116,6 +118,8 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
     batch = [row for row in rows if not row.ended]
     if not batch:
         return
+    for row in batch:
+        announce(row.job, JobStatus.RUNNING)
 
     def on_step(step) -> None:
         end_canceled_rows(f"canceled after {step.step} of {step.total} steps")
@@ -148,12 +152,15 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
 
 
 def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict:
-    """Write the WAV to storage; returns the result record the API reads."""
+    """Write the WAV, then its spectrogram PNG, to storage; returns the result record the API reads."""
     wav = encode_wav(audio, sampling_rate)
     key = output_key(job_id)
     runtime.storage.put(key, wav, content_type=WAV)
+    picture = spectrogram_key(job_id)
+    runtime.storage.put(picture, spectrogram_png(runtime.get_pipeline(), audio), content_type=PNG)
     return {
         "key": key,
+        "spectrogram_key": picture,
         "content_type": WAV,
         "seconds": audio.shape[-1] / sampling_rate,
         "sample_rate": sampling_rate,
@@ -171,22 +178,14 @@ def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
 
 
 def record_outcome(job: Job, outcome: Outcome) -> None:
-    """Final meta for the API (result or {code, message}) and the outcome counter for /metrics.
-
-    A cancel becomes the CANCELED return value here, so callers finish canceled jobs as successes.
-    """
+    """Announce how the job ended: its result, or `{code, message}` for the API (tracebacks go to the log)."""
     if isinstance(outcome, GenerationCancelled):
-        status, error = JobStatus.CANCELED, (ErrorCode.CANCELED, str(outcome))
+        announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, str(outcome)))
     elif isinstance(outcome, InputError):
         log.info("job %s rejected: %s", job.id, outcome)
-        status, error = JobStatus.FAILED, (ErrorCode.INVALID_INPUT, str(outcome))
+        announce(job, JobStatus.FAILED, error=(ErrorCode.INVALID_INPUT, str(outcome)))
     elif isinstance(outcome, BaseException):
         log.error("job %s failed", job.id, exc_info=outcome)
-        status, error = JobStatus.FAILED, (ErrorCode.INTERNAL, "generation failed; see the worker log")
+        announce(job, JobStatus.FAILED, error=(ErrorCode.INTERNAL, "generation failed; see the worker log"))
     else:
-        status, error = JobStatus.SUCCEEDED, None
-        job.meta.update(progress=1.0, result=outcome)
-    if error is not None:
-        job.meta["error"] = {"code": error[0].value, "message": error[1]}
-    job.save_meta()
-    count_outcome(job.connection, status.value)
+        announce(job, JobStatus.SUCCEEDED, result=outcome)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from jobs.storage import WAV, LocalStorage, StorageKeyInvalid, check_key
+from jobs.storage import PNG, WAV, LocalStorage, StorageKeyInvalid, check_key, content_type_of
 
 from ..deps import StorageDep
 from ..errors import ErrorResponse, JobNotFound, LinkInvalid
@@ -18,7 +18,7 @@ router = APIRouter(tags=["files"])
 @router.get(
     "/files/{key:path}",
     response_class=FileResponse,
-    responses={200: {"content": {WAV: {}}}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    responses={200: {"content": {WAV: {}, PNG: {}}}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
 )
 def download_file(key: str, expires: Annotated[int, Query()], signature: Annotated[str, Query()], storage: StorageDep):
     assert isinstance(storage, LocalStorage)
@@ -31,4 +31,4 @@ def download_file(key: str, expires: Annotated[int, Query()], signature: Annotat
     path = storage.path(key)
     if not path.is_file():
         raise JobNotFound("no such file", field="key")
-    return FileResponse(path, media_type=WAV)
+    return FileResponse(path, media_type=content_type_of(key))

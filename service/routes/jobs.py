@@ -6,21 +6,29 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, Path, Response, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
+from jobs.lifecycle import TERMINAL
 from jobs.queue import JobStatus
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
+from jobs.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
+from jobs.webhooks import EVENTS as WEBHOOK_EVENTS
+from jobs.webhooks import read_attempts
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
 from melfusion.request import MAX_SEED, GenerationRequest
 
-from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
+from ..deps import AsyncRedisDep, BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
 from ..errors import ErrorResponse, JobStateConflict
+from ..events import EVENTS_DOC, parse_prefer_wait, sse_events, wait_for_end
 from ..operations import cancel_job, describe_job, find_job, submit_job
-from ..schemas import JobPublic
+from ..schemas import JobPublic, WebhookAttempts, WebhookSubscription
 from ..uploads import read_image_upload
 
 ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
 Preset = Literal[tuple(SAMPLING_PRESETS)]  # type: ignore[valid-type]
+WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
 
@@ -39,11 +47,16 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         "",
         status_code=202,
         response_model=JobPublic,
-        responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 503)}},
+        responses={
+            **ERRORS,
+            **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 503)},
+            201: {"model": JobPublic, "description": "with `Prefer: wait=N`: the job ended within the wait"},
+        },
     )
-    def create_job(
+    async def create_job(
         response: Response,
         redis: RedisDep,
+        async_redis: AsyncRedisDep,
         queue: QueueDep,
         storage: StorageDep,
         owner: OwnerDep,
@@ -71,22 +84,51 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         scheduler: Annotated[Scheduler | None, Form(description=describe("scheduler"))] = None,
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description=describe("seed"))] = None,
         preset: Annotated[Preset | None, Form(description=describe("preset"))] = None,
+        webhook_url: Annotated[
+            str | None,
+            Form(max_length=2048, description="POST the job JSON here, signed per Standard Webhooks "
+                 "(`webhook-id`, `webhook-timestamp`, `webhook-signature`); public http(s) addresses only"),
+        ] = None,
+        webhook_events: Annotated[
+            list[WebhookEvent] | None,
+            Form(description="repeat the field to choose several; progress is sent at most twice a second; "
+                 f"default {', '.join(DEFAULT_WEBHOOK_EVENTS)}"),
+        ] = None,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        prefer: Annotated[
+            str | None,
+            Header(description="`wait=N`: hold the request up to N seconds (at most "
+                   f"{settings.prefer_wait_max_seconds:g}) and answer 201 with the finished job, else 202"),
+        ] = None,
     ) -> JobPublic:
-        """Queue a generation; poll the returned job (its URL is in `Location`)."""
-        data, image_type = read_image_upload(image, max_bytes=settings.max_upload_bytes)
+        """Queue a generation; follow the returned job (its URL is in `Location`) with GET, its event
+        stream or a webhook, or hold this request with `Prefer: wait=N`."""
+        data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
             image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
         )  # fmt: skip
-        job, replayed = submit_job(
-            redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
-            image=data, image_type=image_type, request=request, idempotency_key=idempotency_key,
+        webhook = None
+        if webhook_url is not None:
+            webhook = WebhookSubscription(url=webhook_url, events=webhook_events or list(DEFAULT_WEBHOOK_EVENTS))
+        job, replayed = await run_in_threadpool(
+            submit_job, redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
+            image=data, image_type=image_type, request=request, webhook=webhook, idempotency_key=idempotency_key,
         )  # fmt: skip
         response.headers["Location"] = f"/jobs/{job.id}"
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
-        return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+        describe = lambda: describe_job(find_job(redis=redis, job_id=job.id, owner=owner), redis=redis,
+                                        storage=storage, base_url=base_url)  # fmt: skip
+        wait = parse_prefer_wait(prefer)
+        if wait is not None:
+            wait = min(wait, settings.prefer_wait_max_seconds)
+            await wait_for_end(async_redis, job.id, describe, seconds=wait)
+            response.headers["Preference-Applied"] = f"wait={wait:g}"
+        public = await run_in_threadpool(describe)
+        if public.status in TERMINAL:
+            response.status_code = 201
+        return public
 
     @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
     def get_job(
@@ -94,6 +136,28 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     ) -> JobPublic:
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+
+    @router.get(
+        "/{job_id}/events",
+        response_class=EventSourceResponse,
+        responses={**ERRORS, 200: {"description": EVENTS_DOC, "content": {"text/event-stream": {}}}},
+    )
+    async def get_job_events(
+        job_id: JobId, redis: RedisDep, async_redis: AsyncRedisDep, storage: StorageDep, owner: OwnerDep,
+        base_url: BaseUrlDep,
+    ) -> EventSourceResponse:  # fmt: skip
+        """Server-Sent Events until the job ends: `status`, `progress`, then `completed` (see below)."""
+        describe = lambda: describe_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis,
+                                        storage=storage, base_url=base_url)  # fmt: skip
+        await run_in_threadpool(describe)  # 404 before the stream starts
+        return EventSourceResponse(sse_events(async_redis, job_id, describe), ping=15)
+
+    @router.get("/{job_id}/webhooks", response_model=WebhookAttempts, responses=ERRORS)
+    def get_webhook_attempts(job_id: JobId, redis: RedisDep, owner: OwnerDep) -> WebhookAttempts:
+        """Every delivery attempt of this job's webhooks, oldest first, with the target's answer or the error."""
+        job = find_job(redis=redis, job_id=job_id, owner=owner)
+        attempts = read_attempts(redis, job.id)
+        return WebhookAttempts(data=attempts, count=len(attempts))
 
     @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**ERRORS, 409: {"model": ErrorResponse}})
     def cancel(

@@ -11,6 +11,7 @@ from servers import (
     S3_BUCKET,
     S3_SECRET_KEY,
     SAMPLE_IMAGE,
+    WEBHOOK_SECRET,
     S3Server,
     Stack,
     launch_stack,
@@ -43,7 +44,8 @@ def s3_server(workdir) -> S3Server:
 @pytest.fixture(scope="session")
 def local_stack(workdir, redis_port, tiny_bundle) -> Stack:
     stack = launch_stack("local", workdir=workdir, redis_port=redis_port, db=1, bundle=tiny_bundle,
-                         storage_dir=workdir / "local-storage", api_keys=f"{ALICE},{BOB}")  # fmt: skip
+                         storage_dir=workdir / "local-storage", api_keys=f"{ALICE},{BOB}",
+                         webhook_secret=WEBHOOK_SECRET)  # fmt: skip
     yield stack
     stack.stop()
 
@@ -62,6 +64,17 @@ def s3_stack(workdir, redis_port, tiny_bundle, s3_server) -> Stack:
         s3_access_key=S3_ACCESS_KEY,
         s3_secret_key=S3_SECRET_KEY,
     )
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def live_stack(workdir, redis_port, tiny_bundle) -> Stack:
+    """No API keys, webhooks on (loopback targets allowed, fast retries), `Prefer: wait` up to 5 s."""
+    stack = launch_stack("live", workdir=workdir, redis_port=redis_port, db=3, bundle=tiny_bundle,
+                         storage_dir=workdir / "live-storage", webhook_secret=WEBHOOK_SECRET,
+                         webhook_allow_private="true", webhook_timeout_seconds=1, webhook_backoff_seconds=0.2,
+                         webhook_retry_seconds=3, prefer_wait_max_seconds=5)  # fmt: skip
     yield stack
     stack.stop()
 

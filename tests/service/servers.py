@@ -19,6 +19,7 @@ from melfusion_client import Job, MelFusionClient
 
 S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKET = "melfusion-test", "melfusion-test-secret", "clips"
 ALICE, BOB = "alice-key-0123", "bob-key-4567"  # the API keys of the local stack
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the live stack's (Standard Webhooks' example key)
 SAMPLE_IMAGE = PROJECT_ROOT / "docs" / "sample.png"
 
 

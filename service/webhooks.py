@@ -1,0 +1,159 @@
+"""Webhook delivery: refuse private targets, sign per Standard Webhooks, retry with exponential backoff.
+
+Where deliveries run: in the API process, on a small thread pool fed from Redis (`jobs/webhooks.py`),
+never in a worker. A dead, slow or hanging target then costs one sender thread for at most
+`webhook_timeout_seconds` per attempt and never touches the sampling loop (no threads, no sockets, no GIL
+contention in the GPU process), and the body is built by `describe_job`, so it is exactly what
+`GET /jobs/{id}` returns. Due deliveries live in Redis, so a restart of the API loses none, and every
+replica drains the same set.
+
+Retried: timeouts, connection errors, 5xx and 429, after 1, 2, 4 ... s (`webhook_backoff_seconds`,
+capped at 60 s) until `webhook_retry_seconds` after the first attempt. Not retried: other 4xx, a refused
+target. Each attempt is logged per job (`GET /jobs/{id}/webhooks`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+from redis import Redis
+from standardwebhooks import Webhook
+
+from jobs.queue import fetch_job
+from jobs.settings import Settings
+from jobs.webhooks import Delivery, claim_due, record_attempt, schedule
+
+from .errors import TargetRefused
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1
+MAX_BACKOFF_SECONDS = 60.0
+RETRIED_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+def check_target(url: str, *, allow_private: bool) -> None:
+    """Refuse URLs that are not http(s), do not resolve, or resolve to a non-public address (SSRF).
+
+    Raises:
+        TargetRefused: naming `webhook_url`.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetRefused("webhook_url must be an http:// or https:// URL with a host", field="webhook_url")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError):
+        raise TargetRefused(f"webhook_url host {parts.hostname!r} does not resolve", field="webhook_url") from None
+    if allow_private:
+        return
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            raise TargetRefused(
+                f"webhook_url resolves to {address}, a loopback, private or link-local address", field="webhook_url"
+            )
+
+
+def backoff_seconds(attempt: int, *, base: float) -> float:
+    """Delay after failed attempt number `attempt` (1-based): base, 2·base, 4·base ... capped at 60 s."""
+    return min(base * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+
+
+class WebhookSender:
+    """Claims due deliveries from Redis and sends them on a thread pool; `start()` / `stop()` with the app."""
+
+    def __init__(self, *, redis: Redis, settings: Settings, describe: Callable[[object], str]):
+        """`describe(job)` gives the body: the job JSON as `GET /jobs/{id}` shows it."""
+        self.redis, self.settings, self.describe = redis, settings, describe
+        self.signer = Webhook(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else None
+        self.http = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self.pool = ThreadPoolExecutor(settings.webhook_senders, thread_name_prefix="webhook")
+        self.in_flight: set[str] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="webhook-dispatch", daemon=True)
+
+    def start(self) -> None:
+        if self.signer is not None:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.http.close()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(POLL_SECONDS):
+            try:
+                with self.lock:
+                    free = self.settings.webhook_senders - len(self.in_flight)
+                    due = claim_due(self.redis, limit=free, skip_jobs=set(self.in_flight)) if free > 0 else []
+                    self.in_flight.update(delivery.job_id for delivery in due)
+                for delivery in due:
+                    self.pool.submit(self._deliver_and_release, delivery)
+            except Exception:  # a Redis blip must not end delivery for the life of the process
+                log.warning("webhook dispatch failed; retrying", exc_info=True)
+
+    def _deliver_and_release(self, delivery: Delivery) -> None:
+        try:
+            self.deliver(delivery)
+        except Exception:
+            log.exception("job %s: webhook %s crashed", delivery.job_id, delivery.id)
+        finally:
+            with self.lock:
+                self.in_flight.discard(delivery.job_id)
+
+    def deliver(self, delivery: Delivery) -> None:
+        """One attempt: send, log the attempt, and schedule the next one if the failure is worth retrying."""
+        job = fetch_job(self.redis, delivery.job_id)
+        if job is None:
+            return  # expired: nobody can read it any more
+        subscription = job.meta["webhook"]
+        body = delivery.body or self.describe(job)
+        attempt = {"webhook_id": delivery.id, "event": delivery.event, "attempt": delivery.attempt,
+                   "at": dt.datetime.now(dt.UTC).isoformat(), "status_code": None, "error": None}  # fmt: skip
+        started = time.perf_counter()
+        retry = False
+        try:
+            check_target(subscription["url"], allow_private=self.settings.webhook_allow_private)
+            response = self.http.post(subscription["url"], content=body, headers=self._headers(delivery.id, body))
+            attempt["status_code"] = response.status_code
+            retry = response.status_code in RETRIED_STATUSES
+            if not response.is_success:
+                attempt["error"] = f"HTTP {response.status_code}"
+        except TargetRefused as exc:
+            attempt["error"] = exc.message
+        except httpx.HTTPError as exc:
+            attempt["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            retry = True
+        attempt["duration_ms"] = round(1000 * (time.perf_counter() - started), 1)
+        delay = backoff_seconds(delivery.attempt, base=self.settings.webhook_backoff_seconds)
+        if retry and time.time() + delay <= delivery.first_at + self.settings.webhook_retry_seconds:
+            attempt["outcome"], attempt["next_attempt_in_seconds"] = "retrying", delay
+            schedule(self.redis, delivery.next_attempt(body), at=time.time() + delay)
+        else:
+            attempt["outcome"] = "delivered" if attempt["error"] is None else "gave_up"
+        log.info("job %s: webhook %s %s attempt %d: %s", job.id, delivery.id, delivery.event, delivery.attempt,
+                 attempt["error"] or attempt["status_code"])  # fmt: skip
+        record_attempt(self.redis, job.id, attempt, ttl_seconds=self.settings.job_ttl_seconds)
+
+    def _headers(self, webhook_id: str, body: str) -> dict[str, str]:
+        now = dt.datetime.now(dt.UTC)
+        return {
+            "content-type": "application/json",
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self.signer.sign(webhook_id, now, body),
+        }
