@@ -16,7 +16,7 @@ from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_ca
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
 from jobs.storage import Storage, input_key
-from melfusion.images import load_image
+from melfusion.images import check_image
 from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
@@ -54,7 +54,7 @@ def submit_job(
         InputError: a bad image or parameter (names the field).
         IdempotencyConflict: the key was used before with a different request.
     """
-    load_image(image, max_pixels=settings.max_image_pixels)  # decodes fully: truncated files and bombs stop here
+    check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
     params = request.resolved(limits)
     job_id = str(uuid.uuid4())
     record_key = None

@@ -106,11 +106,14 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
 
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
+    resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
     for row in rows:
         if not row.ended:
             try:
                 data = runtime.storage.get(row.image_key)
-                images[row.job.id] = load_image(data, max_pixels=runtime.settings.max_image_pixels)
+                images[row.job.id] = load_image(
+                    data, max_pixels=runtime.settings.max_image_pixels, min_side=resolution
+                )
             except Exception as exc:  # one bad or missing image fails only its own job
                 end(row, exc)
     batch = [row for row in rows if not row.ended]
