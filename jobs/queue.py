@@ -51,6 +51,13 @@ _FROM_RQ = {
 }
 
 
+def open_redis(settings: Settings) -> Redis:
+    """A client whose every call gives up after `redis_timeout_seconds` (RQ lengthens a worker's read
+    timeout for its blocking dequeue; connecting stays short)."""
+    timeout = settings.redis_timeout_seconds
+    return Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
 def open_queue(redis: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
 
@@ -66,6 +73,21 @@ def get_status(job: Job) -> JobStatus:
     if status is JobStatus.SUCCEEDED and job.meta.get("error", {}).get("code") == ErrorCode.CANCELED:
         return JobStatus.CANCELED
     return status
+
+
+def get_queue_position(job: Job, *, owner: str) -> int | None:
+    """How many of `owner`'s jobs are queued ahead of `job` (0 = none); None if it is not queued. Other
+    owners' jobs are not counted: a client learns nothing about anyone else's load."""
+    queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
+    position = queue.get_job_position(job.id)
+    if position is None:
+        return None
+    ahead = queue.get_job_ids(0, position) if position else []
+    with job.connection.pipeline(transaction=False) as pipe:
+        for job_id in ahead:
+            pipe.hget(Job.key_for(job_id), "meta")
+        metas = pipe.execute()
+    return sum(1 for meta in metas if meta and JSONSerializer.loads(meta).get("owner") == owner)
 
 
 def cancel_key(job_id: str) -> str:

@@ -7,9 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from redis import Redis
-
-from jobs.queue import open_queue
+from jobs.queue import open_queue, open_redis
 from jobs.settings import Settings, load_settings
 from jobs.storage import LocalStorage, open_storage
 from melfusion.limits import read_limits
@@ -17,6 +15,7 @@ from melfusion.limits import read_limits
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .metrics import JobMetricsCollector
+from .rate_limit import SubmitRateLimit
 from .routes import files, health
 from .routes.jobs import build_jobs_router
 
@@ -24,7 +23,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries aro
 
 
 def create_app(settings: Settings) -> FastAPI:
-    redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(settings)
     limits = read_limits(settings.resolve_bundle_dir())
 
     @asynccontextmanager
@@ -43,8 +42,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits
+    app.state.submit_rate_limit = SubmitRateLimit(settings)
     app.state.metrics_registry = CollectorRegistry()
-    app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue, app.state.storage))
+    app.state.metrics_registry.register(JobMetricsCollector(
+        redis, app.state.queue, app.state.storage, readiness_timeout=settings.readiness_timeout_seconds
+    ))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     install_error_handlers(app)

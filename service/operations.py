@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+import logging
 from urllib.parse import urljoin
 
 from redis import Redis
@@ -12,7 +13,16 @@ from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
-from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_cancel_requested_at, get_status
+from jobs.queue import (
+    KEY_PREFIX,
+    TASK,
+    ErrorCode,
+    JobStatus,
+    fetch_job,
+    get_cancel_requested_at,
+    get_queue_position,
+    get_status,
+)
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
 from jobs.storage import Storage, input_key
@@ -20,9 +30,14 @@ from melfusion.images import check_image
 from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
-from .errors import IdempotencyConflict, JobNotFound, JobStateConflict
+from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded
 from .schemas import JobError, JobPublic, JobResult
 from .uploads import ImageType
+
+
+log = logging.getLogger(__name__)
+QUEUE_FULL_RETRY_AFTER_SECONDS = 30  # a full queue drains in minutes, not seconds
+IDEMPOTENCY_RACE_RETRY_AFTER_SECONDS = 1  # the first request is between storing the photo and enqueueing
 
 
 def _idempotency_record_key(owner: str, key: str) -> str:
@@ -49,13 +64,20 @@ def submit_job(
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
+    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
 
     Raises:
         InputError: a bad image or parameter (names the field).
+        Overloaded: more than `max_queue_depth` jobs are queued.
         IdempotencyConflict: the key was used before with a different request.
     """
     check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
     params = request.resolved(limits)
+    if queue.count >= settings.max_queue_depth:
+        raise Overloaded(
+            f"more than {settings.max_queue_depth} jobs are waiting; retry later",
+            retry_after=QUEUE_FULL_RETRY_AFTER_SECONDS,
+        )
     job_id = str(uuid.uuid4())
     record_key = None
     if idempotency_key is not None:
@@ -64,8 +86,8 @@ def submit_job(
         record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         if not redis.set(record_key, record, nx=True, ex=settings.job_ttl_seconds):
             return _replay(redis, record_key, fingerprint=fingerprint), True
+    image_key = input_key(job_id, image_type.extension)
     try:
-        image_key = input_key(job_id, image_type.extension)
         storage.put(image_key, image, content_type=image_type.mime)
         job = queue.enqueue_call(
             TASK,
@@ -78,10 +100,19 @@ def submit_job(
             description=f"melfusion job {job_id}",
         )
     except BaseException:
+        _discard_upload(storage, image_key)
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise
     return job, False
+
+
+def _discard_upload(storage: Storage, image_key: str) -> None:
+    """Best effort: a photo whose job was never queued; if the store is down too, the sweep removes it."""
+    try:
+        storage.delete(image_key)
+    except Exception as exc:
+        log.warning("could not delete the photo %s of a refused job: %s", image_key, exc)
 
 
 def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
@@ -90,7 +121,11 @@ def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
         raise IdempotencyConflict("this key was used with a different request", field="Idempotency-Key")
     job = fetch_job(redis, record["job_id"])
     if job is None:
-        raise JobStateConflict("the first request with this key is still being created; retry", field="Idempotency-Key")
+        raise JobStateConflict(
+            "the first request with this key is still being created; retry",
+            field="Idempotency-Key",
+            retry_after=IDEMPOTENCY_RACE_RETRY_AFTER_SECONDS,
+        )
     return job
 
 
@@ -102,7 +137,7 @@ def find_job(*, redis: Redis, job_id: str, owner: str) -> Job:
     return job
 
 
-def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> JobPublic:
+def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str, owner: str) -> JobPublic:
     """The public view of a job, with a fresh download URL if it succeeded."""
     status = get_status(job)
     meta = job.meta
@@ -124,7 +159,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         id=job.id,
         status=status,
         progress=meta.get("progress", 0.0),
-        queue_position=job.get_position() if status is JobStatus.QUEUED else None,
+        queue_position=get_queue_position(job, owner=owner) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,

@@ -11,7 +11,10 @@ from melfusion.request import GenerationRequest
 
 
 class JobResult(BaseModel):
-    url: str = Field(description="time-limited download URL of the WAV")
+    url: str = Field(
+        description="time-limited download URL of the WAV: absolute for S3 or when MELFUSION_PUBLIC_URL is set, "
+        "else relative to this API"
+    )
     content_type: str = "audio/wav"
     seconds: float
     sample_rate: int
@@ -29,7 +32,9 @@ class JobPublic(BaseModel):
     id: str
     status: JobStatus
     progress: float = Field(ge=0, le=1, description="fraction of denoising steps done, updated up to 4 times a second")
-    queue_position: int | None = Field(description="jobs ahead of this one (0 = next); null unless queued")
+    queue_position: int | None = Field(
+        description="jobs of the same API key queued ahead of this one (0 = none); null unless queued"
+    )
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None

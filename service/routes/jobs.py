@@ -4,7 +4,7 @@ and stating them in the route signature is what puts them in the OpenAPI documen
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Header, Path, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Response, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse
 
 from jobs.queue import JobStatus
@@ -13,8 +13,9 @@ from jobs.storage import LocalStorage
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
 from melfusion.request import MAX_SEED, GenerationRequest
 
-from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
+from ..deps import BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep, enforce_rate_limit
 from ..errors import ErrorResponse, JobStateConflict
+from ..forms import StrictFormRoute
 from ..operations import cancel_job, describe_job, find_job, submit_job
 from ..schemas import JobPublic
 from ..uploads import read_image_upload
@@ -22,7 +23,7 @@ from ..uploads import read_image_upload
 ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
 Preset = Literal[tuple(SAMPLING_PRESETS)]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
 
 
 def describe(name: str, bundle_default: float | None = None) -> str:
@@ -32,14 +33,15 @@ def describe(name: str, bundle_default: float | None = None) -> str:
 
 
 def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/jobs", tags=["jobs"])
+    router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictFormRoute)
     Scheduler = Literal[limits.schedulers]  # type: ignore[valid-type]
 
     @router.post(
         "",
         status_code=202,
         response_model=JobPublic,
-        responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 503)}},
+        responses={**ERRORS, **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 429)}},
+        dependencies=[Depends(enforce_rate_limit)],
     )
     def create_job(
         response: Response,
@@ -73,7 +75,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         preset: Annotated[Preset | None, Form(description=describe("preset"))] = None,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JobPublic:
-        """Queue a generation; poll the returned job (its URL is in `Location`)."""
+        """Queue a generation; poll the returned job (its URL is in `Location`). 429 (rate limit per API key),
+        503 (queue full or a backend down) and a 409 idempotency race carry `Retry-After`."""
         data, image_type = read_image_upload(image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
@@ -86,14 +89,14 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         response.headers["Location"] = f"/jobs/{job.id}"
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
-        return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+        return describe_job(job, redis=redis, storage=storage, base_url=base_url, owner=owner)
 
     @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
     def get_job(
         job_id: JobId, redis: RedisDep, storage: StorageDep, owner: OwnerDep, base_url: BaseUrlDep
     ) -> JobPublic:
         job = find_job(redis=redis, job_id=job_id, owner=owner)
-        return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+        return describe_job(job, redis=redis, storage=storage, base_url=base_url, owner=owner)
 
     @router.post("/{job_id}/cancel", response_model=JobPublic, responses={**ERRORS, 409: {"model": ErrorResponse}})
     def cancel(
@@ -107,7 +110,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         """A queued job never runs; a running one stops at its next step, then reads `canceled`."""
         cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, storage=storage, settings=settings)
         job = find_job(redis=redis, job_id=job_id, owner=owner)
-        return describe_job(job, redis=redis, storage=storage, base_url=base_url)
+        return describe_job(job, redis=redis, storage=storage, base_url=base_url, owner=owner)
 
     @router.get(
         "/{job_id}/audio",
@@ -118,7 +121,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     def get_audio(job_id: JobId, redis: RedisDep, storage: StorageDep, owner: OwnerDep, base_url: BaseUrlDep):
         """The WAV: streamed from the local store, or a redirect to a presigned S3 URL."""
         job = find_job(redis=redis, job_id=job_id, owner=owner)
-        public = describe_job(job, redis=redis, storage=storage, base_url=base_url)
+        public = describe_job(job, redis=redis, storage=storage, base_url=base_url, owner=owner)
         if public.status is not JobStatus.SUCCEEDED:
             raise JobStateConflict(f"job {job_id} is {public.status.value}, there is no audio", field="id")
         if isinstance(storage, LocalStorage):
