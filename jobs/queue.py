@@ -34,6 +34,7 @@ class ErrorCode(str, Enum):
     CANCELED = "canceled"
     INVALID_INPUT = "invalid_input"
     INTERNAL = "internal_error"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 _FROM_RQ = {
@@ -88,6 +89,13 @@ def get_queue_position(job: Job, *, owner: str) -> int | None:
             pipe.hget(Job.key_for(job_id), "meta")
         metas = pipe.execute()
     return sum(1 for meta in metas if meta and JSONSerializer.loads(meta).get("owner") == owner)
+
+
+def requeue_started(job: Job, queue: Queue) -> None:
+    """Put a started job back at the head of its queue, progress 0 (a worker shutting down hands it on,
+    then removes its execution from the started registry: the job is never in neither)."""
+    job.meta["progress"] = 0.0  # saved with the job by enqueue_job
+    queue.enqueue_job(job, at_front=True)
 
 
 def cancel_key(job_id: str) -> str:

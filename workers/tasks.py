@@ -22,7 +22,7 @@ from rq.job import Job
 
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, count_outcome, observe
 from jobs.queue import ErrorCode, JobStatus, cancel_key
-from jobs.storage import WAV, StorageUnavailable, output_key
+from jobs.storage import WAV, StorageUnavailable, output_key, retry_storage
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
@@ -110,7 +110,11 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
     for row in rows:
         if not row.ended:
             try:
-                data = runtime.storage.get(row.image_key)
+                data = retry_storage(
+                    lambda key=row.image_key: runtime.storage.get(key),
+                    for_seconds=runtime.settings.storage_retry_seconds,
+                    what=f"job {row.job.id}: reading {row.image_key}",
+                )
                 images[row.job.id] = load_image(
                     data, max_pixels=runtime.settings.max_image_pixels, min_side=resolution
                 )
@@ -154,7 +158,11 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
     """Write the WAV to storage; returns the result record the API reads."""
     wav = encode_wav(audio, sampling_rate)
     key = output_key(job_id)
-    runtime.storage.put(key, wav, content_type=WAV)
+    retry_storage(
+        lambda: runtime.storage.put(key, wav, content_type=WAV),
+        for_seconds=runtime.settings.storage_retry_seconds,
+        what=f"job {job_id}: storing {key}",
+    )
     return {
         "key": key,
         "content_type": WAV,
@@ -166,7 +174,8 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
 
 
 def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
-    """The uploaded photo is needed only while its job runs; keep storage from filling with them."""
+    """The uploaded photo is needed only while its job runs; keep storage from filling with them (a delete
+    that fails now is the sweep's to repeat)."""
     try:
         runtime.storage.delete(image_key)
     except StorageUnavailable as exc:
@@ -183,6 +192,9 @@ def record_outcome(job: Job, outcome: Outcome) -> None:
     elif isinstance(outcome, InputError):
         log.info("job %s rejected: %s", job.id, outcome)
         status, error = JobStatus.FAILED, (ErrorCode.INVALID_INPUT, str(outcome))
+    elif isinstance(outcome, StorageUnavailable):
+        log.error("job %s failed: storage stayed unavailable: %s", job.id, outcome)
+        status, error = JobStatus.FAILED, (ErrorCode.STORAGE_UNAVAILABLE, "the storage stayed unavailable; retry")
     elif isinstance(outcome, BaseException):
         log.error("job %s failed", job.id, exc_info=outcome)
         status, error = JobStatus.FAILED, (ErrorCode.INTERNAL, "generation failed; see the worker log")
