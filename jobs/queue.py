@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 from .settings import Settings
 
 TASK = "workers.tasks.generate_clip"  # by name, so the API never imports the worker
+ON_FAILURE = "workers.tasks.on_job_failure"  # RQ calls it when the janitor finds a job's worker lost
 KEY_PREFIX = "melfusion"
 
 
@@ -35,6 +36,7 @@ class ErrorCode(str, Enum):
     INVALID_INPUT = "invalid_input"
     INTERNAL = "internal_error"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    WORKER_LOST = "worker_lost"
 
 
 _FROM_RQ = {
@@ -71,7 +73,8 @@ def fetch_job(redis: Redis, job_id: str) -> Job | None:
 def get_status(job: Job) -> JobStatus:
     """The public status; a job the worker stopped on a cancel request ends 'finished' in RQ, 'canceled' here."""
     status = _FROM_RQ.get(job.get_status(refresh=False), JobStatus.QUEUED)
-    if status is JobStatus.SUCCEEDED and job.meta.get("error", {}).get("code") == ErrorCode.CANCELED:
+    ended = status in (JobStatus.SUCCEEDED, JobStatus.FAILED)  # failed: canceled while its worker was lost
+    if ended and job.meta.get("error", {}).get("code") == ErrorCode.CANCELED:
         return JobStatus.CANCELED
     return status
 
@@ -96,6 +99,12 @@ def requeue_started(job: Job, queue: Queue) -> None:
     then removes its execution from the started registry: the job is never in neither)."""
     job.meta["progress"] = 0.0  # saved with the job by enqueue_job
     queue.enqueue_job(job, at_front=True)
+
+
+def get_attempts(job: Job) -> int:
+    """How many times the job has been started (a lost worker's job runs again while retries are left)."""
+    retries_used = job.meta.get("max_retries", 0) - (job.retries_left or 0)
+    return retries_used + (0 if get_status(job) is JobStatus.QUEUED else 1)
 
 
 def cancel_key(job_id: str) -> str:

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     # one worker every sweep interval; objects younger than the grace are left alone (a POST in flight).
     sweep_interval_seconds: float = Field(300.0, gt=0)
     sweep_grace_seconds: float = Field(120.0, ge=0)
+    # A job whose worker died (SIGKILL, OOM, lost node) is retried, or failed with error worker_lost, within
+    # this bound: workers refresh their jobs' started-registry entries every heartbeat and every worker's
+    # janitor reclaims expired ones (RQ's cleanup: Retry, FailedJobRegistry, AbandonedJobError).
+    abandoned_after_seconds: float = Field(120.0, ge=4)
+    max_retries: int = Field(1, ge=0)  # retries of a job whose worker was lost (never of a job that failed)
     # SIGTERM: the current batch gets this long to finish, then goes back to the queue (as on a second SIGTERM).
     shutdown_grace_seconds: float = Field(600.0, gt=0)
 
@@ -93,6 +98,16 @@ class Settings(BaseSettings):
         if value.strip():
             parse_many(value)  # raises ValueError naming the bad part
         return value
+
+    @property
+    def started_ttl_seconds(self) -> int:
+        """How long a running job's started-registry entry lives without a heartbeat: half the bound, so
+        expiry + the janitor's interval (a quarter) + one heartbeat stay within `abandoned_after_seconds`."""
+        return max(2, int(self.abandoned_after_seconds / 2))
+
+    @property
+    def janitor_interval_seconds(self) -> float:
+        return self.abandoned_after_seconds / 4
 
     @model_validator(mode="after")
     def keep_cpu_exact(self) -> Settings:

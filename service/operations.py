@@ -9,16 +9,18 @@ import logging
 from urllib.parse import urljoin
 
 from redis import Redis
-from rq import Queue
+from rq import Callback, Queue, Retry
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
 from jobs.queue import (
     KEY_PREFIX,
+    ON_FAILURE,
     TASK,
     ErrorCode,
     JobStatus,
     fetch_job,
+    get_attempts,
     get_cancel_requested_at,
     get_queue_position,
     get_status,
@@ -96,7 +98,9 @@ def submit_job(
             timeout=settings.job_timeout_seconds,
             result_ttl=settings.job_ttl_seconds,
             failure_ttl=settings.job_ttl_seconds,
-            meta={"owner": owner, "progress": 0.0},
+            meta={"owner": owner, "progress": 0.0, "max_retries": settings.max_retries},
+            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
+            on_failure=Callback(ON_FAILURE),
             description=f"melfusion job {job_id}",
         )
     except BaseException:
@@ -159,6 +163,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str, own
         id=job.id,
         status=status,
         progress=meta.get("progress", 0.0),
+        attempts=get_attempts(job),
         queue_position=get_queue_position(job, owner=owner) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
         started_at=job.started_at,

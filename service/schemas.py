@@ -32,6 +32,7 @@ class JobPublic(BaseModel):
     id: str
     status: JobStatus
     progress: float = Field(ge=0, le=1, description="fraction of denoising steps done, updated up to 4 times a second")
+    attempts: int = Field(ge=0, description="times started: a job whose worker was lost is retried (bounded)")
     queue_position: int | None = Field(
         description="jobs of the same API key queued ahead of this one (0 = none); null unless queued"
     )

@@ -1,6 +1,9 @@
 """Housekeeping that must happen even when nobody asks: run from every worker's heartbeat thread, each task
 at most once per interval across all workers (a Redis lock per task).
 
+- Abandoned jobs: RQ's own cleanup of the started registry, run every `janitor_interval_seconds` rather
+  than RQ's 10 minutes. An entry a worker stopped renewing has expired: the job is retried (`Retry`) or
+  moved to the FailedJobRegistry with AbandonedJobError; `tasks.on_job_failure` writes why.
 - The sweep deletes uploaded photos whose job is gone or has ended (a delete that failed during an
   outage, a worker killed mid-job) and WAVs whose job record has expired (`job_ttl_seconds`): nothing a
   client uploaded outlives its job for longer than one sweep interval.
@@ -13,6 +16,9 @@ import logging
 import time
 
 from redis import Redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+from rq.timeouts import TimerDeathPenalty
 
 from jobs.queue import KEY_PREFIX, JobStatus, fetch_job, get_status
 from jobs.settings import Settings
@@ -40,9 +46,10 @@ def sweep_orphans(*, redis: Redis, storage: Storage, grace_seconds: float) -> in
 
 
 class Janitor:
-    def __init__(self, *, redis: Redis, storage: Storage, settings: Settings, worker_name: str):
+    def __init__(self, *, redis: Redis, storage: Storage, settings: Settings, queues: list[Queue], worker_name: str):
         self.redis, self.storage, self.settings, self.worker_name = redis, storage, settings, worker_name
-        self._next_sweep = 0.0
+        self.queues = queues
+        self._next_sweep = self._next_reclaim = 0.0
 
     def _take_turn(self, task: str, interval: float) -> bool:
         """True for exactly one worker per `interval` (the lock expires on its own)."""
@@ -51,6 +58,12 @@ class Janitor:
     def run_due(self) -> None:
         """Run whatever is due; called every heartbeat. Errors are logged: the next beat tries again."""
         now = time.monotonic()
+        if now >= self._next_reclaim:
+            interval = self.settings.janitor_interval_seconds
+            self._next_reclaim = now + interval
+            if self._take_turn("abandoned", interval):
+                for queue in self.queues:  # a thread: callbacks get a timer, not SIGALRM, as their timeout
+                    StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
         if now >= self._next_sweep:
             interval = self.settings.sweep_interval_seconds
             self._next_sweep = now + interval

@@ -11,14 +11,19 @@ tracebacks stay in the worker's log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from redis import Redis
+from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
+from rq.utils import now
 
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, count_outcome, observe
 from jobs.queue import ErrorCode, JobStatus, cancel_key
@@ -32,6 +37,7 @@ from .warm import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRY_SECONDS = 30.0  # how long an outcome write waits out a Redis outage before giving up
 PROGRESS_INTERVAL_SECONDS = 0.25  # at most 4 progress writes a second per job, not one per UNet step
 CANCELED = {"canceled": True}  # the return value of a canceled job (RQ: finished; API: canceled)
 
@@ -68,8 +74,11 @@ class _Row:
     def report_progress(self, fraction: float) -> None:
         self.job.meta["progress"] = round(fraction, 4)  # always current in memory: the outcome write saves it
         if time.monotonic() - self.saved_progress_at >= PROGRESS_INTERVAL_SECONDS:
-            self.job.save_meta()
             self.saved_progress_at = time.monotonic()
+            try:
+                self.job.save_meta()
+            except RedisError as exc:  # a Redis blip skips a progress write, never the job
+                log.warning("job %s: progress not saved (%s)", self.job.id, exc)
 
 
 def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
@@ -84,21 +93,32 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
     redis = jobs[0].connection
     for row in rows:
         if row.job.enqueued_at and row.job.started_at:
-            observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
+            with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
+                observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
 
     def end(row: _Row, outcome: Outcome) -> None:
         row.ended = True
-        record_outcome(row.job, outcome)
-        observe(redis, RUN_TIME, time.perf_counter() - row.started)
+        retry_redis(lambda: record_outcome(row.job, outcome), what=f"job {row.job.id}: recording its outcome")
         discard_input(runtime, row.image_key, job_id=row.job.id)
-        finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome)
+        retry_redis(
+            lambda: finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome),
+            what=f"job {row.job.id}: finishing it in RQ",
+        )
+        try:
+            observe(redis, RUN_TIME, time.perf_counter() - row.started)
+        except RedisError:
+            log.warning("job %s: run time not observed (Redis unavailable)", row.job.id)
 
     def end_canceled_rows(reason: str) -> None:
         live = [row for row in rows if not row.ended]
-        with redis.pipeline(transaction=False) as pipe:
-            for row in live:
-                pipe.exists(cancel_key(row.job.id))
-            flags = pipe.execute()
+        try:
+            with redis.pipeline(transaction=False) as pipe:
+                for row in live:
+                    pipe.exists(cancel_key(row.job.id))
+                flags = pipe.execute()
+        except RedisError as exc:  # cancel flags are read again at the next step
+            log.warning("cancel flags unreadable (%s); continuing", exc)
+            return
         for row, canceled in zip(live, flags, strict=True):
             if canceled:
                 log.info("job %s canceled: %s", row.job.id, reason)
@@ -180,6 +200,47 @@ def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
         runtime.storage.delete(image_key)
     except StorageUnavailable as exc:
         log.warning("job %s: could not delete input %s: %s", job_id, image_key, exc)
+
+
+def retry_redis(action: Callable[[], None], *, what: str) -> None:
+    """Run a Redis write, retrying through an outage of up to REDIS_RETRY_SECONDS (then it raises, and the
+    job comes back through the janitor as abandoned)."""
+    deadline = time.monotonic() + REDIS_RETRY_SECONDS
+    while True:
+        try:
+            return action()
+        except RedisError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying", what, exc)
+            time.sleep(0.5)
+
+
+def on_job_failure(job: Job, connection: Redis, exc_type, exc_value, traceback) -> None:
+    """RQ's failure callback; acts on AbandonedJobError only (the janitor found the job's worker gone):
+    a job with retries left goes back to the queue (RQ requeues it after this), others end `failed` with
+    worker_lost, or `canceled` if a cancel was asked; their photo is deleted."""
+    if exc_type is not AbandonedJobError:
+        return  # failures inside a worker are recorded by run_batch
+    canceled = connection.exists(cancel_key(job.id))
+    job.meta["progress"] = 0.0
+    if job.retries_left and not canceled:
+        log.warning("job %s: its worker was lost; retrying (%d retries left)", job.id, job.retries_left)
+        job.save_meta()
+        return
+    job.retries_left = 0
+    job.ended_at = now()  # saved with the failure that RQ records next
+    if canceled:
+        job.meta["error"] = {"code": ErrorCode.CANCELED.value, "message": "canceled while its worker was lost"}
+    else:
+        log.error("job %s: its worker was lost and no retry is left", job.id)
+        job.meta["error"] = {
+            "code": ErrorCode.WORKER_LOST.value,
+            "message": "the worker running this job was lost (killed or cut off) and no retry was left",
+        }
+    job.save_meta()
+    count_outcome(connection, JobStatus.CANCELED.value if canceled else JobStatus.FAILED.value)
+    discard_input(get_runtime(), job.kwargs["image_key"], job_id=job.id)
 
 
 def record_outcome(job: Job, outcome: Outcome) -> None:

@@ -56,7 +56,26 @@ class MelFusionWorker(SimpleWorker):
         self.batches_done = 0
         self._stop_beating = threading.Event()
         self.janitor = Janitor(redis=self.connection, storage=runtime.storage, settings=runtime.settings,
-                               worker_name=self.name)  # fmt: skip
+                               queues=self.queues, worker_name=self.name)  # fmt: skip
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Short: the heartbeat thread renews every running job's entry, so an entry outlives its worker
+        by at most this (RQ's default, job timeout + 60 s, left a killed worker's job running for an hour)."""
+        return self.runtime.settings.started_ttl_seconds
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info) -> None:
+        """Retries are for jobs whose worker was lost (see tasks.on_job_failure); a job that failed here
+        would fail the same way again."""
+        job.retries_left = 0
+        super()._finalize_failure(job, queue, execution, exc_info)
+
+    def renew_running_jobs(self) -> None:
+        """Keep every running job's started-registry entry (the whole batch) from expiring while we live."""
+        ttl = self.runtime.settings.started_ttl_seconds
+        with self.connection.pipeline() as pipe:
+            for execution in list(self.executions.values()):
+                execution.heartbeat(self.queues[0].started_job_registry, ttl, pipe)
+            pipe.execute()
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
         """Take the next job only while the store answers: a job taken during a storage outage would fail."""
@@ -194,6 +213,7 @@ class MelFusionWorker(SimpleWorker):
         while not self._stop_beating.is_set():
             try:
                 write_heartbeat(self.connection, self.name, self.get_heartbeat_state(), ttl_seconds=3 * interval)
+                self.renew_running_jobs()
                 self.janitor.run_due()
             except Exception:  # a Redis or storage blip must not kill the beat; the next one retries
                 log.warning("worker %s: heartbeat or housekeeping failed", self.name, exc_info=True)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis import Redis
+from redis.exceptions import RedisError
 from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, launch_stack, start_seaweedfs, wait_for_job
 
-from embedded.processes import wait_until
+from embedded.processes import free_port, spawn, wait_until
 
 QUICK = {"seconds": 0.5, "steps": 2}
 LONG = {"seconds": 1.0, "steps": 300}  # several seconds of sampling on the tiny bundle
@@ -116,3 +118,93 @@ def test_s3_kept_down_fails_the_running_job_and_queued_jobs_wait(flaky_s3_stack,
     finally:
         hung.send_signal(signal.SIGCONT)
     assert client.wait(waiting.id, timeout=120).status == "succeeded"
+
+
+@pytest.fixture(scope="module")
+def recovery_stack(workdir, redis_port, tiny_bundle):
+    """Abandoned jobs come back within 8 s here (120 s by default)."""
+    stack = launch_stack("failures-recovery", workdir=workdir, redis_port=redis_port, db=8, bundle=tiny_bundle,
+                         storage_dir=workdir / "recovery-storage", abandoned_after_seconds=8)  # fmt: skip
+    yield stack
+    stack.stop()
+
+
+def kill_worker_mid_sampling(stack, client, job_id: str) -> float:
+    """SIGKILL the stack's live worker once the job samples; returns when (monotonic)."""
+    wait_for_job(client, job_id, running, what="sampling")
+    worker = next(w for w in stack.workers if w.is_running())
+    worker.popen.send_signal(signal.SIGKILL)
+    worker.popen.wait()
+    return time.monotonic()
+
+
+def test_sigkill_mid_sampling_retries_the_job(recovery_stack, sample_png):
+    client = recovery_stack.client()
+    job = client.submit(sample_png, "survives its worker", **LONG)
+    killed_at = kill_worker_mid_sampling(recovery_stack, client, job.id)
+    recovery_stack.add_worker()  # the janitor of any live worker reclaims the job
+    requeued = wait_for_job(client, job.id, lambda j: j.raw["attempts"] == 2, what="retried", timeout=60)
+    print(f"retried {time.monotonic() - killed_at:.1f} s after the SIGKILL (bound 8 s + a worker start)")
+    done = client.wait(job.id, timeout=120)
+    assert done.status == "succeeded" and done.raw["attempts"] == 2, (requeued.raw, done.raw)
+
+
+def test_sigkill_without_retries_fails_with_the_lost_worker_error(recovery_stack, sample_png):
+    redis = recovery_stack.redis
+    client = recovery_stack.client()
+    job = client.submit(sample_png, "no second chance", **LONG)
+    redis_job_meta_retries = redis.hget(f"rq:job:{job.id}", "retries_left")
+    redis.hset(f"rq:job:{job.id}", "retries_left", 0)  # as MELFUSION_MAX_RETRIES=0 would have enqueued it
+    assert redis_job_meta_retries is not None
+    killed_at = kill_worker_mid_sampling(recovery_stack, client, job.id)
+    recovery_stack.add_worker()
+    failed = client.wait(job.id, timeout=60)
+    recovered_in = time.monotonic() - killed_at
+    print(f"failed {recovered_in:.1f} s after the SIGKILL")
+    assert failed.status == "failed" and failed.error["code"] == "worker_lost", failed.raw
+    assert "worker" in failed.error["message"] and failed.raw["finished_at"]
+    assert recovered_in < 8 + 30  # the bound, plus starting a worker on a busy machine
+    inputs = Path(recovery_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs"
+    assert not list(inputs.glob(f"{job.id}.*"))  # its photo is gone
+
+
+def start_aof_redis(port: int, data_dir: Path):
+    """A redis-server persisting every write to its append-only file, as production should run it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+               "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]  # fmt: skip
+    child = spawn("redis-aof", command, log_dir=data_dir)
+    wait_until(lambda: answers(port), timeout=20, what="redis-server answering", process=child)
+    return child
+
+
+def answers(port: int) -> bool:
+    try:
+        return Redis(port=port, socket_timeout=1).ping()
+    except RedisError:
+        return False
+
+
+def test_redis_outage_mid_job_is_survived(workdir, tiny_bundle, sample_png):
+    port, data_dir = free_port(), workdir / "redis-aof"
+    redis_server = start_aof_redis(port, data_dir)
+    stack = launch_stack("failures-redis", workdir=workdir, redis_port=port, db=0, bundle=tiny_bundle,
+                         storage_dir=workdir / "redis-outage-storage", max_batch=1)  # fmt: skip
+    try:
+        client = stack.client()
+        job = client.submit(sample_png, "through a Redis outage", **LONG)
+        queued = [client.submit(sample_png, f"queued {i}", **QUICK) for i in range(3)]
+        wait_for_job(client, job.id, running, what="running")
+        redis_server.stop()  # SIGTERM: Redis syncs its append-only file and exits
+        stopped_at = time.monotonic()
+        time.sleep(3)
+        redis_server = start_aof_redis(port, data_dir)
+        print(f"Redis down for {time.monotonic() - stopped_at:.1f} s")
+        assert stack.workers[0].is_running()
+        done = client.wait(job.id, timeout=120)
+        assert done.status == "succeeded", done.raw
+        assert [client.wait(j.id, timeout=120).status for j in queued] == ["succeeded"] * 3
+        assert stack.workers[0].is_running()  # the same worker, alive throughout
+    finally:
+        stack.stop()
+        redis_server.stop()
