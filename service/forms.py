@@ -44,7 +44,13 @@ class StrictMultiPartParser(MultiPartParser):
 async def parse_strict_form(request: Request, settings: Settings) -> FormData:
     """The request's multipart form, parsed strictly (see the module docstring)."""
     max_part_size = max(1024, TEXT_FIELD_BYTES_PER_CHAR * settings.max_caption_chars)
-    form = await StrictMultiPartParser(request.headers, request.stream(), max_part_size=max_part_size).parse()
+    parser = StrictMultiPartParser(request.headers, request.stream(), max_part_size=max_part_size)
+    try:
+        form = await parser.parse()
+    except ApiError:
+        raise
+    except MultiPartException as exc:  # no boundary, a broken part header...
+        raise FormFieldInvalid(f"unreadable multipart body: {exc.message}") from None
     for name in form:
         if len(form.getlist(name)) > 1:
             await form.close()
