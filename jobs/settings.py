@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    public_url: str | None = None  # how clients reach the API, for file URLs behind a proxy; else the request's host
+    public_url: str | None = None  # how clients reach the API, for absolute file URLs; else URLs are relative
     api_keys: Annotated[list[str], NoDecode] = []  # comma-separated; empty = no auth, one shared namespace
 
     # Queue
@@ -30,6 +30,28 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(86_400, gt=0)  # how long finished jobs and idempotency keys are kept
     job_timeout_seconds: int = Field(3_600, gt=0)  # longer than any job; compose's stop_grace_period matches it
     heartbeat_seconds: float = Field(5.0, gt=0)  # a worker is "fresh" if it beat within 3 intervals
+    # Every Redis and S3 call gives up after this long, so a hung backend costs a request seconds, not minutes.
+    redis_timeout_seconds: float = Field(2.0, gt=0)
+    s3_timeout_seconds: float = Field(3.0, gt=0)
+    readiness_timeout_seconds: float = Field(0.9, gt=0)  # /readyz answers within a second, a hung check says so
+    # Overload and abuse: POST /jobs answers 503 + Retry-After past this many queued jobs, and 429 +
+    # Retry-After past the per-API-key rate (`limits` notation, e.g. "10/second;300/minute"; empty = off).
+    max_queue_depth: int = Field(1000, ge=1)
+    rate_limit: str = "10/second;300/minute"
+    # Storage blips: a worker retries a failing store this long (backoff up to 5 s), then fails the job with
+    # storage_unavailable; it takes no new job while the store is down, so queued jobs wait.
+    storage_retry_seconds: float = Field(30.0, ge=0)
+    # Uploaded photos whose job is gone, and WAVs whose job record expired (job_ttl_seconds), are deleted by
+    # one worker every sweep interval; objects younger than the grace are left alone (a POST in flight).
+    sweep_interval_seconds: float = Field(300.0, gt=0)
+    sweep_grace_seconds: float = Field(120.0, ge=0)
+    # A job whose worker died (SIGKILL, OOM, lost node) is retried, or failed with error worker_lost, within
+    # this bound: workers refresh their jobs' started-registry entries every heartbeat and every worker's
+    # janitor reclaims expired ones (RQ's cleanup: Retry, FailedJobRegistry, AbandonedJobError).
+    abandoned_after_seconds: float = Field(120.0, ge=4)
+    max_retries: int = Field(1, ge=0)  # retries of a job whose worker was lost (never of a job that failed)
+    # SIGTERM: the current batch gets this long to finish, then goes back to the queue (as on a second SIGTERM).
+    shutdown_grace_seconds: float = Field(600.0, gt=0)
 
     # Model
     bundle_dir: Path | None = None  # None = the embedded tiny bundle (built on first use; imports torch)
@@ -93,6 +115,25 @@ class Settings(BaseSettings):
             if not text.startswith("whsec_") or len(key) < 16:
                 raise ValueError("expected whsec_ followed by at least 16 bytes in base64 (Standard Webhooks)")
         return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def parse_rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        if value.strip():
+            parse_many(value)  # raises ValueError naming the bad part
+        return value
+
+    @property
+    def started_ttl_seconds(self) -> int:
+        """How long a running job's started-registry entry lives without a heartbeat: half the bound, so
+        expiry + the janitor's interval (a quarter) + one heartbeat stay within `abandoned_after_seconds`."""
+        return max(2, int(self.abandoned_after_seconds / 2))
+
+    @property
+    def janitor_interval_seconds(self) -> float:
+        return self.abandoned_after_seconds / 4
 
     @model_validator(mode="after")
     def keep_cpu_exact(self) -> Settings:

@@ -10,17 +10,21 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import urlencode
 
 from melfusion.audio import write_atomically
 
 from .settings import Settings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 WAV = "audio/wav"
 PNG = "image/png"
 _SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|wav)$")
@@ -28,6 +32,22 @@ _SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|wav)$")
 
 class StorageUnavailable(Exception):
     """The store cannot be reached or refuses us; the message says which and why (shown by /readyz)."""
+
+
+def retry_storage(action: Callable[[], T], *, for_seconds: float, what: str) -> T:
+    """Run `action`, retrying StorageUnavailable with exponential backoff (0.5 s doubling, at most 5 s a
+    wait) for about `for_seconds`; then the last StorageUnavailable propagates."""
+    deadline = time.monotonic() + for_seconds
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except StorageUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: storage unavailable (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class StorageKeyInvalid(Exception):
@@ -66,7 +86,11 @@ class Storage(Protocol):
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store `data`; raise StorageUnavailable if the store refuses or cannot be reached."""
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str) -> bytes:
+        """The stored bytes; FileNotFoundError if `key` is not there, StorageUnavailable if the store is down."""
+
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, dt.datetime]]:
+        """(key, last modified) of every object under `prefix` ("inputs/" or "outputs/")."""
 
     def delete(self, key: str) -> None:
         """Remove `key`; a key that is already gone is fine."""
@@ -100,6 +124,12 @@ class LocalStorage:
 
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, dt.datetime]]:
+        folder = self.root / prefix
+        for path in folder.iterdir() if folder.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                yield f"{prefix}{path.name}", dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -141,6 +171,7 @@ class S3Storage:
         access_key: str,
         secret_key: str,
         url_ttl_seconds: int,
+        timeout_seconds: float,
     ):
         import boto3
         from botocore.config import Config
@@ -148,9 +179,9 @@ class S3Storage:
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            connect_timeout=3,
-            read_timeout=30,
-            retries={"max_attempts": 2},
+            connect_timeout=timeout_seconds,
+            read_timeout=timeout_seconds,
+            retries={"max_attempts": 1, "mode": "standard"},  # no hidden retries: callers decide (retry_storage)
         )
         make_client = lambda endpoint: boto3.client(
             "s3",
@@ -172,7 +203,17 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type)
 
     def get(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
+        with self._unavailable_on_error():
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=check_key(key))["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                raise FileNotFoundError(f"no object {key} in S3 bucket {self.bucket!r}") from None
+
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, dt.datetime]]:
+        with self._unavailable_on_error():
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                yield from ((item["Key"], item["LastModified"]) for item in page.get("Contents", ()))
 
     def delete(self, key: str) -> None:
         with self._unavailable_on_error():
@@ -218,4 +259,5 @@ def open_storage(settings: Settings) -> Storage:
         access_key=settings.s3_access_key,
         secret_key=settings.s3_secret_key.get_secret_value(),
         url_ttl_seconds=settings.url_ttl_seconds,
+        timeout_seconds=settings.s3_timeout_seconds,
     )

@@ -174,7 +174,8 @@ class MelFusionClient:
         if job.result is None:
             raise ValueError(f"job {job.id} is {job.status}; it has no result")
         # A plain GET: the URL carries its own signature, and S3 refuses a second one in an Authorization header.
-        response = httpx.get(job.result["url"], follow_redirects=True, timeout=self.http.timeout)
+        url = self.http.base_url.join(job.result["url"])  # relative when the service has no public URL set
+        response = httpx.get(url, follow_redirects=True, timeout=self.http.timeout)
         response.raise_for_status()
         if hashlib.sha256(response.content).hexdigest() != job.result["sha256"]:
             raise ServiceError(response.status_code, "checksum_mismatch", "downloaded bytes differ", "result")

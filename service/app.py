@@ -8,10 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
-from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from jobs.queue import open_queue
+from jobs.queue import open_queue, open_redis
 from jobs.settings import Settings, load_settings
 from jobs.storage import LocalStorage, open_storage
 from melfusion.limits import read_limits
@@ -20,6 +19,7 @@ from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .metrics import JobMetricsCollector
 from .operations import describe_job
+from .rate_limit import SubmitRateLimit
 from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
 from .webhooks import WebhookSender
@@ -28,7 +28,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries aro
 
 
 def create_app(settings: Settings) -> FastAPI:
-    redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(settings)
     limits = read_limits(settings.resolve_bundle_dir())
 
     @asynccontextmanager
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis
-    app.state.async_redis = AsyncRedis.from_url(settings.redis_url)
+    app.state.async_redis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_seconds)
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits
@@ -56,8 +56,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.webhook_sender = WebhookSender(
         redis=redis, settings=settings, describe=lambda job: describe(job).model_dump_json()
     )
+    app.state.submit_rate_limit = SubmitRateLimit(settings)
     app.state.metrics_registry = CollectorRegistry()
-    app.state.metrics_registry.register(JobMetricsCollector(redis, app.state.queue, app.state.storage))
+    app.state.metrics_registry.register(JobMetricsCollector(
+        redis, app.state.queue, app.state.storage, readiness_timeout=settings.readiness_timeout_seconds
+    ))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     install_error_handlers(app)

@@ -17,6 +17,7 @@ from jobs.storage import Storage
 from melfusion.limits import GenerationLimits
 
 from .errors import Unauthorized
+from .rate_limit import SubmitRateLimit
 
 PUBLIC_OWNER = "public"
 _bearer = HTTPBearer(auto_error=False, description="an API key, if the server sets MELFUSION_API_KEYS")
@@ -54,22 +55,41 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 LimitsDep = Annotated[GenerationLimits, Depends(get_limits)]
 
 
-def get_owner(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> str:
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _is_known_key(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    token = credentials.credentials if credentials else ""
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys)
+
+
+def get_owner(settings: SettingsDep, credentials: CredentialsDep) -> str:
     """Whose jobs this request may see: a digest of its API key, or one shared owner when keys are off."""
     if not settings.api_keys:
         return PUBLIC_OWNER
-    token = credentials.credentials if credentials else ""
-    if not any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys):
+    if not _is_known_key(settings, credentials):
         raise Unauthorized("missing or unknown API key (Authorization: Bearer <key>)", field="Authorization")
-    return hashlib.sha256(token.encode()).hexdigest()[:24]
+    return hashlib.sha256(credentials.credentials.encode()).hexdigest()[:24]
 
 
-def get_base_url(request: Request, settings: SettingsDep) -> str:
-    """Where clients reach this API, for absolute links to local files."""
-    return settings.public_url or str(request.base_url)
+def get_is_operator(settings: SettingsDep, credentials: CredentialsDep) -> bool:
+    """Whether the caller may see internal details (backend endpoints): it presents a configured API key.
+    Without API keys nobody is identified, so nobody sees them; the API log has them."""
+    return _is_known_key(settings, credentials)
+
+
+def get_base_url(settings: SettingsDep) -> str:
+    """Prefix of links to local files: the configured public URL, or "" for links relative to this API
+    (never the request's Host header, which a client chooses)."""
+    return settings.public_url or ""
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
+IsOperatorDep = Annotated[bool, Depends(get_is_operator)]
 BaseUrlDep = Annotated[str, Depends(get_base_url)]
+
+
+def enforce_rate_limit(request: Request, owner: OwnerDep) -> None:
+    """429 + Retry-After once the caller's API key has submitted too much (see SubmitRateLimit)."""
+    limit: SubmitRateLimit = request.app.state.submit_rate_limit
+    limit.hit(owner)

@@ -36,9 +36,9 @@ class ApiError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, field: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, retry_after: int | None = None):
         super().__init__(message)
-        self.message, self.field = message, field
+        self.message, self.field, self.retry_after = message, field, retry_after
 
 
 class PayloadTooLarge(ApiError):
@@ -73,6 +73,17 @@ class LinkInvalid(ApiError):
     status_code, code = 403, "link_invalid"
 
 
+class RateLimited(ApiError):
+    status_code, code = 429, "rate_limited"
+
+
+class Overloaded(ApiError):
+    status_code, code = 503, "overloaded"
+
+
+BACKEND_RETRY_AFTER_SECONDS = 5  # what a 503 for an unreachable Redis or store tells clients to wait
+
+
 def error_response(status_code: int, code: str, message: str, field: str | None = None, **kwargs) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(code=code, message=message, field=field))
     return JSONResponse(body.model_dump(), status_code=status_code, **kwargs)
@@ -81,7 +92,8 @@ def error_response(status_code: int, code: str, message: str, field: str | None 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     def handle_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.field)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return error_response(exc.status_code, exc.code, exc.message, exc.field, headers=headers)
 
     @app.exception_handler(InputError)
     def handle_input_error(request: Request, exc: InputError) -> JSONResponse:
@@ -101,7 +113,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisError)
     def handle_backend_down(request: Request, exc: Exception) -> JSONResponse:
         log.error("backend unavailable on %s: %s", request.url.path, exc)
-        return error_response(503, "unavailable", "a backend service is unavailable; retry later")
+        headers = {"Retry-After": str(BACKEND_RETRY_AFTER_SECONDS)}
+        return error_response(503, "unavailable", "a backend service is unavailable; retry later", headers=headers)
 
     @app.exception_handler(Exception)
     def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,8 @@ replicas with `max`, never `sum`; only `melfusion_ready` is this replica's own v
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
@@ -23,8 +25,9 @@ from .readiness import check_readiness
 
 
 class JobMetricsCollector(Collector):
-    def __init__(self, redis: Redis, queue: Queue, storage: Storage):
+    def __init__(self, redis: Redis, queue: Queue, storage: Storage, *, readiness_timeout: float):
         self.redis, self.queue, self.storage = redis, queue, storage
+        self.readiness_timeout = readiness_timeout
 
     def collect(self):
         yield self._readiness()
@@ -35,7 +38,10 @@ class JobMetricsCollector(Collector):
 
     def _readiness(self) -> GaugeMetricFamily:
         """The /readyz checks as 1/0, so alerts can say which dependency failed and for how long."""
-        readiness = check_readiness(redis=self.redis, storage=self.storage, queue_name=self.queue.name)
+        readiness = asyncio.run(  # scrapes run in a request thread, without an event loop
+            check_readiness(redis=self.redis, storage=self.storage, queue_name=self.queue.name,
+                            timeout=self.readiness_timeout, show_internal=False)
+        )  # fmt: skip
         ready = GaugeMetricFamily("melfusion_ready", "This API replica's /readyz checks (1 = ok)", labels=["check"])
         for name, check in readiness.checks.items():
             ready.add_metric([name], float(check.ok))

@@ -5,27 +5,44 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+import logging
 from urllib.parse import urljoin
 
 from redis import Redis
-from rq import Queue
+from rq import Callback, Queue, Retry
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
 from jobs.lifecycle import announce
-from jobs.queue import KEY_PREFIX, TASK, ErrorCode, JobStatus, fetch_job, get_cancel_requested_at, get_status
+from jobs.queue import (
+    KEY_PREFIX,
+    ON_FAILURE,
+    TASK,
+    ErrorCode,
+    JobStatus,
+    fetch_job,
+    get_attempts,
+    get_cancel_requested_at,
+    get_queue_position,
+    get_status,
+)
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
 from jobs.storage import Storage, input_key
 from jobs.webhooks import get_subscription
-from melfusion.images import load_image
+from melfusion.images import check_image
 from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
-from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, TargetRefused
+from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded, TargetRefused
 from .schemas import JobError, JobPublic, JobResult, WebhookSubscription
 from .uploads import ImageType
 from .webhooks import check_target
+
+
+log = logging.getLogger(__name__)
+QUEUE_FULL_RETRY_AFTER_SECONDS = 30  # a full queue drains in minutes, not seconds
+IDEMPOTENCY_RACE_RETRY_AFTER_SECONDS = 1  # the first request is between storing the photo and enqueueing
 
 
 def _idempotency_record_key(owner: str, key: str) -> str:
@@ -53,20 +70,27 @@ def submit_job(
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
+    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
 
     Raises:
         InputError: a bad image or parameter (names the field).
         TargetRefused: webhooks are off, or the webhook URL is not a public http(s) address.
+        Overloaded: more than `max_queue_depth` jobs are queued.
         IdempotencyConflict: the key was used before with a different request.
     """
-    load_image(image, max_pixels=settings.max_image_pixels)  # decodes fully: truncated files and bombs stop here
+    check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
     params = request.resolved(limits)
-    meta = {"owner": owner, "progress": 0.0}
+    meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
     if webhook is not None:
         if settings.webhook_secret is None:
             raise TargetRefused("webhooks are off: the server has no MELFUSION_WEBHOOK_SECRET", field="webhook_url")
         check_target(webhook.url, allow_private=settings.webhook_allow_private)
         meta["webhook"] = webhook.model_dump()
+    if queue.count >= settings.max_queue_depth:
+        raise Overloaded(
+            f"more than {settings.max_queue_depth} jobs are waiting; retry later",
+            retry_after=QUEUE_FULL_RETRY_AFTER_SECONDS,
+        )
     job_id = str(uuid.uuid4())
     record_key = None
     if idempotency_key is not None:
@@ -75,8 +99,8 @@ def submit_job(
         record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         if not redis.set(record_key, record, nx=True, ex=settings.job_ttl_seconds):
             return _replay(redis, record_key, fingerprint=fingerprint), True
+    image_key = input_key(job_id, image_type.extension)
     try:
-        image_key = input_key(job_id, image_type.extension)
         storage.put(image_key, image, content_type=image_type.mime)
         job = queue.enqueue_call(
             TASK,
@@ -86,13 +110,24 @@ def submit_job(
             result_ttl=settings.job_ttl_seconds,
             failure_ttl=settings.job_ttl_seconds,
             meta=meta,
+            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
+            on_failure=Callback(ON_FAILURE),
             description=f"melfusion job {job_id}",
         )
     except BaseException:
+        _discard_upload(storage, image_key)
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise
     return job, False
+
+
+def _discard_upload(storage: Storage, image_key: str) -> None:
+    """Best effort: a photo whose job was never queued; if the store is down too, the sweep removes it."""
+    try:
+        storage.delete(image_key)
+    except Exception as exc:
+        log.warning("could not delete the photo %s of a refused job: %s", image_key, exc)
 
 
 def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
@@ -101,7 +136,11 @@ def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
         raise IdempotencyConflict("this key was used with a different request", field="Idempotency-Key")
     job = fetch_job(redis, record["job_id"])
     if job is None:
-        raise JobStateConflict("the first request with this key is still being created; retry", field="Idempotency-Key")
+        raise JobStateConflict(
+            "the first request with this key is still being created; retry",
+            field="Idempotency-Key",
+            retry_after=IDEMPOTENCY_RACE_RETRY_AFTER_SECONDS,
+        )
     return job
 
 
@@ -114,7 +153,8 @@ def find_job(*, redis: Redis, job_id: str, owner: str) -> Job:
 
 
 def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> JobPublic:
-    """The public view of a job, with a fresh download URL if it succeeded."""
+    """The public view of a job, with a fresh download URL if it succeeded (its queue position counts only
+    its owner's jobs)."""
     status = get_status(job)
     meta = job.meta
     result = None
@@ -141,7 +181,8 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         id=job.id,
         status=status,
         progress=meta.get("progress", 0.0),
-        queue_position=job.get_position() if status is JobStatus.QUEUED else None,
+        attempts=get_attempts(job),
+        queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,

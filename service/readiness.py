@@ -1,7 +1,12 @@
-"""The checks behind /readyz, each returning why it failed rather than raising."""
+"""The checks behind /readyz, each returning why it failed rather than raising, all within a deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
+
+import anyio
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -40,10 +45,35 @@ def check_workers(redis: Redis, queue_name: str) -> Check:
     return Check(ok=True, detail=f"{len(ready)} worker(s) alive on queue {queue_name!r}")
 
 
-def check_readiness(*, redis: Redis, storage: Storage, queue_name: str) -> Readiness:
-    checks = {
-        "redis": check_redis(redis),
-        "storage": check_storage(storage),
-        "workers": check_workers(redis, queue_name),
-    }
+log = logging.getLogger(__name__)
+INTERNAL_CHECKS = ("redis", "storage")  # their details name internal endpoints
+
+
+async def _within(check: Callable[[], Check], timeout: float) -> Check:
+    """The check run in a worker thread, or a failed Check if it has not answered within `timeout`
+    (the thread is left to its backend's own timeout)."""
+    try:
+        with anyio.fail_after(timeout):
+            return await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+    except TimeoutError:
+        return Check(ok=False, detail=f"no answer within {timeout:g} s")
+
+
+async def check_readiness(
+    *, redis: Redis, storage: Storage, queue_name: str, timeout: float, show_internal: bool
+) -> Readiness:
+    """All checks at once, each bounded by `timeout`; without `show_internal`, Redis and storage details
+    say only reachable or not (they would name internal endpoints)."""
+    names = ("redis", "storage", "workers")
+    results = await asyncio.gather(
+        _within(lambda: check_redis(redis), timeout),
+        _within(lambda: check_storage(storage), timeout),
+        _within(lambda: check_workers(redis, queue_name), timeout),
+    )
+    checks = dict(zip(names, results, strict=True))
+    for name in INTERNAL_CHECKS:
+        if not checks[name].ok:
+            log.warning("readiness: %s: %s", name, checks[name].detail)
+        if not show_internal:
+            checks[name] = Check(ok=checks[name].ok, detail="reachable" if checks[name].ok else "unreachable")
     return Readiness(ready=all(check.ok for check in checks.values()), checks=checks)

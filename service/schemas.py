@@ -14,9 +14,13 @@ from melfusion.request import GenerationRequest
 
 
 class JobResult(BaseModel):
-    url: str = Field(description="time-limited download URL of the WAV")
+    url: str = Field(
+        description="time-limited download URL of the WAV: absolute for S3 or when MELFUSION_PUBLIC_URL is set, "
+        "else relative to this API"
+    )
     spectrogram_url: str | None = Field(
-        None, description="time-limited URL of a PNG of the clip's mel spectrogram (time and frequency axes)"
+        None, description="time-limited URL of a PNG of the clip's mel spectrogram (time and frequency axes), "
+        "absolute or relative like `url`"
     )
     content_type: str = "audio/wav"
     seconds: float
@@ -57,7 +61,10 @@ class JobPublic(BaseModel):
     id: str
     status: JobStatus
     progress: float = Field(ge=0, le=1, description="fraction of denoising steps done, updated up to 4 times a second")
-    queue_position: int | None = Field(description="jobs ahead of this one (0 = next); null unless queued")
+    attempts: int = Field(ge=0, description="times started: a job whose worker was lost is retried (bounded)")
+    queue_position: int | None = Field(
+        description="jobs of the same API key queued ahead of this one (0 = none); null unless queued"
+    )
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from redis import Redis
 from rq.serializers import JSONSerializer
 
-from jobs.queue import open_queue
+from jobs.queue import open_queue, open_redis
 from jobs.settings import load_settings
 from jobs.storage import open_storage
 from melfusion.errors import BundleError
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(settings)
     runtime = Runtime(settings=settings, storage=open_storage(settings))
     try:
         runtime.get_pipeline()  # load before taking jobs: the first job pays no load, and a bad bundle fails here

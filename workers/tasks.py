@@ -11,19 +11,24 @@ Errors are recorded as `{code, message}` for the API; tracebacks stay in the wor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from redis import Redis
+from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
+from rq.utils import now
 
 from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
 from jobs.queue import ErrorCode, JobStatus, cancel_key
-from jobs.storage import PNG, WAV, StorageUnavailable, output_key, spectrogram_key
+from jobs.storage import PNG, WAV, StorageUnavailable, output_key, retry_storage, spectrogram_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
@@ -34,6 +39,7 @@ from .warm import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRY_SECONDS = 30.0  # how long an outcome write waits out a Redis outage before giving up
 PROGRESS_INTERVAL_SECONDS = 0.25  # at most 4 progress writes a second per job, not one per UNet step
 CANCELED = {"canceled": True}  # the return value of a canceled job (RQ: finished; API: canceled)
 
@@ -70,8 +76,11 @@ class _Row:
     def report_progress(self, fraction: float) -> None:
         self.job.meta["progress"] = round(fraction, 4)  # always current in memory: the outcome write saves it
         if time.monotonic() - self.saved_progress_at >= PROGRESS_INTERVAL_SECONDS:
-            announce(self.job, JobStatus.RUNNING, progress=fraction)
             self.saved_progress_at = time.monotonic()
+            try:
+                announce(self.job, JobStatus.RUNNING, progress=fraction)
+            except RedisError as exc:  # a Redis blip skips a progress write, never the job
+                log.warning("job %s: progress not saved (%s)", self.job.id, exc)
 
 
 def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
@@ -86,21 +95,32 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
     redis = jobs[0].connection
     for row in rows:
         if row.job.enqueued_at and row.job.started_at:
-            observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
+            with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
+                observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
 
     def end(row: _Row, outcome: Outcome) -> None:
         row.ended = True
-        record_outcome(row.job, outcome)
-        observe(redis, RUN_TIME, time.perf_counter() - row.started)
+        retry_redis(lambda: record_outcome(row.job, outcome), what=f"job {row.job.id}: recording its outcome")
         discard_input(runtime, row.image_key, job_id=row.job.id)
-        finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome)
+        retry_redis(
+            lambda: finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome),
+            what=f"job {row.job.id}: finishing it in RQ",
+        )
+        try:
+            observe(redis, RUN_TIME, time.perf_counter() - row.started)
+        except RedisError:
+            log.warning("job %s: run time not observed (Redis unavailable)", row.job.id)
 
     def end_canceled_rows(reason: str) -> None:
         live = [row for row in rows if not row.ended]
-        with redis.pipeline(transaction=False) as pipe:
-            for row in live:
-                pipe.exists(cancel_key(row.job.id))
-            flags = pipe.execute()
+        try:
+            with redis.pipeline(transaction=False) as pipe:
+                for row in live:
+                    pipe.exists(cancel_key(row.job.id))
+                flags = pipe.execute()
+        except RedisError as exc:  # cancel flags are read again at the next step
+            log.warning("cancel flags unreadable (%s); continuing", exc)
+            return
         for row, canceled in zip(live, flags, strict=True):
             if canceled:
                 log.info("job %s canceled: %s", row.job.id, reason)
@@ -108,11 +128,18 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
 
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
+    resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
     for row in rows:
         if not row.ended:
             try:
-                data = runtime.storage.get(row.image_key)
-                images[row.job.id] = load_image(data, max_pixels=runtime.settings.max_image_pixels)
+                data = retry_storage(
+                    lambda key=row.image_key: runtime.storage.get(key),
+                    for_seconds=runtime.settings.storage_retry_seconds,
+                    what=f"job {row.job.id}: reading {row.image_key}",
+                )
+                images[row.job.id] = load_image(
+                    data, max_pixels=runtime.settings.max_image_pixels, min_side=resolution
+                )
             except Exception as exc:  # one bad or missing image fails only its own job
                 end(row, exc)
     batch = [row for row in rows if not row.ended]
@@ -155,9 +182,14 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
     """Write the WAV, then its spectrogram PNG, to storage; returns the result record the API reads."""
     wav = encode_wav(audio, sampling_rate)
     key = output_key(job_id)
-    runtime.storage.put(key, wav, content_type=WAV)
     picture = spectrogram_key(job_id)
-    runtime.storage.put(picture, spectrogram_png(runtime.get_pipeline(), audio), content_type=PNG)
+    png = spectrogram_png(runtime.get_pipeline(), audio)
+    for stored_key, data, content_type in ((key, wav, WAV), (picture, png, PNG)):
+        retry_storage(
+            lambda: runtime.storage.put(stored_key, data, content_type=content_type),
+            for_seconds=runtime.settings.storage_retry_seconds,
+            what=f"job {job_id}: storing {stored_key}",
+        )
     return {
         "key": key,
         "spectrogram_key": picture,
@@ -170,11 +202,48 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
 
 
 def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
-    """The uploaded photo is needed only while its job runs; keep storage from filling with them."""
+    """The uploaded photo is needed only while its job runs; keep storage from filling with them (a delete
+    that fails now is the sweep's to repeat)."""
     try:
         runtime.storage.delete(image_key)
     except StorageUnavailable as exc:
         log.warning("job %s: could not delete input %s: %s", job_id, image_key, exc)
+
+
+def retry_redis(action: Callable[[], None], *, what: str) -> None:
+    """Run a Redis write, retrying through an outage of up to REDIS_RETRY_SECONDS (then it raises, and the
+    job comes back through the janitor as abandoned)."""
+    deadline = time.monotonic() + REDIS_RETRY_SECONDS
+    while True:
+        try:
+            return action()
+        except RedisError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying", what, exc)
+            time.sleep(0.5)
+
+
+def on_job_failure(job: Job, connection: Redis, exc_type, exc_value, traceback) -> None:
+    """RQ's failure callback; acts on AbandonedJobError only (the janitor found the job's worker gone):
+    a job with retries left goes back to the queue (RQ requeues it after this), others end `failed` with
+    worker_lost, or `canceled` if a cancel was asked; their photo is deleted."""
+    if exc_type is not AbandonedJobError:
+        return  # failures inside a worker are recorded by run_batch
+    canceled = connection.exists(cancel_key(job.id))
+    if job.retries_left and not canceled:
+        log.warning("job %s: its worker was lost; retrying (%d retries left)", job.id, job.retries_left)
+        announce(job, JobStatus.QUEUED, progress=0.0)
+        return
+    job.retries_left = 0
+    job.ended_at = now()  # saved with the failure that RQ records next
+    if canceled:
+        announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled while its worker was lost"))
+    else:
+        log.error("job %s: its worker was lost and no retry is left", job.id)
+        message = "the worker running this job was lost (killed or cut off) and no retry was left"
+        announce(job, JobStatus.FAILED, error=(ErrorCode.WORKER_LOST, message))
+    discard_input(get_runtime(), job.kwargs["image_key"], job_id=job.id)
 
 
 def record_outcome(job: Job, outcome: Outcome) -> None:
@@ -184,6 +253,9 @@ def record_outcome(job: Job, outcome: Outcome) -> None:
     elif isinstance(outcome, InputError):
         log.info("job %s rejected: %s", job.id, outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.INVALID_INPUT, str(outcome)))
+    elif isinstance(outcome, StorageUnavailable):
+        log.error("job %s failed: storage stayed unavailable: %s", job.id, outcome)
+        announce(job, JobStatus.FAILED, error=(ErrorCode.STORAGE_UNAVAILABLE, "the storage stayed unavailable; retry"))
     elif isinstance(outcome, BaseException):
         log.error("job %s failed", job.id, exc_info=outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.INTERNAL, "generation failed; see the worker log"))

@@ -9,13 +9,18 @@ StartedJobRegistry, so a job is always either queued or visibly started: if the 
 each job of the batch as it recovers any single job. Every job is then started, finished or failed
 through RQ's own methods, as a job run alone is.
 
-SIGTERM/SIGINT use RQ's warm shutdown: the current batch finishes, then the worker exits.
+SIGTERM/SIGINT use RQ's warm shutdown: the current batch finishes, then the worker exits. If the batch is
+still running after `shutdown_grace_seconds`, or on a second SIGTERM, its unfinished jobs go back to the
+head of the queue and the worker exits at once: no job is lost to a shutdown.
+
+While the store is unreachable the worker takes no job, so queued jobs wait instead of failing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -28,14 +33,19 @@ from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from jobs.heartbeat import clear_heartbeat, write_heartbeat
+from jobs.lifecycle import announce
+from jobs.queue import JobStatus, fetch_job, requeue_started
+from jobs.storage import StorageUnavailable
 from melfusion.request import GenerationRequest
 
+from .janitor import Janitor
 from .tasks import Outcome, run_batch
 from .warm import Runtime
 
 log = logging.getLogger(__name__)
 
 PARTNER_POLL_SECONDS = 0.002
+STORAGE_POLL_MAX_SECONDS = 5.0
 LOOKAHEAD = 4  # queued jobs inspected per batch slot: partners need not be adjacent in the queue
 
 
@@ -46,6 +56,73 @@ class MelFusionWorker(SimpleWorker):
         self.jobs_done = 0
         self.batches_done = 0
         self._stop_beating = threading.Event()
+        self.janitor = Janitor(redis=self.connection, storage=runtime.storage, settings=runtime.settings,
+                               queues=self.queues, worker_name=self.name)  # fmt: skip
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """Short: the heartbeat thread renews every running job's entry, so an entry outlives its worker
+        by at most this (RQ's default, job timeout + 60 s, left a killed worker's job running for an hour)."""
+        return self.runtime.settings.started_ttl_seconds
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info) -> None:
+        """Retries are for jobs whose worker was lost (see tasks.on_job_failure); a job that failed here
+        would fail the same way again."""
+        job.retries_left = 0
+        super()._finalize_failure(job, queue, execution, exc_info)
+
+    def renew_running_jobs(self) -> None:
+        """Keep every running job's started-registry entry (the whole batch) from expiring while we live."""
+        ttl = self.runtime.settings.started_ttl_seconds
+        with self.connection.pipeline() as pipe:
+            for execution in list(self.executions.values()):
+                execution.heartbeat(self.queues[0].started_job_registry, ttl, pipe)
+            pipe.execute()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        """Take the next job only while the store answers: a job taken during a storage outage would fail."""
+        self.wait_for_storage()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def wait_for_storage(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self.runtime.storage.check()
+                return
+            except StorageUnavailable as exc:
+                log.warning("worker %s: storage unavailable (%s); taking no job for %.1f s", self.name, exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, STORAGE_POLL_MAX_SECONDS)
+
+    def request_stop(self, signum, frame) -> None:
+        """First SIGTERM: RQ's warm shutdown, bounded by the grace period (then as a second SIGTERM)."""
+        grace = self.runtime.settings.shutdown_grace_seconds
+        timer = threading.Timer(grace, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+        log.info("worker %s: shutting down after the current batch (at most %g s)", self.name, grace)
+        super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum, frame) -> None:
+        """Second SIGTERM or grace period over: the running jobs go back to the head of the queue, and the
+        process exits at once (no half-written outcome can follow)."""
+        try:
+            for execution in list(self.executions.values()):
+                job = fetch_job(self.connection, execution.job_id)
+                if job is not None and not job.is_finished and not job.is_failed:
+                    queue = Queue(job.origin, connection=self.connection, serializer=self.serializer)
+                    requeue_started(job, queue)
+                    announce(job, JobStatus.QUEUED, progress=0.0)
+                    with self.connection.pipeline() as pipe:
+                        self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                        pipe.execute()
+                    log.warning("worker %s: job %s put back in the queue", self.name, job.id)
+            clear_heartbeat(self.connection, self.name)
+            self.register_death()
+        except Exception:  # Redis down: the jobs come back as abandoned instead
+            log.exception("worker %s: could not hand the running jobs back", self.name)
+            os._exit(1)
+        os._exit(0)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run `job` alone through RQ, or as the leader of a batch of compatible queued jobs."""
@@ -138,8 +215,10 @@ class MelFusionWorker(SimpleWorker):
         while not self._stop_beating.is_set():
             try:
                 write_heartbeat(self.connection, self.name, self.get_heartbeat_state(), ttl_seconds=3 * interval)
-            except Exception:  # a Redis blip must not kill the beat; the next one retries
-                log.warning("worker %s: heartbeat failed", self.name, exc_info=True)
+                self.renew_running_jobs()
+                self.janitor.run_due()
+            except Exception:  # a Redis or storage blip must not kill the beat; the next one retries
+                log.warning("worker %s: heartbeat or housekeeping failed", self.name, exc_info=True)
             self._stop_beating.wait(interval)
 
     def work(self, *args, **kwargs) -> bool:

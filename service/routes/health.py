@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import RedisDep, SettingsDep, StorageDep
+from ..deps import IsOperatorDep, RedisDep, SettingsDep, StorageDep
 from ..readiness import check_readiness
 from ..schemas import Readiness
 
@@ -14,15 +14,22 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/livez")
-def livez() -> dict[str, str]:
-    """The process answers; says nothing about Redis, storage or workers."""
+async def livez() -> dict[str, str]:
+    """The process answers; touches no backend and no request thread (async), so a hung backend that
+    ties up request threads cannot make an orchestrator restart a healthy API."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-def readyz(redis: RedisDep, storage: StorageDep, settings: SettingsDep) -> JSONResponse:
-    """Redis reachable, storage reachable, a worker heartbeat on our queue fresh; each check says why not."""
-    readiness = check_readiness(redis=redis, storage=storage, queue_name=settings.queue_name)
+async def readyz(
+    redis: RedisDep, storage: StorageDep, settings: SettingsDep, is_operator: IsOperatorDep
+) -> JSONResponse:
+    """Redis reachable, storage reachable, a worker heartbeat on our queue fresh; each check says why not
+    (endpoint details only to a caller with an API key). Answers within `readiness_timeout_seconds`."""
+    readiness = await check_readiness(
+        redis=redis, storage=storage, queue_name=settings.queue_name,
+        timeout=settings.readiness_timeout_seconds, show_internal=is_operator,
+    )  # fmt: skip
     return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
 
 

@@ -4,7 +4,7 @@ and stating them in the route signature is what puts them in the OpenAPI documen
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Header, Path, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Response, UploadFile
 from fastapi.responses import FileResponse, RedirectResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -19,9 +19,10 @@ from jobs.webhooks import read_attempts
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
 from melfusion.request import MAX_SEED, GenerationRequest
 
-from ..deps import AsyncRedisDep, BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep
+from ..deps import AsyncRedisDep, BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep, enforce_rate_limit
 from ..errors import ErrorResponse, JobStateConflict
 from ..events import EVENTS_DOC, parse_prefer_wait, sse_events, wait_for_end
+from ..forms import StrictFormRoute
 from ..operations import cancel_job, describe_job, find_job, submit_job
 from ..schemas import JobPublic, WebhookAttempts, WebhookSubscription
 from ..uploads import read_image_upload
@@ -30,7 +31,7 @@ ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
 Preset = Literal[tuple(SAMPLING_PRESETS)]  # type: ignore[valid-type]
 WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
 
 
 def describe(name: str, bundle_default: float | None = None) -> str:
@@ -40,7 +41,7 @@ def describe(name: str, bundle_default: float | None = None) -> str:
 
 
 def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/jobs", tags=["jobs"])
+    router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictFormRoute)
     Scheduler = Literal[limits.schedulers]  # type: ignore[valid-type]
 
     @router.post(
@@ -49,9 +50,10 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         response_model=JobPublic,
         responses={
             **ERRORS,
-            **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 503)},
+            **{code: {"model": ErrorResponse} for code in (409, 413, 415, 422, 429)},
             201: {"model": JobPublic, "description": "with `Prefer: wait=N`: the job ended within the wait"},
         },
+        dependencies=[Depends(enforce_rate_limit)],
     )
     async def create_job(
         response: Response,
@@ -102,7 +104,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         ] = None,
     ) -> JobPublic:
         """Queue a generation; follow the returned job (its URL is in `Location`) with GET, its event
-        stream or a webhook, or hold this request with `Prefer: wait=N`."""
+        stream or a webhook, or hold this request with `Prefer: wait=N`. 429 (rate limit per API key),
+        503 (queue full or a backend down) and a 409 idempotency race carry `Retry-After`."""
         data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,

@@ -120,7 +120,8 @@ def launch_stack(name: str, *, workdir: Path, redis_port: int, db: int, bundle: 
         port=free_port(),
         torch_threads=1,  # workers share 2 cores with the API and the test process
         heartbeat_seconds=0.5,
-        **settings,
+        **{"rate_limit": "", **settings},  # tests submit in bursts; test_abuse sets a limit
+
     )
     stack = Stack(name, env, log_dir, start_api(env=env, log_dir=log_dir, name=f"{name}-api"))
     if with_worker:

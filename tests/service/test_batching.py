@@ -8,7 +8,6 @@ import io
 import re
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -50,7 +49,8 @@ def batch_lines(stack) -> list[list[str]]:
 
 
 def audio(stack, job) -> np.ndarray:
-    data = httpx.get(job.result["url"], timeout=30).content
+    with stack.http() as http:  # relative to the API for the local store
+        data = http.get(job.result["url"]).content
     return sf.read(io.BytesIO(data), dtype="int16")[0]
 
 

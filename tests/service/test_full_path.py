@@ -46,6 +46,8 @@ def test_full_path(stack_and_key, sample_png, tmp_path):
     assert job.progress == 1.0
     assert job.raw["started_at"] and job.raw["finished_at"] and job.error is None
     assert job.result["content_type"] == "audio/wav" and job.result["sample_rate"] == 16000
+    if api_key is not None:  # local store, no MELFUSION_PUBLIC_URL: relative, never the client's Host header
+        assert job.result["url"].startswith("/files/outputs/")
 
     path = client.download(job, tmp_path / "clip.wav")
     data = path.read_bytes()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, launch_stack
+from servers import ALICE, S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, launch_stack
 
 from jobs.storage import WAV, LocalStorage, S3Storage, StorageKeyInvalid, StorageUnavailable
 
 
 def s3_storage(s3_server, *, secret_key: str = S3_SECRET_KEY, bucket: str = S3_BUCKET) -> S3Storage:
     return S3Storage(endpoint_url=s3_server.endpoint_url, public_endpoint_url=None, bucket=bucket, region="us-east-1",
-                     access_key=S3_ACCESS_KEY, secret_key=secret_key, url_ttl_seconds=60)  # fmt: skip
+                     access_key=S3_ACCESS_KEY, secret_key=secret_key, url_ttl_seconds=60,
+                     timeout_seconds=3)  # fmt: skip
 
 
 def test_s3_round_trip_and_presigned_wav(s3_server):
@@ -48,13 +49,18 @@ def test_keys_outside_the_pattern_are_refused(tmp_path, key):
 def test_api_with_a_refused_s3_key_is_not_ready_and_says_why(workdir, redis_port, tiny_bundle, s3_server, sample_png):
     stack = launch_stack("s3-wrong-key", workdir=workdir, redis_port=redis_port, db=4, bundle=tiny_bundle,
                          with_worker=False, s3_endpoint_url=s3_server.endpoint_url, s3_bucket=S3_BUCKET,
-                         s3_access_key=S3_ACCESS_KEY, s3_secret_key="not-the-secret")  # fmt: skip
+                         s3_access_key=S3_ACCESS_KEY, s3_secret_key="not-the-secret", api_keys=ALICE)  # fmt: skip
     try:
-        with stack.http() as http:
-            readiness = http.get("/readyz")
-            submitted = http.post("/jobs", data={"caption": "x"}, files={"image": ("s.png", sample_png, "image/png")})
+        with stack.http() as anonymous, stack.http(ALICE) as operator:
+            public_readiness = anonymous.get("/readyz")
+            readiness = operator.get("/readyz")
+            submitted = operator.post("/jobs", data={"caption": "x"},
+                                      files={"image": ("s.png", sample_png, "image/png")})  # fmt: skip
     finally:
         stack.stop()
+    assert public_readiness.status_code == 503  # internal endpoints only for a caller with an API key
+    assert public_readiness.json()["checks"]["storage"] == {"ok": False, "detail": "unreachable"}
+    assert s3_server.endpoint_url not in public_readiness.text
     assert readiness.status_code == 503
     storage = readiness.json()["checks"]["storage"]
     assert not storage["ok"] and S3_BUCKET in storage["detail"] and s3_server.endpoint_url in storage["detail"]

@@ -1,0 +1,104 @@
+"""Hostile and heavy clients: the image probe's memory bound, backpressure, the per-key rate limit,
+per-key queue positions and strict forms. Each refusal is a 4xx/503 naming its field or saying when to retry."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from servers import ALICE, BOB, launch_stack
+
+SHORT = {"caption": "calm piano", "seconds": "0.5", "steps": "1"}
+# The stated bound: an API request holds its upload (<= MELFUSION_MAX_UPLOAD_BYTES) a few times over and never
+# the decoded pixels, so a burst of 8 forty-megapixel PNGs of ~126 KB raises the API's peak RSS by < 64 MB.
+BURST, BURST_PEAK_MB = 8, 64
+
+
+def resident_mb(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def forty_megapixel_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8000, 5000), (40, 90, 160)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_forty_megapixel_burst_stays_within_the_memory_bound(local_stack):
+    png = forty_megapixel_png()
+    pid = local_stack.api.popen.pid
+    before = resident_mb(pid, "VmRSS:")
+
+    def submit(i: int):
+        with local_stack.http(ALICE) as http:
+            return http.post("/jobs", data=SHORT, files={"image": (f"big{i}.png", png, "image/png")})
+
+    with ThreadPoolExecutor(BURST) as pool:
+        responses = list(pool.map(submit, range(BURST)))
+    assert [r.status_code for r in responses] == [202] * BURST, responses[0].text
+    peak = resident_mb(pid, "VmHWM:")
+    print(f"API RSS before {before:.0f} MB, peak {peak:.0f} MB over a burst of {BURST} x {len(png)} B 40-MP PNGs")
+    assert peak - before < BURST_PEAK_MB
+    with local_stack.http(ALICE) as http:  # do not make the shared worker decode them all
+        for response in responses:
+            http.post(f"/jobs/{response.json()['id']}/cancel")
+
+
+@pytest.fixture(scope="module")
+def guarded_stack(workdir, redis_port, tiny_bundle):
+    """No worker, so jobs stay queued; a queue of at most 3 and 5 submissions a minute per key."""
+    stack = launch_stack("guarded", workdir=workdir, redis_port=redis_port, db=5, bundle=tiny_bundle,
+                         with_worker=False, storage_dir=workdir / "guarded-storage", api_keys=f"{ALICE},{BOB}",
+                         max_queue_depth=3, rate_limit="5/minute")  # fmt: skip
+    yield stack
+    stack.stop()
+
+
+def test_positions_backpressure_and_rate_limit(guarded_stack, sample_png):
+    def post(key: str):
+        with guarded_stack.http(key) as http:
+            return http.post("/jobs", data=SHORT, files={"image": ("s.png", sample_png, "image/png")})
+
+    alice_first, bob_first, alice_second = post(ALICE), post(BOB), post(ALICE)
+    assert [r.status_code for r in (alice_first, bob_first, alice_second)] == [202] * 3
+    # positions count only the caller's own jobs: Bob learns nothing about Alice's load
+    assert [r.json()["queue_position"] for r in (alice_first, bob_first, alice_second)] == [0, 0, 1]
+
+    full = post(BOB)  # 3 queued = max_queue_depth
+    assert full.status_code == 503 and full.json()["error"]["code"] == "overloaded"
+    assert int(full.headers["Retry-After"]) > 0
+    inputs = Path(guarded_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs"
+    assert len(list(inputs.iterdir())) == 3  # the refused photo was never stored
+
+    answers = [post(ALICE) for _ in range(4)]  # Alice's 3rd to 6th submission within a minute
+    assert [r.status_code for r in answers] == [503, 503, 503, 429]
+    assert answers[-1].json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(answers[-1].headers["Retry-After"]) <= 60
+    assert post(BOB).status_code == 503  # Bob's own budget is untouched: still only the full queue
+
+
+@pytest.mark.parametrize(
+    ("field", "parts", "status"),
+    [
+        ("image", [("image", ("a.png", "PNG")), ("image", ("b.png", "PNG"))], 422),  # a second image part
+        ("caption", [("caption", b"caf\xe9 latin-1")], 422),  # not UTF-8
+        ("caption", [("caption", b"x" * 1_100_000)], 413),  # over 1 MB
+        ("seconds", [("seconds", b"1"), ("seconds", b"2")], 422),
+    ],
+)
+def test_strict_form_names_the_field(local_stack, sample_png, field, parts, status):
+    files = [(name, (value[0], sample_png, "image/png")) if name == "image" else (name, (None, value))
+             for name, value in parts]  # fmt: skip
+    sent = {name for name, _ in parts}
+    files += [(name, (None, value.encode())) for name, value in SHORT.items() if name not in sent]
+    if "image" not in sent:
+        files.append(("image", ("s.png", sample_png, "image/png")))
+    with local_stack.http(ALICE) as http:
+        response = http.post("/jobs", files=files)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["field"] == field
