@@ -4,6 +4,8 @@ refuses a 1 MB field with an anonymous 400 and keeps only the first of two `imag
 
 from __future__ import annotations
 
+import typing
+
 from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData
@@ -41,8 +43,9 @@ class StrictMultiPartParser(MultiPartParser):
         super().on_part_end()
 
 
-async def parse_strict_form(request: Request, settings: Settings) -> FormData:
-    """The request's multipart form, parsed strictly (see the module docstring)."""
+async def parse_strict_form(request: Request, settings: Settings, *, repeatable: frozenset[str] = frozenset()) -> FormData:
+    """The request's multipart form, parsed strictly (see the module docstring); only the `repeatable`
+    fields (declared as lists) may come more than once."""
     max_part_size = max(1024, TEXT_FIELD_BYTES_PER_CHAR * settings.max_caption_chars)
     parser = StrictMultiPartParser(request.headers, request.stream(), max_part_size=max_part_size)
     try:
@@ -52,10 +55,20 @@ async def parse_strict_form(request: Request, settings: Settings) -> FormData:
     except MultiPartException as exc:  # no boundary, a broken part header...
         raise FormFieldInvalid(f"unreadable multipart body: {exc.message}") from None
     for name in form:
-        if len(form.getlist(name)) > 1:
+        if name not in repeatable and len(form.getlist(name)) > 1:
             await form.close()
             raise FormFieldInvalid(f"send one {name} part, not {len(form.getlist(name))}", field=name)
     return form
+
+
+def list_fields(route: APIRoute) -> frozenset[str]:
+    """The route's form fields declared as lists (one part per value, e.g. `webhook_events`)."""
+    names = set()
+    for param in route.dependant.body_params:
+        annotation = param.field_info.annotation
+        if any(typing.get_origin(kind) is list for kind in (annotation, *typing.get_args(annotation))):
+            names.add(param.alias)
+    return frozenset(names)
 
 
 class StrictFormRoute(APIRoute):
@@ -63,11 +76,12 @@ class StrictFormRoute(APIRoute):
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        repeatable = list_fields(self)
 
         async def strict_handler(request: Request):
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 # FastAPI then reads the same parsed form: Request caches it in `_form`.
-                request._form = await parse_strict_form(request, request.app.state.settings)
+                request._form = await parse_strict_form(request, request.app.state.settings, repeatable=repeatable)
             return await handler(request)
 
         return strict_handler

@@ -50,7 +50,9 @@ class JobMetricsCollector(Collector):
     def _collect(self):
         jobs = GaugeMetricFamily("melfusion_jobs", "Jobs by status (queued/running now)", labels=["status"])
         jobs.add_metric([JobStatus.QUEUED.value], self.queue.count)
-        jobs.add_metric([JobStatus.RUNNING.value], self.queue.started_job_registry.count)
+        # No cleanup here: reclaiming abandoned jobs is the workers' janitors' work (their failure callback
+        # needs a worker's runtime), and a scrape must stay a read.
+        jobs.add_metric([JobStatus.RUNNING.value], self.queue.started_job_registry.get_job_count(cleanup=False))
         yield jobs
         finished = CounterMetricFamily("melfusion_jobs_finished", "Jobs that ended, by status", labels=["status"])
         for status, count in sorted(read_outcomes(self.redis).items()):

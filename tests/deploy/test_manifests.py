@@ -26,6 +26,10 @@ def container(workload: dict, name: str) -> dict:
     return match
 
 
+# Stands in for every Secret value; shaped like a Standard Webhooks secret, which Settings validates.
+SECRET_PLACEHOLDER = "whsec_cGxhY2Vob2xkZXItc2VjcmV0LTMyLWJ5dGVzLWxvbmc="
+
+
 def settings_of(objects: list[dict], deployment: str, name: str, monkeypatch) -> Settings:
     """The Settings a container would load: its ConfigMap and literal env, placeholders for Secret values."""
     spec = container(find(objects, "Deployment", deployment), name)
@@ -34,7 +38,7 @@ def settings_of(objects: list[dict], deployment: str, name: str, monkeypatch) ->
             for key, value in find(objects, "ConfigMap", source["configMapRef"]["name"])["data"].items():
                 monkeypatch.setenv(key, value)
     for entry in spec["env"]:
-        monkeypatch.setenv(entry["name"], entry.get("value", "secret-placeholder"))
+        monkeypatch.setenv(entry["name"], entry.get("value", SECRET_PLACEHOLDER))
     if not any("secretRef" in source for source in spec.get("envFrom", [])):
         return Settings()
     return Settings(s3_endpoint_url="http://s3.example", s3_access_key="k", s3_secret_key="s")  # melfusion-s3

@@ -50,7 +50,7 @@ def test_events_arrive_in_order_and_the_stream_ends_at_the_result(live_stack, sa
     assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
     final = events[-1][1]
     assert final["status"] == "succeeded" and final["result"]["url"]
-    picture = httpx.get(final["result"]["spectrogram_url"], timeout=10)
+    picture = live_stack.http().get(final["result"]["spectrogram_url"], timeout=10)  # relative: no public URL set
     assert picture.headers["content-type"] == "image/png" and picture.content.startswith(b"\x89PNG")
     # a finished job's stream is just its result
     with live_stack.http().stream("GET", f"/jobs/{job.id}/events") as response:
