@@ -62,8 +62,16 @@ class Janitor:
             interval = self.settings.janitor_interval_seconds
             self._next_reclaim = now + interval
             if self._take_turn("abandoned", interval):
-                for queue in self.queues:  # a thread: callbacks get a timer, not SIGALRM, as their timeout
-                    StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
+                for queue in self.queues:
+                    # RQ's own maintenance (at worker start, then every maintenance interval) cleans the same
+                    # registry: two cleanups at once would both retry a lost job, which then runs twice. Its
+                    # lock keeps them apart; a turn it holds is skipped (it does the work).
+                    if not queue.acquire_maintenance_lock():
+                        continue
+                    try:  # a thread: callbacks get a timer, not SIGALRM, as their timeout
+                        StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
+                    finally:
+                        queue.release_maintenance_lock()
         if now >= self._next_sweep:
             interval = self.settings.sweep_interval_seconds
             self._next_sweep = now + interval
