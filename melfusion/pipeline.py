@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -135,9 +135,11 @@ class MelFusionPipeline(DiffusionPipeline):
         default_steps: int = 100,
         default_guidance_scale: float = 7.0,
         timestep_spacing: str = "trailing",
-        image_features_from: ImageFeatureSource = "inversion",
+        image_features_from: str = "inversion",  # an ImageFeatureSource (a plain str for diffusers' config)
     ):
         super().__init__()
+        if image_features_from not in get_args(ImageFeatureSource):
+            raise ValueError(f"image_features_from must be one of {get_args(ImageFeatureSource)}, got {image_features_from!r}")
         # The schedulers' own configs say the spacing the pipeline samples with, so whoever loads a
         # scheduler folder alone gets the same grid.
         image_scheduler = type(image_scheduler).from_config(image_scheduler.config, timestep_spacing=timestep_spacing)
@@ -328,18 +330,8 @@ class MelFusionPipeline(DiffusionPipeline):
 
         The recorder keeps each step's synapse K/V: the features of the "inversion" source.
         """
-        tracker = tracker or _StepTracker(num_inference_steps)
         inverse, _ = self._image_schedulers(num_inference_steps)
-        empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
-        self.feature_recorder.start()
-        unet_timesteps = inverse.timesteps.to(latents.device)  # on the device: no copy per step
-        for i, t in enumerate(inverse.timesteps):
-            tracker.check_cancel()
-            noise_pred = self.image_unet(latents, unet_timesteps[i], encoder_hidden_states=empty, return_dict=False)[0]
-            self.feature_recorder.keep(t)
-            latents = inverse.step(noise_pred, t, latents).prev_sample
-            tracker.advance("image_inversion", t)
-        return latents
+        return self._walk_image_grid(latents, inverse, "image_inversion", tracker or _StepTracker(num_inference_steps))
 
     def denoise_image_latents(
         self, latents: torch.Tensor, num_inference_steps: int, tracker: _StepTracker | None = None
@@ -347,18 +339,22 @@ class MelFusionPipeline(DiffusionPipeline):
         """Reverse diffusion from z_T^I, recording the synapse blocks' self-attention K/V per step (the
         "redenoise" source). Returns the reconstructed z_0^I (used to check the inversion) and the features.
         """
-        tracker = tracker or _StepTracker(num_inference_steps)
         _, scheduler = self._image_schedulers(num_inference_steps)
+        latents = self._walk_image_grid(latents, scheduler, "image_denoise", tracker or _StepTracker(num_inference_steps))
+        return latents, self.feature_recorder.features()
+
+    def _walk_image_grid(self, latents: torch.Tensor, scheduler, phase: Phase, tracker: _StepTracker) -> torch.Tensor:
+        """One SD UNet call per step of `scheduler`'s grid, the recorder keeping each step's synapse K/V."""
         empty = self._empty_prompt_embeds(latents.device).expand(latents.shape[0], -1, -1)
         self.feature_recorder.start()
-        unet_timesteps = scheduler.timesteps.to(latents.device)
+        unet_timesteps = scheduler.timesteps.to(latents.device)  # on the device: no copy per step
         for i, t in enumerate(scheduler.timesteps):
             tracker.check_cancel()
             noise_pred = self.image_unet(latents, unet_timesteps[i], encoder_hidden_states=empty, return_dict=False)[0]
             self.feature_recorder.keep(t)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
-            tracker.advance("image_denoise", t)
-        return latents, self.feature_recorder.features()
+            tracker.advance(phase, t)
+        return latents
 
     @property
     def image_passes_per_step(self) -> int:

@@ -39,7 +39,7 @@ def metrics_stack(workdir, redis_port, tiny_bundle):
     """An API without workers on its own Redis database (a real redis-server), for /metrics scrapes."""
     from servers import launch_stack
 
-    stack = launch_stack("deploy", workdir=workdir, redis_port=redis_port, db=3, bundle=tiny_bundle,
+    stack = launch_stack("deploy", workdir=workdir, redis_port=redis_port, db=11, bundle=tiny_bundle,
                          with_worker=False, storage_dir=workdir / "deploy-storage")  # fmt: skip
     yield stack
     stack.stop()

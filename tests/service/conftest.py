@@ -71,7 +71,7 @@ def s3_stack(workdir, redis_port, tiny_bundle, s3_server) -> Stack:
 @pytest.fixture(scope="session")
 def live_stack(workdir, redis_port, tiny_bundle) -> Stack:
     """No API keys, webhooks on (loopback targets allowed, fast retries), `Prefer: wait` up to 5 s."""
-    stack = launch_stack("live", workdir=workdir, redis_port=redis_port, db=3, bundle=tiny_bundle,
+    stack = launch_stack("live", workdir=workdir, redis_port=redis_port, db=10, bundle=tiny_bundle,
                          storage_dir=workdir / "live-storage", webhook_secret=WEBHOOK_SECRET,
                          webhook_allow_private="true", webhook_timeout_seconds=1, webhook_backoff_seconds=0.2,
                          webhook_retry_seconds=3, prefer_wait_max_seconds=5)  # fmt: skip

@@ -16,7 +16,7 @@ from jobs.queue import ErrorCode, JobStatus, fetch_job
 
 @pytest.fixture
 def redis(redis_port):
-    connection = Redis(port=redis_port, db=7)
+    connection = Redis(port=redis_port, db=12)
     connection.flushdb()
     yield connection
     connection.flushdb()
