@@ -173,15 +173,14 @@ class SynapseMixer(KeyValueHookProcessor):
     tensors, so the processor itself never changes.
     """
 
-    def __init__(self, site: str, block: str, synapse: VisualSynapse, state: SynapseState):
+    def __init__(self, site: str, block: str, state: SynapseState):
         self.site = site
         self.block = block
-        self.synapse = synapse
         self.state = state
 
     def on_key_value(self, attn, key, value):
         state = self.state
-        weight = (self.synapse.alpha_for(self.block) * state.row_strength).to(key.dtype)[:, None, None]  # (B, 1, 1)
+        weight = (state.synapse.alpha_for(self.block) * state.row_strength).to(key.dtype)[:, None, None]  # (B, 1, 1)
         matching = state.token_matching.to(key.dtype)  # (B, S, N)
         image_key = matching @ state.keys[self.site].index_select(0, state.image_row)  # (B, S, D)
         image_value = matching @ state.values[self.site].index_select(0, state.image_row)
@@ -300,7 +299,7 @@ def attach_mixers(unet: UNet2DConditionModel, synapse: VisualSynapse) -> Synapse
     modules = dict(unet.named_modules())
     widths = {site_of(n): modules[n.removesuffix(".processor")].to_k.out_features for n in layers}
     state = SynapseState(synapse, widths)
-    _attach(unet, {n: SynapseMixer(site_of(n), block, synapse, state) for n, block in layers.items()})
+    _attach(unet, {n: SynapseMixer(site_of(n), block, state) for n, block in layers.items()})
     return state
 
 
@@ -334,4 +333,5 @@ def mixing_image_features(
     try:
         yield state
     finally:
+        # A new tensor, not zero_(): training runs backward after the `with` body, through this one.
         state.row_strength = torch.zeros_like(state.row_strength)
