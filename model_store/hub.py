@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -148,16 +148,8 @@ T5_WEIGHTS = (weights("", "model"),)  # only if the TANGO checkpoint lacks its t
 SCHEDULER_FILES = (config("scheduler/scheduler_config.json"),)
 
 # TANGO trains and samples with the noise schedule of stabilityai/stable-diffusion-2-1 (scheduler_config.json),
-# a repository deleted in November 2025. Its values, for when the repository TANGO names does not answer.
-TANGO_SCHEDULE = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "steps_offset": 1,
-}
+# a repository deleted in November 2025. Its values (melfusion.presets.sd_scheduler("v_prediction")) are
+# used when the repository TANGO names does not answer.
 KNOWN_SCHEDULE = "known constants (scaled_linear 0.00085-0.012, 1000 steps, v_prediction)"
 
 
@@ -210,7 +202,6 @@ class PullPlan:
     files: dict[str, dict[str, int]]  # role -> path -> bytes
     main_config: dict
     schedule_note: str = ""  # why the known constants are used, if they are
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -294,11 +285,14 @@ def music_components(plan: PullPlan, folders: dict[str, Path]) -> dict:
     from diffusers import DDIMScheduler
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+    from melfusion.presets import sd_scheduler
+
     from .tango import convert_tango_checkpoint
 
-    schedule = (
-        DDIMScheduler.load_config(folders["scheduler"], subfolder="scheduler") if "scheduler" in folders else TANGO_SCHEDULE
-    )
+    if "scheduler" in folders:
+        schedule = DDIMScheduler.load_config(folders["scheduler"], subfolder="scheduler")
+    else:  # the known constants: SD 2.1's betas with v-prediction
+        schedule = dict(sd_scheduler("v_prediction").config)
     components = convert_tango_checkpoint(
         folders["tango"],
         text_encoder_config=T5Config.from_pretrained(folders["text_encoder"]),
