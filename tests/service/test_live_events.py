@@ -8,6 +8,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from unittest import mock
 
 import httpx
@@ -23,9 +25,10 @@ FAST = {"seconds": 1, "steps": 6}
 LONG = {"seconds": 10, "steps": 400}  # tens of seconds on the tiny bundle: still running when the test looks
 
 
-def read_events(response: httpx.Response, *, stop_after: int | None = None) -> list[tuple[str, dict]]:
+def read_events(lines: httpx.Response | Iterator[str], *, stop_after: int | None = None) -> list[tuple[str, dict]]:
+    """Events from a response (read to its end) or from its open line iterator (left open at `stop_after`)."""
     events, name = [], None
-    for line in response.iter_lines():
+    for line in lines.iter_lines() if isinstance(lines, httpx.Response) else lines:
         if line.startswith("event:"):
             name = line.removeprefix("event:").strip()
         elif line.startswith("data:"):
@@ -61,9 +64,26 @@ def test_an_unknown_job_has_no_stream(live_stack):
     assert live_stack.http().get("/jobs/nope/events").status_code == 404
 
 
+@dataclass
+class InProcessAPI:
+    """The live stack's API, run in this process so the test can count its asyncio tasks."""
+
+    url: str
+    server: uvicorn.Server
+    loop: asyncio.AbstractEventLoop
+
+    def count_tasks(self) -> int:
+        async def count() -> int:
+            return len(asyncio.all_tasks()) - 1  # not this one
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result()
+
+    def requests_in_flight(self) -> int:
+        return len(self.server.server_state.tasks)
+
+
 @pytest.fixture
 def in_process_api(live_stack):
-    """The live stack's API, run in this process so the test can count its asyncio tasks."""
     with mock.patch.dict(os.environ, live_stack.env):
         settings = load_settings(port=free_port())
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port,
@@ -72,29 +92,28 @@ def in_process_api(live_stack):
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout=30, what="the in-process API")
-
-    async def count_tasks() -> int:
-        return len(asyncio.all_tasks()) - 1  # not this one
-
-    yield f"http://127.0.0.1:{settings.port}", lambda: asyncio.run_coroutine_threadsafe(count_tasks(), loop).result()
+    yield InProcessAPI(f"http://127.0.0.1:{settings.port}", server, loop)
     server.should_exit = True
     thread.join(timeout=10)
 
 
 def test_a_client_leaving_mid_stream_leaves_no_task_behind(live_stack, in_process_api, sample_png):
-    base_url, count_tasks = in_process_api
-    with httpx.Client(base_url=base_url, timeout=30) as http:
+    api = in_process_api
+    with httpx.Client(base_url=api.url, timeout=30) as http:
         done = live_stack.client().wait(live_stack.client().submit(sample_png, "warm", **FAST).id, timeout=120)
         with http.stream("GET", f"/jobs/{done.id}/events") as response:
             read_events(response)  # starts sse-starlette's one shutdown watcher per event loop (not per stream)
-        baseline = count_tasks()
+        wait_until(lambda: api.requests_in_flight() == 0, timeout=10, what="the warm-up stream's request to end")
+        baseline = api.count_tasks()
         job = live_stack.client().submit(sample_png, "leave early", **LONG)
         try:
             for _ in range(3):
                 with http.stream("GET", f"/jobs/{job.id}/events") as response:
-                    assert read_events(response, stop_after=2)  # then hang up mid-stream
-                    assert count_tasks() > baseline  # the stream was being served
-            wait_until(lambda: count_tasks() <= baseline, timeout=10, what=f"tasks back to {baseline}")
+                    lines = response.iter_lines()  # held, so stopping reading does not close the connection yet
+                    assert read_events(lines, stop_after=2)
+                    assert api.count_tasks() > baseline  # the stream is being served
+                # leaving the block unread hangs up mid-stream
+            wait_until(lambda: api.count_tasks() <= baseline, timeout=10, what=f"tasks back to {baseline}")
         finally:
             live_stack.client().cancel(job.id)
 
