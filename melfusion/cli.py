@@ -36,6 +36,7 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset", "default none"))
     parser.add_argument("--image-strength", type=float, help=_help("image_strength"))
     parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, help=_help("image_guidance"))
+    parser.add_argument("--image-steps", type=int, help=_help("image_steps"))
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1; default cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and activations; half precision needs a GPU; default float32")

@@ -612,7 +612,9 @@ class MelFusionPipeline(DiffusionPipeline):
             callback, should_cancel: as in `__call__`.
         """
         if len({request.batch_key for request in requests}) != 1:
-            raise InputError("requests", "rows of one batch must share seconds, steps, scheduler, image guidance, CFG")
+            raise InputError(
+                "requests", "rows of one batch must share seconds, steps, image steps, scheduler, image guidance, CFG"
+            )
         if len(images) != len(requests):
             raise InputError("image", f"give one image (or None) per request ({len(requests)})")
         features = [image for image in images if isinstance(image, ImageFeatures)]
@@ -630,6 +632,7 @@ class MelFusionPipeline(DiffusionPipeline):
             image_guidance=first.image_guidance,
             scheduler=first.scheduler,
             seed=[request.seed for request in requests],
+            image_steps=first.image_steps,
             callback=callback,
             should_cancel=should_cancel,
         )

@@ -33,7 +33,7 @@ class GenerationRequest:
 
     caption: str
     seconds: float | None = _doc("clip length in seconds")
-    steps: int | None = _doc("denoising steps (image inversion runs on the same grid)")
+    steps: int | None = _doc("denoising steps")
     guidance_scale: float | None = _doc("classifier-free guidance scale; <= 1 turns CFG off")
     image_strength: float | None = _doc(
         f"scales every α: 0 = caption only, 1 = learned α (default {DEFAULT_IMAGE_STRENGTH})"
@@ -44,6 +44,10 @@ class GenerationRequest:
     )
     scheduler: str | None = _doc(f"sampler (default: the preset's, else {DEFAULT_SCHEDULER})")
     seed: int | None = _doc(f"in [0, {MAX_SEED}]; chosen and echoed if omitted")
+    image_steps: int | None = _doc(
+        "image passes, at most `steps` (default: one per denoising step, as in the paper); fewer is faster "
+        "for a new image, and each music step then meets the image features recorded nearest to it"
+    )
     preset: str | None = _doc(
         "sampler, steps and guidance of: " + "; ".join(f"{k}: {p.source}" for k, p in SAMPLING_PRESETS.items())
     )
@@ -59,7 +63,7 @@ class GenerationRequest:
 
     def resolved(self, limits: GenerationLimits) -> GenerationRequest:
         """Every field set: the request's values, then the preset's, then the bundle's, then the defaults
-        above; a seed chosen if none was given; ranges checked.
+        above (one image pass per step); a seed chosen if none was given; ranges checked.
 
         Raises:
             InputError: an unknown preset or an out-of-range field (names the field).
@@ -77,6 +81,7 @@ class GenerationRequest:
             scheduler=_first(self.scheduler, preset and preset.scheduler, DEFAULT_SCHEDULER),
             seed=_first(self.seed, random_seed()),
         )
+        request = replace(request, image_steps=_first(self.image_steps, request.steps))
         if not 0 <= request.seed <= MAX_SEED:
             raise InputError("seed", f"must be in [0, {MAX_SEED}], got {request.seed}")
         limits.check(
@@ -88,6 +93,8 @@ class GenerationRequest:
             scheduler=request.scheduler,
             image_guidance=request.image_guidance,
         )
+        if not 1 <= request.image_steps <= request.steps:
+            raise InputError("image_steps", f"must be in [1, steps = {request.steps}], got {request.image_steps}")
         return request
 
     @property
@@ -96,8 +103,8 @@ class GenerationRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (same latent shape, grid, sampler, CFG rows)."""
-        return (self.seconds, self.steps, self.scheduler, self.image_guidance, self.uses_cfg)
+        """Requests with equal keys can share one pipeline call (same latent shape, grids, sampler, CFG rows)."""
+        return (self.seconds, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the queue payload)."""

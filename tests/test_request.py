@@ -19,12 +19,14 @@ LIMITS = GenerationLimits(
 def test_defaults_come_from_request_then_preset_then_bundle_then_fixed_defaults():
     bare = GenerationRequest("calm piano").resolved(LIMITS)
     assert (bare.seconds, bare.steps, bare.guidance_scale, bare.scheduler) == (10.0, 100, 7.0, "ddim")
-    assert (bare.image_strength, bare.image_guidance) == (1.0, "conditional")
+    assert (bare.image_strength, bare.image_guidance, bare.image_steps) == (1.0, "conditional", 100)
     tango = SAMPLING_PRESETS["tango"]
     preset = GenerationRequest("calm piano", preset="tango").resolved(LIMITS)
     assert (preset.steps, preset.guidance_scale, preset.scheduler) == (tango.steps, tango.guidance_scale, "ddpm")
     own = GenerationRequest("calm piano", preset="tango", steps=20, scheduler="dpmpp").resolved(LIMITS)
     assert (own.steps, own.guidance_scale, own.scheduler, own.preset) == (20, tango.guidance_scale, "dpmpp", "tango")
+    assert (preset.image_steps, own.image_steps) == (tango.steps, 20)  # one image pass per step of the grid
+    assert GenerationRequest("calm piano", steps=50, image_steps=10).resolved(LIMITS).image_steps == 10
 
 
 def test_a_seed_is_chosen_in_the_one_range_and_kept_once_resolved():
@@ -45,6 +47,8 @@ def test_a_seed_is_chosen_in_the_one_range_and_kept_once_resolved():
         ({"image_guidance": "neither"}, "image_guidance"),
         ({"seed": MAX_SEED + 1}, "seed"),
         ({"preset": "fast"}, "preset"),
+        ({"steps": 10, "image_steps": 11}, "image_steps"),
+        ({"image_steps": 0}, "image_steps"),
     ],
 )
 def test_bad_fields_are_named(fields, field):
@@ -63,6 +67,6 @@ def test_batch_key_groups_what_can_share_one_pipeline_call():
     partner = GenerationRequest("b", seconds=2.0, steps=4, seed=9, guidance_scale=5.0, image_strength=0.2)
     assert partner.resolved(LIMITS).batch_key == base.batch_key
     for other in ({"steps": 5}, {"seconds": 3.0}, {"scheduler": "dpmpp"}, {"image_guidance": "both"},
-                  {"guidance_scale": 1.0}):  # fmt: skip
+                  {"guidance_scale": 1.0}, {"image_steps": 2}):  # fmt: skip
         changed = GenerationRequest(**{"caption": "b", "seconds": 2.0, "steps": 4, **other}).resolved(LIMITS)
         assert changed.batch_key != base.batch_key, other

@@ -86,6 +86,9 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         scheduler: Annotated[Scheduler | None, Form(description=describe("scheduler"))] = None,
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description=describe("seed"))] = None,
         preset: Annotated[Preset | None, Form(description=describe("preset"))] = None,
+        image_steps: Annotated[
+            int | None, Form(ge=1, le=limits.max_steps, description=describe("image_steps"))
+        ] = None,
         webhook_url: Annotated[
             str | None,
             Form(max_length=2048, description="POST the job JSON here, signed per Standard Webhooks "
@@ -110,6 +113,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
             image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
+            image_steps=image_steps,
         )  # fmt: skip
         webhook = None
         if webhook_url is not None:

@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const HISTORY_KEY = "melfusion.history";
 const HISTORY_SIZE = 5;
-const OPTIONAL_FIELDS = ["seconds", "steps", "image_strength", "guidance_scale", "seed"];
+const OPTIONAL_FIELDS = ["seconds", "steps", "image_steps", "image_strength", "guidance_scale", "seed"];
 
 function authHeaders() {
   const key = $("api-key").value.trim();

@@ -77,11 +77,18 @@ def test_bad_image(local_stack, name, image, content_type, status):
         ("seed", "-1"),
         ("image_guidance", "unconditional"),
         ("preset", "fast"),
+        ("image_steps", "0"),
+        ("image_steps", "1001"),
     ],
 )
 def test_out_of_range_parameter(local_stack, sample_png, field, value):
     form = {**GOOD_FORM, field: value}
     assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, form), 422, field)
+
+
+def test_more_image_passes_than_steps_names_image_steps(local_stack, sample_png):
+    form = {**GOOD_FORM, "steps": "4", "image_steps": "5"}
+    assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, form), 422, "image_steps")
 
 
 def test_missing_fields(local_stack, sample_png):

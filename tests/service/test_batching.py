@@ -136,3 +136,17 @@ def test_a_seed_gives_the_same_clip_alone_and_batched(batching_stack, sample_png
     # Within one 16-bit step: CPU kernels may round a batch of 2 differently from a batch of 1 (the engine's
     # own tolerance for a batch item vs the same request alone is 1e-4 on the float waveform).
     assert np.abs(audio(batching_stack, alone).astype(int) - audio(batching_stack, batched)).max() <= 2
+
+
+def test_image_passes_reach_the_pipeline_and_keep_apart_in_batches(batching_stack, sample_png):
+    client = batching_stack.client()
+    full = {"caption": "image passes", "seed": 7, **SHAPE}
+    coarse, explicit = {**full, "image_steps": 1}, {**full, "image_steps": SHAPE["steps"]}
+    ids = queued_behind_blocker(batching_stack, sample_png, [full, coarse, explicit])
+    jobs = [client.wait(job_id, timeout=180) for job_id in ids]
+    assert [job.params["image_steps"] for job in jobs] == [3, 1, 3]
+    assert [ids[0], ids[2]] in batch_lines(batching_stack)  # the coarse grid cannot share their call
+    assert not any(ids[1] in batch for batch in batch_lines(batching_stack))
+    clips = [audio(batching_stack, job).astype(int) for job in jobs]
+    assert np.array_equal(clips[0], clips[2])  # one image pass per step is the default
+    assert np.abs(clips[1] - clips[0]).max() > 2  # one image pass for three steps is another clip
