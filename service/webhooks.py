@@ -5,7 +5,8 @@ never in a worker. A dead, slow or hanging target then costs one sender thread f
 `webhook_timeout_seconds` per attempt and never touches the sampling loop (no threads, no sockets, no GIL
 contention in the GPU process), and the body is built by `describe_job`, so it is exactly what
 `GET /jobs/{id}` returns. Due deliveries live in Redis, so a restart of the API loses none, and every
-replica drains the same set.
+replica drains the same set. Each delivery connects to the very address that passed the SSRF check (no
+second DNS lookup for a rebinding name to answer differently).
 
 Retried: timeouts, connection errors, 5xx and 429, after 1, 2, 4 ... s (`webhook_backoff_seconds`,
 capped at 60 s) until `webhook_retry_seconds` after the first attempt. Not retried: other 4xx, a refused
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from redis import Redis
@@ -41,8 +42,9 @@ MAX_BACKOFF_SECONDS = 60.0
 RETRIED_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 
-def check_target(url: str, *, allow_private: bool) -> None:
-    """Refuse URLs that are not http(s), do not resolve, or resolve to a non-public address (SSRF).
+def check_target(url: str, *, allow_private: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Refuse URLs that are not http(s), do not resolve, or resolve to a non-public address (SSRF); return
+    the address to connect to, so that the delivery does not look the name up a second time.
 
     Raises:
         TargetRefused: naming `webhook_url`.
@@ -54,14 +56,32 @@ def check_target(url: str, *, allow_private: bool) -> None:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError):
         raise TargetRefused(f"webhook_url host {parts.hostname!r} does not resolve", field="webhook_url") from None
-    if allow_private:
-        return
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for address in addresses:
+        if not allow_private and not address.is_global:
             raise TargetRefused(
                 f"webhook_url resolves to {address}, a loopback, private or link-local address", field="webhook_url"
             )
+    return addresses[0]
+
+
+def post_to_checked_address(
+    http: httpx.Client, url: str, *, allow_private: bool, content: str, headers: dict[str, str]
+) -> httpx.Response:
+    """POST to the address `check_target` approved, not to a fresh lookup of the name: a DNS answer that
+    changes between check and connect (DNS rebinding) cannot turn a public target into an internal one.
+    The name still goes in `Host` and in TLS (SNI and certificate check)."""
+    parts = urlsplit(url)
+    address = check_target(url, allow_private=allow_private)
+    userinfo, _, host_and_port = parts.netloc.rpartition("@")
+    host = f"[{address}]" if address.version == 6 else str(address)
+    netloc = (f"{userinfo}@" if userinfo else "") + (host if parts.port is None else f"{host}:{parts.port}")
+    return http.post(
+        urlunsplit(parts._replace(netloc=netloc)),
+        content=content,
+        headers={**headers, "host": host_and_port},
+        extensions={"sni_hostname": parts.hostname},
+    )
 
 
 def backoff_seconds(attempt: int, *, base: float) -> float:
@@ -127,8 +147,10 @@ class WebhookSender:
         started = time.perf_counter()
         retry = False
         try:
-            check_target(subscription["url"], allow_private=self.settings.webhook_allow_private)
-            response = self.http.post(subscription["url"], content=body, headers=self._headers(delivery.id, body))
+            response = post_to_checked_address(
+                self.http, subscription["url"], allow_private=self.settings.webhook_allow_private, content=body,
+                headers=self._headers(delivery.id, body),
+            )  # fmt: skip
             attempt["status_code"] = response.status_code
             retry = response.status_code in RETRIED_STATUSES
             if not response.is_success:

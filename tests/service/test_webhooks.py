@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import threading
 import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from servers import ALICE, WEBHOOK_SECRET, wait_until
 from standardwebhooks import Webhook
 
 from embedded.processes import free_port
+from service.webhooks import post_to_checked_address
 
 FAST = {"seconds": 1, "steps": 4}
 
@@ -118,3 +121,38 @@ def test_private_and_odd_targets_are_refused_naming_webhook_url(local_stack, sam
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["field"] == "webhook_url" and "MELFUSION_WEBHOOK_SECRET" not in error["message"]
+
+
+@pytest.fixture
+def rebinding_name(monkeypatch):
+    """`rebind.test` answers the listed addresses in turn, then loopback for ever (a DNS-rebinding attacker);
+    returns the list, to which the test appends the first answers, and the count of lookups."""
+    real, answers, lookups = socket.getaddrinfo, [], []
+
+    def resolve(host, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        return real(answers.pop(0) if answers else "127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return answers, lookups
+
+
+def test_a_delivery_connects_to_the_address_that_passed_the_check(receiver, rebinding_name):
+    answers, lookups = rebinding_name
+    answers.append("8.8.8.8")  # public at the check; loopback (the receiver) on any later lookup
+    url = f"http://rebind.test:{receiver.server.server_port}/rebind"
+    with httpx.Client(timeout=1) as http, pytest.raises(httpx.TransportError):
+        post_to_checked_address(http, url, allow_private=False, content="{}", headers={})
+    assert lookups == ["rebind.test"] and not receiver.requests["/rebind"]
+
+
+def test_a_pinned_delivery_still_names_its_host(receiver, rebinding_name):
+    _, lookups = rebinding_name
+    url = f"http://rebind.test:{receiver.server.server_port}/named"
+    with httpx.Client(timeout=5) as http:
+        response = post_to_checked_address(http, url, allow_private=True, content="{}", headers={"x-probe": "1"})
+    assert response.status_code == 204 and lookups == ["rebind.test"]
+    headers = {name.lower(): value for name, value in receiver.requests["/named"][0][0].items()}
+    assert headers["host"] == f"rebind.test:{receiver.server.server_port}" and headers["x-probe"] == "1"
