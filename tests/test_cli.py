@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -38,6 +39,20 @@ def test_generate_with_the_embedded_default_bundle_writes_a_wav(tmp_path, png):
     assert (tmp_path / "home" / "tiny-bundle-v1" / "manifest.json").is_file()
 
 
+def test_without_an_image_the_clip_follows_the_caption_only(tmp_path, png, tiny_bundle, capsys):
+    common = ["--caption", "calm piano", "--bundle", str(tiny_bundle), "--steps", "2", "--seconds", "0.5", "--seed", "3"]
+    clips = {}
+    for name, extra in {"caption": [], "strength 0": ["--image", str(png), "--image-strength", "0"],
+                        "image": ["--image", str(png)]}.items():  # fmt: skip
+        out = tmp_path / f"{name}.wav"
+        assert main(["generate", *common, *extra, "--out", str(out)]) == 0
+        assert f"wrote {out.resolve()}" in capsys.readouterr().out
+        clips[name], rate = sf.read(out, dtype="int16")
+    assert rate == 16000 and len(clips["caption"]) == 8000
+    assert np.array_equal(clips["caption"], clips["strength 0"])  # α = 0 is plain text-to-music
+    assert not np.array_equal(clips["caption"], clips["image"])
+
+
 def _bad_image_files(directory: Path, png: Path) -> dict[str, Path]:
     text = directory / "notes.png"
     text.write_text("this is not an image")
@@ -57,6 +72,7 @@ def _bad_image_files(directory: Path, png: Path) -> dict[str, Path]:
         ("too long", {"--seconds": "31"}, "seconds"),
         ("zero steps", {"--steps": "0"}, "steps"),
         ("negative strength", {"--image-strength": "-0.1"}, "image_strength"),
+        ("more image passes than steps", {"--image-steps": "3"}, "image_steps"),
     ],
 )
 def test_bad_input_fails_clearly_and_leaves_no_file(tmp_path, png, tiny_bundle, capsys, case, overrides, field):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,11 @@ def test_eval_cli_writes_a_table_with_the_tango_baseline(tiny_bundle, manifest, 
     code = main(["eval", "--bundle", str(tiny_bundle), "--data", str(manifest), "--out", str(out), "--steps", "2",
                  "--seconds", "0.5", "--limit", "3", "--batch-size", "2", "--baseline", str(tiny_bundle)])
     assert code == 0
-    assert MEANINGLESS in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert MEANINGLESS in printed
+    # the estimate counts the rows left after --limit and one variant more with --baseline, before any work
+    assert re.search(r"^estimate: 3 variants x 3 rows = 9 clips at about \d+\.\d s each", printed, re.MULTILINE)
+    assert printed.index("estimate:") < printed.index("Evaluated on")
     table = out.read_text()
     assert "Evaluated on 3 rows (0 skipped)." in table and MEANINGLESS in table
     header, _, *rows = [line for line in table.splitlines() if line.startswith("|")]
