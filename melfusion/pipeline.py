@@ -10,7 +10,6 @@ paired with music step i.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args

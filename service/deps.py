@@ -90,6 +90,12 @@ BaseUrlDep = Annotated[str, Depends(get_base_url)]
 
 
 def enforce_rate_limit(request: Request, owner: OwnerDep) -> None:
-    """429 + Retry-After once the caller's API key has submitted too much (see SubmitRateLimit)."""
+    """429 + Retry-After once the caller has submitted too much (see SubmitRateLimit): counted per API key,
+    or, with keys off, per client address, so one busy client cannot spend everyone's budget. Behind a
+    proxy the address is the one uvicorn reads from X-Forwarded-For when the proxy is in FORWARDED_ALLOW_IPS."""
     limit: SubmitRateLimit = request.app.state.submit_rate_limit
-    limit.hit(owner)
+    if owner != PUBLIC_OWNER:
+        limit.hit(owner, described_as="this API key")
+    else:
+        address = request.client.host if request.client else "unknown"
+        limit.hit(f"address:{address}", described_as=f"address {address}")

@@ -1,5 +1,5 @@
-"""Per-API-key limits on job submissions, counted in the service's own Redis with the `limits` library, so
-every API replica shares one count."""
+"""Per-caller limits on job submissions (per API key, or per client address when keys are off), counted in
+the service's own Redis with the `limits` library, so every API replica shares one count."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .errors import RateLimited
 
 
 class SubmitRateLimit:
-    """`settings.rate_limit` (e.g. "10/second;300/minute") per owner, as moving windows."""
+    """`settings.rate_limit` (e.g. "10/second;300/minute") per caller, as moving windows."""
 
     def __init__(self, settings: Settings):
         self.items = parse_many(settings.rate_limit) if settings.rate_limit.strip() else []
@@ -26,14 +26,14 @@ class SubmitRateLimit:
                                socket_timeout=timeout, socket_connect_timeout=timeout)  # fmt: skip
         self.limiter = MovingWindowRateLimiter(storage)
 
-    def hit(self, owner: str) -> None:
-        """Count one submission by `owner`.
+    def hit(self, caller: str, *, described_as: str) -> None:
+        """Count one submission by `caller` (`described_as` names it in the error, e.g. "this API key").
 
         Raises:
             RateLimited: a limit is exhausted; `retry_after` is when its window frees a slot.
         """
         for item in self.items:
-            if not self.limiter.hit(item, "submit", owner):
-                reset_at = self.limiter.get_window_stats(item, "submit", owner).reset_time
+            if not self.limiter.hit(item, "submit", caller):
+                reset_at = self.limiter.get_window_stats(item, "submit", caller).reset_time
                 retry_after = max(1, math.ceil(reset_at - time.time()))
-                raise RateLimited(f"more than {item} job submissions for this API key", retry_after=retry_after)
+                raise RateLimited(f"more than {item} job submissions from {described_as}", retry_after=retry_after)

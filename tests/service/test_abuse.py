@@ -82,6 +82,28 @@ def test_positions_backpressure_and_rate_limit(guarded_stack, sample_png):
     assert post(BOB).status_code == 503  # Bob's own budget is untouched: still only the full queue
 
 
+@pytest.fixture(scope="module")
+def keyless_stack(workdir, redis_port, tiny_bundle):
+    """No API keys and no worker; 2 submissions a minute per client address."""
+    stack = launch_stack("keyless", workdir=workdir, redis_port=redis_port, db=13, bundle=tiny_bundle,
+                         with_worker=False, storage_dir=workdir / "keyless-storage", rate_limit="2/minute")  # fmt: skip
+    yield stack
+    stack.stop()
+
+
+def test_without_api_keys_each_client_address_has_its_own_budget(keyless_stack, sample_png):
+    def post(address: str):
+        # the test connects from loopback, which uvicorn trusts as a proxy (FORWARDED_ALLOW_IPS' default)
+        with keyless_stack.http() as http:
+            return http.post("/jobs", data=SHORT, files={"image": ("s.png", sample_png, "image/png")},
+                             headers={"X-Forwarded-For": address})  # fmt: skip
+
+    busy = [post("203.0.113.5") for _ in range(3)]
+    assert [r.status_code for r in busy] == [202, 202, 429]
+    assert busy[-1].json()["error"]["message"] == "more than 2 per 1 minute job submissions from address 203.0.113.5"
+    assert post("203.0.113.6").status_code == 202  # another client is not held back by the busy one
+
+
 @pytest.mark.parametrize(
     ("field", "parts", "status"),
     [
