@@ -39,8 +39,10 @@ def spectrogram_png(pipe, waveform: np.ndarray, *, width_px: int = 960, height_p
     axes.set_yticks(positions, [f"{f / 1000:g}k" if f >= 1000 else str(f) for f in ticks])
     axes.set_xlabel("time (s)")
     axes.set_ylabel("frequency (Hz, mel scale)")
-    figure.colorbar(image, ax=axes, label="log power")
-    figure.tight_layout()
+    figure.colorbar(image, ax=axes, label="log power", fraction=0.05, pad=0.015, aspect=30)
+    # Fixed margins (not tight_layout) and zlib level 1: this runs in the worker between batches. Measured
+    # on a 2-core CPU for a 10 s clip: 181 -> 64 ms, the file 349 -> 446 KB.
+    figure.subplots_adjust(left=0.07, right=0.93, bottom=0.15, top=0.96)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})
     return buffer.getvalue()

@@ -7,8 +7,10 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
+from PIL import Image
 
 from melfusion import audio
+from melfusion.spectrogram import spectrogram_png
 
 
 def test_latent_frames_cover_the_clip_and_divide_by_the_unet_scale():
@@ -34,3 +36,12 @@ def test_failed_write_leaves_neither_file_nor_temporary(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         audio.write_wav(target, np.zeros(160, dtype=np.float32), 16000)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seconds", [0.5, 10.0])
+def test_spectrogram_is_a_png_of_the_stated_size_for_short_and_long_clips(pipe, seconds):
+    waveform = np.random.default_rng(0).standard_normal(int(seconds * pipe.sampling_rate)).astype(np.float32) * 0.1
+    picture = Image.open(io.BytesIO(spectrogram_png(pipe, waveform, width_px=960, height_px=320)))
+    assert (picture.format, picture.size) == ("PNG", (960, 320))
+    pixels = np.asarray(picture.convert("L"), dtype=float)
+    assert pixels[60:260, 100:800].std() > 10  # the spectrogram itself fills the plot area, not a blank
