@@ -112,7 +112,12 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        return cls(**data)
+        """From a queue payload, across versions: keys this version does not know are left out (a payload
+        from a newer API), and a resolved payload from before `image_steps` existed gets its default."""
+        known = {name: value for name, value in data.items() if name in cls.field_names()}
+        if known.get("image_steps") is None and known.get("steps") is not None:
+            known["image_steps"] = known["steps"]
+        return cls(**known)
 
 
 def _first(*values):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -97,5 +98,15 @@ def enforce_rate_limit(request: Request, owner: OwnerDep) -> None:
     if owner != PUBLIC_OWNER:
         limit.hit(owner, described_as="this API key")
     else:
-        address = request.client.host if request.client else "unknown"
-        limit.hit(f"address:{address}", described_as=f"address {address}")
+        client = client_network(request.client.host if request.client else "unknown")
+        limit.hit(f"address:{client}", described_as=f"address {client}")
+
+
+def client_network(host: str) -> str:
+    """What one client is for rate limiting: an IPv4 address, or an IPv6 /64 (one subscriber's usual
+    allocation, whose 2^64 addresses would otherwise each get a budget)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return str(ipaddress.ip_network(f"{address}/64", strict=False)) if address.version == 6 else str(address)

@@ -51,7 +51,8 @@ def _idempotency_record_key(owner: str, key: str) -> str:
 
 def _fingerprint(image: bytes, request: GenerationRequest) -> str:
     digest = hashlib.sha256(image)
-    digest.update(json.dumps(request.to_dict(), sort_keys=True).encode())
+    given = {name: value for name, value in request.to_dict().items() if value is not None}  # a new field: same print
+    digest.update(json.dumps(given, sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from redis import Redis
@@ -42,46 +41,61 @@ MAX_BACKOFF_SECONDS = 60.0
 RETRIED_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 
-def check_target(url: str, *, allow_private: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def check_target(url: str, *, allow_private: bool) -> list[Address]:
     """Refuse URLs that are not http(s), do not resolve, or resolve to a non-public address (SSRF); return
-    the address to connect to, so that the delivery does not look the name up a second time.
+    every address the name resolved to, in the resolver's order: the ones a delivery may connect to.
 
     Raises:
         TargetRefused: naming `webhook_url`.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TargetRefused("webhook_url must be an http:// or https:// URL with a host", field="webhook_url")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        target = None
+    if target is None or target.scheme not in ("http", "https") or not target.host:
+        raise TargetRefused("webhook_url must be an http:// or https:// URL with a host", field="webhook_url")
+    host, port = target.raw_host.decode("ascii"), target.port or (443 if target.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise TargetRefused(f"webhook_url host {parts.hostname!r} does not resolve", field="webhook_url") from None
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        raise TargetRefused(f"webhook_url host {target.host!r} does not resolve", field="webhook_url") from None
+    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
     for address in addresses:
         if not allow_private and not address.is_global:
             raise TargetRefused(
                 f"webhook_url resolves to {address}, a loopback, private or link-local address", field="webhook_url"
             )
-    return addresses[0]
+    return addresses
 
 
 def post_to_checked_address(
     http: httpx.Client, url: str, *, allow_private: bool, content: str, headers: dict[str, str]
 ) -> httpx.Response:
-    """POST to the address `check_target` approved, not to a fresh lookup of the name: a DNS answer that
+    """POST to an address `check_target` approved, not to a fresh lookup of the name: a DNS answer that
     changes between check and connect (DNS rebinding) cannot turn a public target into an internal one.
-    The name still goes in `Host` and in TLS (SNI and certificate check)."""
-    parts = urlsplit(url)
-    address = check_target(url, allow_private=allow_private)
-    userinfo, _, host_and_port = parts.netloc.rpartition("@")
-    host = f"[{address}]" if address.version == 6 else str(address)
-    netloc = (f"{userinfo}@" if userinfo else "") + (host if parts.port is None else f"{host}:{parts.port}")
-    return http.post(
-        urlunsplit(parts._replace(netloc=netloc)),
-        content=content,
-        headers={**headers, "host": host_and_port},
-        extensions={"sni_hostname": parts.hostname},
-    )
+    The name still goes in `Host` and in TLS (SNI and the certificate check); an address that refuses the
+    connection passes to the next, as a connect by name would. Use `delivery_client()`'s client."""
+    target = httpx.URL(url)
+    pinned_headers = {**headers, "host": target.netloc.decode("ascii")}
+    refused: httpx.TransportError | None = None
+    for address in check_target(url, allow_private=allow_private):
+        try:
+            return http.post(target.copy_with(host=str(address)), content=content, headers=pinned_headers,
+                             extensions={"sni_hostname": target.raw_host.decode("ascii")})  # fmt: skip
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            refused = exc
+    raise refused
+
+
+def delivery_client(timeout_seconds: float) -> httpx.Client:
+    """The HTTP client for `post_to_checked_address`. No kept-alive connections: the pool would match a
+    later delivery to another name on the same IP to an open connection whose TLS checked the first name.
+    No proxy from the environment: a proxy would connect by the pinned IP and check TLS against it."""
+    return httpx.Client(timeout=timeout_seconds, follow_redirects=False, trust_env=False,
+                        limits=httpx.Limits(max_keepalive_connections=0))  # fmt: skip
 
 
 def backoff_seconds(attempt: int, *, base: float) -> float:
@@ -96,7 +110,7 @@ class WebhookSender:
         """`describe(job)` gives the body: the job JSON as `GET /jobs/{id}` shows it."""
         self.redis, self.settings, self.describe = redis, settings, describe
         self.signer = Webhook(settings.webhook_secret.get_secret_value()) if settings.webhook_secret else None
-        self.http = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self.http = delivery_client(settings.webhook_timeout_seconds)
         self.pool = ThreadPoolExecutor(settings.webhook_senders, thread_name_prefix="webhook")
         self.in_flight: set[str] = set()
         self.lock = threading.Lock()

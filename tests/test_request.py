@@ -62,6 +62,14 @@ def test_queue_payload_round_trips_through_json():
     assert GenerationRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
 
 
+def test_queue_payloads_of_other_versions_still_load():
+    current = GenerationRequest("calm piano", steps=30).resolved(LIMITS).to_dict()
+    older = {name: value for name, value in current.items() if name != "image_steps"}  # before image_steps
+    assert GenerationRequest.from_dict(older) == GenerationRequest.from_dict(current)  # image_steps = steps
+    newer = {**current, "a_later_field": 1}
+    assert GenerationRequest.from_dict(newer) == GenerationRequest.from_dict(current)
+
+
 def test_batch_key_groups_what_can_share_one_pipeline_call():
     base = GenerationRequest("a", seconds=2.0, steps=4, seed=1, guidance_scale=3.0).resolved(LIMITS)
     partner = GenerationRequest("b", seconds=2.0, steps=4, seed=9, guidance_scale=5.0, image_strength=0.2)

@@ -107,8 +107,9 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         ] = None,
     ) -> JobPublic:
         """Queue a generation; follow the returned job (its URL is in `Location`) with GET, its event
-        stream or a webhook, or hold this request with `Prefer: wait=N`. 429 (rate limit per API key),
-        503 (queue full or a backend down) and a 409 idempotency race carry `Retry-After`."""
+        stream or a webhook, or hold this request with `Prefer: wait=N`. 429 (rate limit per API key, or
+        per client address without keys), 503 (queue full or a backend down) and a 409 idempotency race
+        carry `Retry-After`."""
         data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,

@@ -102,6 +102,9 @@ def test_without_api_keys_each_client_address_has_its_own_budget(keyless_stack, 
     assert [r.status_code for r in busy] == [202, 202, 429]
     assert busy[-1].json()["error"]["message"] == "more than 2 per 1 minute job submissions from address 203.0.113.5"
     assert post("203.0.113.6").status_code == 202  # another client is not held back by the busy one
+    # an IPv6 client is its /64: rotating addresses inside it does not buy a new budget
+    assert [post(f"2001:db8:0:1::{i}").status_code for i in (1, 2, 3)] == [202, 202, 429]
+    assert post("2001:db8:0:2::1").status_code == 202
 
 
 @pytest.mark.parametrize(

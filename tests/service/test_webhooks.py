@@ -17,7 +17,7 @@ from servers import ALICE, WEBHOOK_SECRET, wait_until
 from standardwebhooks import Webhook
 
 from embedded.processes import free_port
-from service.webhooks import post_to_checked_address
+from service.webhooks import delivery_client, post_to_checked_address
 
 FAST = {"seconds": 1, "steps": 4}
 
@@ -28,13 +28,17 @@ class Receiver:
 
     def __init__(self):
         self.requests: dict[str, list[tuple[dict, bytes]]] = defaultdict(list)
+        self.peers: dict[str, list[tuple[str, int]]] = defaultdict(list)  # the connection each came on
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as real targets do
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
                 seen = receiver.requests[self.path]
                 seen.append((dict(self.headers), body))
+                receiver.peers[self.path].append(self.client_address)
                 if self.path == "/hang" and len(seen) == 1:
                     time.sleep(2.5)
                 status = 500 if self.path == "/flaky" and len(seen) <= 2 else 204
@@ -124,35 +128,45 @@ def test_private_and_odd_targets_are_refused_naming_webhook_url(local_stack, sam
 
 
 @pytest.fixture
-def rebinding_name(monkeypatch):
-    """`rebind.test` answers the listed addresses in turn, then loopback for ever (a DNS-rebinding attacker);
-    returns the list, to which the test appends the first answers, and the count of lookups."""
-    real, answers, lookups = socket.getaddrinfo, [], []
+def fake_dns(monkeypatch):
+    """Names under `.test` resolve to the addresses queued for them in `answers` (one list per lookup),
+    else to loopback; `lookups` lists every name looked up. Addresses themselves resolve as usual."""
+    real, answers, lookups = socket.getaddrinfo, defaultdict(list), []
 
-    def resolve(host, *args, **kwargs):
-        if host != "rebind.test":
-            return real(host, *args, **kwargs)
+    def resolve(host, port, *args, **kwargs):
+        if not host.endswith(".test"):
+            return real(host, port, *args, **kwargs)
         lookups.append(host)
-        return real(answers.pop(0) if answers else "127.0.0.1", *args, **kwargs)
+        queued = answers[host].pop(0) if answers[host] else ["127.0.0.1"]
+        return [info for address in queued for info in real(address, port, *args, **kwargs)]
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     return answers, lookups
 
 
-def test_a_delivery_connects_to_the_address_that_passed_the_check(receiver, rebinding_name):
-    answers, lookups = rebinding_name
-    answers.append("8.8.8.8")  # public at the check; loopback (the receiver) on any later lookup
-    url = f"http://rebind.test:{receiver.server.server_port}/rebind"
-    with httpx.Client(timeout=1) as http, pytest.raises(httpx.TransportError):
-        post_to_checked_address(http, url, allow_private=False, content="{}", headers={})
-    assert lookups == ["rebind.test"] and not receiver.requests["/rebind"]
+def test_a_delivery_goes_to_the_address_that_passed_the_check(fake_dns):
+    answers, lookups = fake_dns
+    answers["rebind.test"] = [["93.184.216.34"]]  # public at the check; loopback on any later lookup
+    sent = []
+    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(204))
+    with httpx.Client(transport=transport) as http:
+        post_to_checked_address(http, "https://rebind.test:8443/hook", allow_private=False, content="{}", headers={})
+    assert lookups == ["rebind.test"]  # no second lookup for a rebinding name to answer differently
+    (request,) = sent
+    assert request.url == "https://93.184.216.34:8443/hook" and request.headers["host"] == "rebind.test:8443"
+    assert request.extensions["sni_hostname"] == "rebind.test"  # TLS checks the name, not the address
 
 
-def test_a_pinned_delivery_still_names_its_host(receiver, rebinding_name):
-    _, lookups = rebinding_name
-    url = f"http://rebind.test:{receiver.server.server_port}/named"
-    with httpx.Client(timeout=5) as http:
-        response = post_to_checked_address(http, url, allow_private=True, content="{}", headers={"x-probe": "1"})
-    assert response.status_code == 204 and lookups == ["rebind.test"]
-    headers = {name.lower(): value for name, value in receiver.requests["/named"][0][0].items()}
-    assert headers["host"] == f"rebind.test:{receiver.server.server_port}" and headers["x-probe"] == "1"
+def test_pinned_deliveries_name_their_host_and_never_share_a_connection(receiver, fake_dns):
+    answers, lookups = fake_dns
+    port = receiver.server.server_port
+    answers["two.test"] = [["127.0.0.2", "127.0.0.1"]]  # the first address refuses (the receiver is on .1)
+    with delivery_client(5) as http:
+        for name in ("one.test", "two.test", "bücher.test"):
+            url = f"http://{name}:{port}/named"
+            assert post_to_checked_address(http, url, allow_private=True, content="{}", headers={}).status_code == 204
+    assert lookups == ["one.test", "two.test", "xn--bcher-kva.test"]
+    hosts = [headers.get("Host") or headers.get("host") for headers, _ in receiver.requests["/named"]]
+    assert hosts == [f"one.test:{port}", f"two.test:{port}", f"xn--bcher-kva.test:{port}"]
+    peers = receiver.peers["/named"]
+    assert len(set(peers)) == 3, "a connection opened for one name carried another name's delivery"
