@@ -50,8 +50,10 @@ def _idempotency_record_key(owner: str, key: str) -> str:
 
 
 def _fingerprint(image: bytes, request: GenerationRequest) -> str:
+    """The photo and the fields the caller set (unset ones left out, so a field added by an upgrade does not
+    turn a retry that spans it into a conflict)."""
     digest = hashlib.sha256(image)
-    given = {name: value for name, value in request.to_dict().items() if value is not None}  # a new field: same print
+    given = {name: value for name, value in request.to_dict().items() if value is not None}
     digest.update(json.dumps(given, sort_keys=True).encode())
     return digest.hexdigest()
 

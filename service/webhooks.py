@@ -5,8 +5,8 @@ never in a worker. A dead, slow or hanging target then costs one sender thread f
 `webhook_timeout_seconds` per attempt and never touches the sampling loop (no threads, no sockets, no GIL
 contention in the GPU process), and the body is built by `describe_job`, so it is exactly what
 `GET /jobs/{id}` returns. Due deliveries live in Redis, so a restart of the API loses none, and every
-replica drains the same set. Each delivery connects to the very address that passed the SSRF check (no
-second DNS lookup for a rebinding name to answer differently).
+replica drains the same set. Each delivery connects to an address that passed the SSRF check (no second
+DNS lookup for a rebinding name to answer differently).
 
 Retried: timeouts, connection errors, 5xx and 429, after 1, 2, 4 ... s (`webhook_backoff_seconds`,
 capped at 60 s) until `webhook_retry_seconds` after the first attempt. Not retried: other 4xx, a refused
