@@ -54,8 +54,9 @@ class GenerationLimits:
         image_strength: float,
         scheduler: str,
         image_guidance: str = "conditional",
+        image_steps: int | None = None,
     ) -> None:
-        """Raise InputError naming the first out-of-range field."""
+        """Raise InputError naming the first out-of-range field (`image_steps` None: one pass per step)."""
         if not captions or any(not isinstance(c, str) or not c.strip() for c in captions):
             raise InputError("caption", "must be a non-empty string")
         if not 0 < seconds <= self.max_seconds:
@@ -70,6 +71,8 @@ class GenerationLimits:
             raise InputError("scheduler", f"must be one of {self.schedulers}, got {scheduler!r}")
         if image_guidance not in IMAGE_GUIDANCE_MODES:
             raise InputError("image_guidance", f"must be one of {IMAGE_GUIDANCE_MODES}, got {image_guidance!r}")
+        if image_steps is not None and not 1 <= image_steps <= steps:
+            raise InputError("image_steps", f"must be in [1, steps = {steps}], got {image_steps}")
 
 
 def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:

@@ -522,9 +522,8 @@ class MelFusionPipeline(DiffusionPipeline):
                 image_strength=row_strength,
                 scheduler=scheduler,
                 image_guidance=image_guidance,
+                image_steps=image_steps,
             )
-        if not 1 <= image_steps <= steps:
-            raise InputError("image_steps", f"must be in [1, {steps}], got {image_steps}")
         seeds = self._seeds(seed, batch)
         if image_features is not None:
             images = [None] * batch

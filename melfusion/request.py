@@ -92,9 +92,8 @@ class GenerationRequest:
             image_strength=request.image_strength,
             scheduler=request.scheduler,
             image_guidance=request.image_guidance,
+            image_steps=request.image_steps,
         )
-        if not 1 <= request.image_steps <= request.steps:
-            raise InputError("image_steps", f"must be in [1, steps = {request.steps}], got {request.image_steps}")
         return request
 
     @property
