@@ -9,18 +9,36 @@ from pathlib import Path
 
 from .errors import BundleError, InputError
 
-SCHEDULERS = ("ddim", "dpmpp", "ddpm")
+TEACHER_SCHEDULERS = ("ddim", "dpmpp", "ddpm")  # what a bundle's own music UNet samples with; ddim is its default
+# A distilled student's samplers (melfusion.student): "tcd" re-noises each step's x̂_0 along its own predicted
+# noise (TCD with γ = 0: deterministic, so a seed follows the teacher's ODE), "lcm" with fresh noise (LCM's).
+STUDENT_SCHEDULERS = ("tcd", "lcm")
+SCHEDULERS = TEACHER_SCHEDULERS + STUDENT_SCHEDULERS
+STUDENT_SCHEDULER_CLASS = "LCMScheduler"  # the scheduler class that makes a bundle a student
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
 
 
+def bundle_schedulers(scheduler_class: str) -> tuple[str, ...]:
+    """The samplers a bundle with this scheduler class serves, its default first.
+
+    A student's UNet was trained for consistency steps with guidance as an input, a teacher's for the ODE
+    with a CFG batch: neither runs the other's samplers meaningfully, so each is refused the other's.
+    """
+    return STUDENT_SCHEDULERS if scheduler_class == STUDENT_SCHEDULER_CLASS else TEACHER_SCHEDULERS
+
+
 @dataclass(frozen=True)
 class SamplingPreset:
-    """Named sampler settings; a request's own values override them, the bundle's defaults fill the rest."""
+    """Named sampler settings; a request's own values override them, the bundle's defaults fill the rest.
+
+    A preset is a fixed recipe, so it runs on the bundles whose samplers include its `scheduler` and is
+    refused by name on the others, rather than meaning something else on each bundle.
+    """
 
     scheduler: str
-    steps: int
-    guidance_scale: float
+    steps: int | None  # None: the bundle's default
+    guidance_scale: float | None  # None: the bundle's default
     source: str  # where the numbers come from
 
 
@@ -29,6 +47,8 @@ SAMPLING_PRESETS: dict[str, SamplingPreset] = {
     "tango": SamplingPreset("ddpm", 200, 3.0, "TANGO's own sampling (DDPM, guidance 3, 200 steps)"),
     # MelFusion, section 5: 400 DDIM steps, guidance 7.
     "paper": SamplingPreset("ddim", 400, 7.0, "MelFusion paper, section 5 (DDIM, guidance 7, 400 steps)"),
+    # `melfusion distill` writes the step count it distilled for as the student's default (4).
+    "fast": SamplingPreset("tcd", None, None, "a distilled student's few-step sampling (student bundles only)"),
 }
 
 
@@ -42,7 +62,33 @@ class GenerationLimits:
     default_steps: int
     default_guidance_scale: float
     sampling_rate: int
-    schedulers: tuple[str, ...] = SCHEDULERS
+    schedulers: tuple[str, ...] = TEACHER_SCHEDULERS  # `bundle_schedulers` of the bundle's scheduler class
+
+    @property
+    def default_scheduler(self) -> str:
+        return self.schedulers[0]
+
+    @property
+    def is_student(self) -> bool:
+        return self.schedulers == STUDENT_SCHEDULERS
+
+    def preset(self, name: str | None) -> SamplingPreset | None:
+        """The named preset (None for none), if this bundle can run it.
+
+        Raises:
+            InputError: an unknown preset, or one whose sampler this bundle does not serve.
+        """
+        if name is None:
+            return None
+        if name not in SAMPLING_PRESETS:
+            raise InputError("preset", f"must be one of {tuple(SAMPLING_PRESETS)}, got {name!r}")
+        preset = SAMPLING_PRESETS[name]
+        if preset.scheduler not in self.schedulers:
+            needs = "a student bundle (made by `melfusion distill`)" if preset.scheduler in STUDENT_SCHEDULERS else \
+                "a teacher bundle (this one is a distilled student)"
+            raise InputError("preset", f"{name!r} samples with {preset.scheduler}, which needs {needs}; "
+                             f"this bundle serves {', '.join(self.schedulers)}")
+        return preset
 
     def check(
         self,
@@ -55,6 +101,8 @@ class GenerationLimits:
         scheduler: str,
         image_guidance: str = "conditional",
         image_steps: int | None = None,
+        guidance_start: float = 0.0,
+        guidance_end: float = 1.0,
     ) -> None:
         """Raise InputError naming the first out-of-range field (`image_steps` None: one pass per step)."""
         if not captions or any(not isinstance(c, str) or not c.strip() for c in captions):
@@ -68,11 +116,26 @@ class GenerationLimits:
         if not 0 <= image_strength <= 1:
             raise InputError("image_strength", f"must be in [0, 1], got {image_strength}")
         if scheduler not in self.schedulers:
-            raise InputError("scheduler", f"must be one of {self.schedulers}, got {scheduler!r}")
+            kind = "a distilled student" if self.is_student else "a teacher bundle"
+            raise InputError("scheduler", f"must be one of {self.schedulers} ({kind}), got {scheduler!r}")
         if image_guidance not in IMAGE_GUIDANCE_MODES:
             raise InputError("image_guidance", f"must be one of {IMAGE_GUIDANCE_MODES}, got {image_guidance!r}")
         if image_steps is not None and not 1 <= image_steps <= steps:
             raise InputError("image_steps", f"must be in [1, steps = {steps}], got {image_steps}")
+        if not 0 <= guidance_start < 1:
+            raise InputError("guidance_start", f"must be in [0, 1), got {guidance_start}")
+        if not guidance_start < guidance_end <= 1:
+            raise InputError("guidance_end", f"must be in (guidance_start = {guidance_start}, 1], got {guidance_end}")
+        if scheduler in STUDENT_SCHEDULERS:
+            # a student has no unconditional batch: guidance is an input, distilled with the image in the
+            # conditional branch (the default), and there is no CFG pass for an interval to skip
+            if image_guidance != "conditional":
+                raise InputError("image_guidance", "a distilled student takes guidance as an input, distilled as "
+                                 "'conditional' (guidance amplifies caption and image together)")
+            if (guidance_start, guidance_end) != (0.0, 1.0):
+                field = "guidance_start" if guidance_start != 0.0 else "guidance_end"
+                raise InputError(field, "a distilled student runs no CFG batch, so there is no guidance "
+                                 "interval to set (leave it at 0-1)")
 
 
 def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
@@ -88,6 +151,7 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
             default_steps=int(index["default_steps"]),
             default_guidance_scale=float(index["default_guidance_scale"]),
             sampling_rate=int(vocoder["sampling_rate"]),
+            schedulers=bundle_schedulers(index["scheduler"][1]),
         )
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None

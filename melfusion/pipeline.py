@@ -23,6 +23,8 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UNet2DConditionModel,
 )
 from diffusers.image_processor import VaeImageProcessor
@@ -36,9 +38,10 @@ from .audio import latent_frames
 from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
 from .images import fit_square
-from .limits import SCHEDULERS, GenerationLimits
+from .limits import SCHEDULERS, GenerationLimits, bundle_schedulers
 from .precision import keep_float32_modules, raise_if_non_finite
-from .request import GenerationRequest, random_seed
+from .request import DEFAULT_GUIDANCE_INTERVAL, GenerationRequest, random_seed
+from .student import guidance_embedding
 from .synapse import VisualSynapse
 
 ImageGuidance = Literal["conditional", "both"]
@@ -121,7 +124,7 @@ class MelFusionPipeline(DiffusionPipeline):
         music_unet: UNet2DConditionModel,
         mel_vae: AutoencoderKL,
         vocoder: SpeechT5HifiGan,
-        scheduler: DDIMScheduler,
+        scheduler: DDIMScheduler | LCMScheduler,  # LCMScheduler: a distilled student (melfusion.student)
         synapse: VisualSynapse,
         hop_length: int = 160,
         n_fft: int = 1024,
@@ -241,8 +244,14 @@ class MelFusionPipeline(DiffusionPipeline):
     def limits(self) -> GenerationLimits:
         c = self.config
         return GenerationLimits(
-            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate
+            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate,
+            schedulers=bundle_schedulers(type(self.scheduler).__name__),
         )
+
+    @property
+    def is_student(self) -> bool:
+        """A few-step student (`melfusion distill`): guidance is an input of its UNet, not a CFG batch."""
+        return isinstance(self.scheduler, LCMScheduler)
 
     def music_latent_shape(self, batch_size: int, seconds: float) -> tuple[int, int, int, int]:
         """(B, C, T, F): the mel VAE shrinks time and mel axes by its scale; T must halve through the UNet."""
@@ -264,8 +273,10 @@ class MelFusionPipeline(DiffusionPipeline):
 
         "trailing" (Lin et al. 2023) starts every grid at t = 999 and ends it near 0. SD's "leading" starts
         at 1 + (n-1)·⌊1000/n⌋: 799 for the paper's 400 steps, i.e. sampling would begin from pure noise
-        at a step that expects some signal, and 1000 steps would index past the schedule.
+        at a step that expects some signal, and 1000 steps would index past the schedule. Settings that
+        `scheduler_class` does not take (a student's LCM settings, for its DDIM grid) are left out.
         """
+        config = {key: value for key, value in config.items() if key in scheduler_class._get_init_keys(scheduler_class)}
         return scheduler_class.from_config(config, timestep_spacing=self.config.timestep_spacing)
 
     def timestep_grid(self, num_inference_steps: int) -> torch.Tensor:
@@ -290,6 +301,10 @@ class MelFusionPipeline(DiffusionPipeline):
             scheduler = DPMSolverMultistepScheduler.from_config(
                 self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
             )
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
+        elif name in ("tcd", "lcm"):  # a student's consistency steps: "lcm" draws fresh noise between them from
+            # the seeded generators, "tcd" (stepped with γ = 0) re-noises along the step's own predicted noise
+            scheduler = (TCDScheduler if name == "tcd" else LCMScheduler).from_config(self.scheduler.config)
             scheduler.set_timesteps(timesteps=timesteps.tolist())
         else:
             raise InputError("scheduler", f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
@@ -479,9 +494,11 @@ class MelFusionPipeline(DiffusionPipeline):
         guidance_scale: float | list[float] | None = None,
         image_strength: float | list[float] = 1.0,
         image_guidance: ImageGuidance = "conditional",
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         seed: int | list[int] | None = None,
         image_steps: int | None = None,
+        guidance_start: float = DEFAULT_GUIDANCE_INTERVAL[0],
+        guidance_end: float = DEFAULT_GUIDANCE_INTERVAL[1],
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> MelFusionOutput:
@@ -495,12 +512,17 @@ class MelFusionPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps of the music loop.
             guidance_scale: CFG scale, one for all or one per caption (bundle default, the paper's 7);
                 <= 1 disables CFG (in a batch where others use CFG, such a row is its conditional branch).
+                A student takes it as an input of its UNet instead of a CFG batch.
             image_strength: scales every α, one for all or per caption: 0 = caption only, 1 = learned α.
             image_guidance: which CFG branch sees the image, "conditional" or "both" (see `image_rows`).
-            scheduler: "ddim" (the paper's), "dpmpp" (DPM-Solver++, good in ~20 steps) or "ddpm" (TANGO's).
+            scheduler: "ddim" (the paper's), "dpmpp" (DPM-Solver++, good in ~20 steps) or "ddpm" (TANGO's);
+                a distilled student's are "tcd" and "lcm" (see limits.STUDENT_SCHEDULERS). Default: the
+                bundle's first (ddim, or tcd).
             seed: int (item i gets seed + i) or one per caption; random if None, echoed in the output.
             image_steps: image passes on a coarser grid (default: one per music step); each music step
                 then reads the recorded step nearest to its timestep.
+            guidance_start, guidance_end: the guidance interval, fractions of the trajectory: CFG runs on the
+                steps i with start <= i/steps < end, the others on the conditional rows alone (`guided_steps`).
             callback: called with a StepInfo after every UNet step of every phase.
             should_cancel: polled before every step; True raises GenerationCancelled.
         """
@@ -511,6 +533,7 @@ class MelFusionPipeline(DiffusionPipeline):
         seconds = self.config.default_seconds if seconds is None else seconds
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         image_steps = steps if image_steps is None else image_steps
+        scheduler = self.limits.default_scheduler if scheduler is None else scheduler
         guidance = self._per_row("guidance_scale", self.config.default_guidance_scale if guidance_scale is None else guidance_scale, batch)
         strength = self._per_row("image_strength", image_strength, batch)
         for row_guidance, row_strength in zip(guidance, strength):
@@ -523,12 +546,14 @@ class MelFusionPipeline(DiffusionPipeline):
                 scheduler=scheduler,
                 image_guidance=image_guidance,
                 image_steps=image_steps,
+                guidance_start=guidance_start,
+                guidance_end=guidance_end,
             )
         seeds = self._seeds(seed, batch)
         if image_features is not None:
             images = [None] * batch
         has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
-        with_unconditional = max(guidance) > 1.0
+        with_unconditional = max(guidance) > 1.0 and not self.is_student  # a student's guidance is an input
 
         # 2. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
         timesteps = self.timestep_grid(steps)
@@ -556,31 +581,39 @@ class MelFusionPipeline(DiffusionPipeline):
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
             shape = self.music_latent_shape(batch, seconds)
             latents = self.prepare_music_latents(shape, generators, music_scheduler)
-            step_options = {"generator": generators} if isinstance(music_scheduler, DDPMScheduler) else {}
+            step_options = {"generator": generators} if isinstance(music_scheduler, DDPMScheduler | LCMScheduler) else {}
+            if isinstance(music_scheduler, TCDScheduler):
+                step_options = {"eta": 0.0}  # TCD's γ: deterministic
 
             # 6. Denoising loop with the visual synapse (lines 4-10)
             device = latents.device
-            rows = self.image_rows(torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance)
-            self.load_synapse(
-                image_features,
-                feature_rows * (1 + with_unconditional),
-                text_mask,
-                rows,
-                nearest_steps(timesteps, image_grid),
-            )
+
+            def rows_for(cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                """A step's UNet rows, [uncond…, cond…] with CFG, else cond only: caption states and mask, and
+                which image each row's mixers read at which strength."""
+                count = batch * (1 + cfg)
+                rows = self.image_rows(torch.tensor(strength), torch.tensor(has_image), cfg, image_guidance)
+                feature_steps = nearest_steps(timesteps, image_grid)
+                self.load_synapse(image_features, feature_rows * (1 + cfg), text_mask[-count:], rows, feature_steps)
+                return text_states[-count:], text_mask[-count:]
+
             scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
             scale = scale.view(-1, *[1] * (latents.dim() - 1))  # (B, 1, 1, 1): each row its own guidance
+            guided = guided_steps(steps, guidance_start, guidance_end) if with_unconditional else [False] * steps
+            condition = self.guidance_condition(guidance, device) if self.is_student else None
             unet_timesteps = music_scheduler.timesteps.to(device)  # on the device: no copy per step
             for i, t in enumerate(music_scheduler.timesteps):
                 tracker.check_cancel()
+                if i == 0 or guided[i] != guided[i - 1]:  # CFG starts or stops: another UNet batch
+                    states, mask = rows_for(guided[i])
                 self.synapse_state.select_step(i)  # K_l^I, V_l^I met by music step i (lines 7-9)
-                model_input = torch.cat([latents] * 2) if with_unconditional else latents
+                model_input = torch.cat([latents] * 2) if guided[i] else latents
                 model_input = music_scheduler.scale_model_input(model_input, t)
                 noise_pred = self.music_unet(
-                    model_input, unet_timesteps[i], encoder_hidden_states=text_states,
-                    encoder_attention_mask=text_mask, return_dict=False,
+                    model_input, unet_timesteps[i], encoder_hidden_states=states, encoder_attention_mask=mask,
+                    timestep_cond=condition, return_dict=False,
                 )[0]  # fmt: skip
-                if with_unconditional:
+                if guided[i]:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + scale * (cond - uncond)
                 latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
@@ -611,7 +644,8 @@ class MelFusionPipeline(DiffusionPipeline):
         """
         if len({request.batch_key for request in requests}) != 1:
             raise InputError(
-                "requests", "rows of one batch must share seconds, steps, image steps, scheduler, image guidance, CFG"
+                "requests", "rows of one batch must share seconds, steps, image steps, scheduler, image guidance, CFG "
+                "and its interval"
             )
         if len(images) != len(requests):
             raise InputError("image", f"give one image (or None) per request ({len(requests)})")
@@ -631,9 +665,16 @@ class MelFusionPipeline(DiffusionPipeline):
             scheduler=first.scheduler,
             seed=[request.seed for request in requests],
             image_steps=first.image_steps,
+            guidance_start=first.guidance_start,
+            guidance_end=first.guidance_end,
             callback=callback,
             should_cancel=should_cancel,
         )
+
+    def guidance_condition(self, guidance: list[float], device: torch.device) -> torch.Tensor:
+        """(B, D) a student UNet's guidance input, one scale per row (`melfusion.student.guidance_embedding`)."""
+        embedding = guidance_embedding(torch.tensor(guidance), self.music_unet.config.time_cond_proj_dim)
+        return embedding.to(device=device, dtype=self.music_unet.dtype)
 
     @staticmethod
     def _per_row(field: str, value, count: int) -> list:
@@ -668,3 +709,10 @@ def nearest_steps(timesteps: torch.Tensor, image_grid: torch.Tensor) -> list[int
     """For each music timestep, the index of the nearest image-grid timestep (the same index on one grid)."""
     distance = (timesteps[:, None].float() - image_grid[None, :].float()).abs()
     return distance.argmin(dim=1).tolist()
+
+
+def guided_steps(steps: int, start: float, end: float) -> list[bool]:
+    """Which steps run CFG under the guidance interval [start, end) (fractions of the trajectory, 0 = pure
+    noise): step i if start <= i/steps < end. Guidance matters less at some noise levels (Kynkäänniemi et
+    al. 2024 found it harmful at the noisiest); each step outside the interval halves the UNet's batch."""
+    return [start <= i / steps < end for i in range(steps)]

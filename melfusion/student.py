@@ -1,0 +1,86 @@
+"""The few-step student: a music UNet distilled from the bundle's guided sampler (latent consistency).
+
+A student bundle is a teacher bundle whose `music_unet` was trained by `melfusion distill` to map any point
+of the teacher's guided ODE straight to its end (a consistency function, Song et al. 2023; Luo et al. 2023
+for latents; ConsistencyTTA for TANGO's UNet), and whose `scheduler` is an `LCMScheduler`. Classifier-free
+guidance is folded in: the student reads the guidance scale as an input through diffusers' time-condition
+projection (`UNet2DConditionModel(time_cond_proj_dim=…)` + `timestep_cond`), so one network call per step
+serves any scale, with no unconditional batch. Everything else (image side, synapse, T5, mel VAE, vocoder)
+is the teacher's. What a bundle is follows from its scheduler class: an `LCMScheduler` makes a student.
+
+This module holds what sampling (`MelFusionPipeline`) and distillation (`training/distill.py`) must agree
+on: the guidance embedding, the boundary-condition parametrisation f(x_t, t), and how a student UNet and
+its scheduler are made from the teacher's.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers.models.embeddings import get_timestep_embedding
+
+GUIDANCE_EMBEDDING_DIM = 256  # LCM's choice for SD's UNet; the projection adds 256 × block_out_channels[0] weights
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default: f(x_t, t) is the UNet's x̂_0 for every t ≥ 1, x_t itself at t = 0
+
+
+def is_student_unet(unet: UNet2DConditionModel) -> bool:
+    return unet.config.time_cond_proj_dim is not None
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) sinusoidal embedding of w = guidance − 1 (LCM's convention: the CFG scale of
+    `uncond + g·(cond − uncond)` is 1 + w, so w = 0 is the plain conditional model), scaled by 1000 like a
+    timestep."""
+    w = (guidance_scale.float() - 1.0) * 1000.0
+    return get_timestep_embedding(w, dim, flip_sin_to_cos=False, downscale_freq_shift=1)
+
+
+def student_unet_from(teacher: UNet2DConditionModel, dim: int = GUIDANCE_EMBEDDING_DIM) -> UNet2DConditionModel:
+    """The teacher's UNet with a guidance input whose projection starts at zero, so that before any training
+    the student computes exactly what the teacher computes."""
+    student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=dim)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+        raise ValueError(f"teacher and student UNets differ beyond the guidance projection: {missing}, {unexpected}")
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()
+    if student.dtype != teacher.dtype:
+        student.to(teacher.dtype)
+    return student.to(teacher.device)
+
+
+def student_scheduler(teacher_config) -> LCMScheduler:
+    """The teacher's noise schedule and prediction type as an LCMScheduler.
+
+    `original_inference_steps` is where LCM's distillation drew its timesteps (a 50-step grid; LCMScheduler
+    warns when a sampling grid leaves it). `melfusion distill` draws every timestep, so that each sampling
+    grid of 1-8 steps (the trailing grids the image side shares) is on it: all T of them.
+    """
+    return LCMScheduler.from_config(
+        teacher_config,
+        original_inference_steps=teacher_config.num_train_timesteps,
+        timestep_scaling=TIMESTEP_SCALING,
+    )
+
+
+def predicted_original(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x̂_0 from the UNet's output at ᾱ_t (one value per row, broadcast), for ε- or v-prediction."""
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
+    raise ValueError(f"distillation supports epsilon and v_prediction, not {prediction_type!r}")
+
+
+def consistency_output(
+    scheduler: LCMScheduler, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂_0 per row: what `LCMScheduler.step` calls `denoised`, for a
+    batch whose rows sit at different timesteps (training); f(x, 0) = x, the consistency boundary."""
+    shape = (-1,) + (1,) * (sample.dim() - 1)
+    alpha_bar = scheduler.alphas_cumprod.to(sample.device)[timesteps].view(shape).to(sample.dtype)
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timesteps.to(sample.device).double())
+    x_0 = predicted_original(model_output, sample, alpha_bar, scheduler.config.prediction_type)
+    return c_out.view(shape).to(sample.dtype) * x_0 + c_skip.view(shape).to(sample.dtype) * sample
