@@ -171,18 +171,24 @@ def small_generations(image: Image.Image, repeats: int, seconds: float, steps: i
     print(f"  output moved by the coarse image grid: {moved:.3f} RMS relative to the clip")
 
 
+def repeated_photo(index: int) -> tuple[Path | bytes, dict]:
+    """The service benches' default job: the sample photo, one caption, DPM-Solver++, the job's own seed."""
+    return SAMPLE_IMAGE, {"caption": CAPTION, "seed": index, "scheduler": "dpmpp"}
+
+
 def service_batching(
-    jobs: int, rounds: int, seconds: float, steps: int, *, bundle: Path | None = None, **worker_settings
-) -> dict[str, float]:
+    jobs: int, rounds: int, seconds: float, steps: int, *, bundle: Path | None = None,
+    job: Callable[[int], tuple[Path | bytes, dict]] = repeated_photo, **worker_settings,
+) -> dict[str, float]:  # fmt: skip
     """Clips per second through the real service (API, Redis, one worker, local storage; the tiny bundle
-    unless `bundle` is given) for `jobs` concurrent repeated-photo jobs, batching off (MELFUSION_MAX_BATCH=1)
-    vs on, alternating rounds. `worker_settings` are further MELFUSION_* settings (device, dtype, …).
-    Returns the median clips per second of each."""
+    unless `bundle` is given) for `jobs` concurrent jobs (`job(i)`: the photo and form fields of job i),
+    batching off (MELFUSION_MAX_BATCH=1) vs on, alternating rounds. `worker_settings` are further MELFUSION_*
+    settings (device, dtype, …). Returns the median clips per second of each."""
     from embedded.processes import free_port, settings_env, start_api, start_redis, start_worker, wait_until
     from melfusion_client import MelFusionClient
 
-    print(f"service, {jobs} concurrent jobs, {bundle or 'tiny bundle'}, {seconds:g} s clip, {steps} DPM-Solver++ "
-          f"steps, one worker {worker_settings or '(1 thread)'}", flush=True)  # fmt: skip
+    print(f"service, {jobs} concurrent jobs, {bundle or 'tiny bundle'}, {seconds:g} s clip, {steps} steps, "
+          f"one worker {worker_settings or '(1 thread)'}", flush=True)  # fmt: skip
     worker_settings = worker_settings or {"torch_threads": 1}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -204,8 +210,8 @@ def service_batching(
             for _ in range(rounds + 1):  # the first round warms up (feature cache, first-call kernels)
                 for label, (_, _, client) in stacks.items():
                     started = time.perf_counter()
-                    ids = [client.submit(SAMPLE_IMAGE, CAPTION, seconds=seconds, steps=steps, seed=i,
-                                         scheduler="dpmpp").id for i in range(jobs)]  # fmt: skip
+                    ids = [client.submit(image, seconds=seconds, steps=steps, **fields).id
+                           for image, fields in map(job, range(jobs))]  # fmt: skip
                     assert all(client.wait(job_id, timeout=900).status == "succeeded" for job_id in ids)
                     rates[label].append(jobs / (time.perf_counter() - started))
             for label, measured in rates.items():

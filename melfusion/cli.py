@@ -1,4 +1,4 @@
-"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav`.
+"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav` (and train, distill, eval).
 
 Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
 request fails in well under a second; the WAV is written atomically, so a failure leaves no file.
@@ -18,6 +18,7 @@ from .limits import IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, read_lim
 from .quiet import silence_library_noise
 from .request import GenerationRequest
 from .training.cli import add_train_parser
+from .training.distill_cli import add_distill_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
@@ -31,6 +32,8 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--seconds", type=float, help=_help("seconds", "bundle default if omitted"))
     parser.add_argument("--steps", type=int, help=_help("steps", "bundle default if omitted"))
     parser.add_argument("--guidance", dest="guidance_scale", type=float, help=_help("guidance_scale", "paper: 7"))
+    parser.add_argument("--guidance-start", type=float, help=_help("guidance_start"))
+    parser.add_argument("--guidance-end", type=float, help=_help("guidance_end"))
     parser.add_argument("--seed", type=int, help=_help("seed", "printed so the clip can be reproduced"))
     parser.add_argument("--scheduler", choices=SCHEDULERS, help=_help("scheduler"))
     parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset", "default none"))
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_train_parser(commands)
+    add_distill_parser(commands)
     add_eval_parser(commands)
     return parser
 

@@ -1,16 +1,17 @@
 """The few-step student: a music UNet distilled from the bundle's guided sampler (latent consistency).
 
-A student bundle is a teacher bundle whose `music_unet` was trained by `melfusion distill` to map any point
-of the teacher's guided ODE straight to its end (a consistency function, Song et al. 2023; Luo et al. 2023
-for latents; ConsistencyTTA for TANGO's UNet), and whose `scheduler` is an `LCMScheduler`. Classifier-free
+A student bundle is a teacher bundle whose `music_unet` was trained by `melfusion distill` to jump from any
+point of the teacher's guided ODE to any earlier point on it in one call (trajectory consistency, TCD, Zheng
+et al. 2024; the jump to the end alone is latent consistency, LCM, Luo et al. 2023, and ConsistencyTTA on
+TANGO's UNet), and whose `scheduler` is an `LCMScheduler`. Classifier-free
 guidance is folded in: the student reads the guidance scale as an input through diffusers' time-condition
 projection (`UNet2DConditionModel(time_cond_proj_dim=…)` + `timestep_cond`), so one network call per step
 serves any scale, with no unconditional batch. Everything else (image side, synapse, T5, mel VAE, vocoder)
 is the teacher's. What a bundle is follows from its scheduler class: an `LCMScheduler` makes a student.
 
 This module holds what sampling (`MelFusionPipeline`) and distillation (`training/distill.py`) must agree
-on: the guidance embedding, the boundary-condition parametrisation f(x_t, t), and how a student UNet and
-its scheduler are made from the teacher's.
+on: the guidance embedding, the student's jump f(x_t, t → s) (a DDIM step along its own prediction), and
+how a student UNet and its scheduler are made from the teacher's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from diffusers import LCMScheduler, UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 GUIDANCE_EMBEDDING_DIM = 256  # LCM's choice for SD's UNet; the projection adds 256 × block_out_channels[0] weights
-TIMESTEP_SCALING = 10.0  # LCMScheduler's default: f(x_t, t) is the UNet's x̂_0 for every t ≥ 1, x_t itself at t = 0
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default: its f(x_t, t) is the UNet's x̂_0 for t ≥ 1, x_t itself at t = 0
 
 
 def is_student_unet(unet: UNet2DConditionModel) -> bool:
@@ -49,17 +50,12 @@ def student_unet_from(teacher: UNet2DConditionModel, dim: int = GUIDANCE_EMBEDDI
     return student.to(teacher.device)
 
 
-def student_scheduler(teacher_config) -> LCMScheduler:
-    """The teacher's noise schedule and prediction type as an LCMScheduler.
-
-    `original_inference_steps` is where LCM's distillation drew its timesteps (a 50-step grid; LCMScheduler
-    warns when a sampling grid leaves it). `melfusion distill` draws every timestep, so that each sampling
-    grid of 1-8 steps (the trailing grids the image side shares) is on it: all T of them.
-    """
+def student_scheduler(teacher_config, teacher_steps: int) -> LCMScheduler:
+    """The teacher's noise schedule and prediction type as an LCMScheduler whose `original_inference_steps` is
+    the distillation grid (the trailing grid of `teacher_steps`; LCMScheduler warns when a sampling grid
+    leaves it)."""
     return LCMScheduler.from_config(
-        teacher_config,
-        original_inference_steps=teacher_config.num_train_timesteps,
-        timestep_scaling=TIMESTEP_SCALING,
+        teacher_config, original_inference_steps=teacher_steps, timestep_scaling=TIMESTEP_SCALING
     )
 
 
@@ -74,13 +70,16 @@ def predicted_original(
     raise ValueError(f"distillation supports epsilon and v_prediction, not {prediction_type!r}")
 
 
-def consistency_output(
-    scheduler: LCMScheduler, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂_0 per row: what `LCMScheduler.step` calls `denoised`, for a
-    batch whose rows sit at different timesteps (training); f(x, 0) = x, the consistency boundary."""
+def ddim_step(
+    alphas_cumprod: torch.Tensor, prediction: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:  # fmt: skip
+    """x_s from x_t along the prediction made at t, one row each (any t ≥ s ≥ 0): the deterministic DDIM step.
+
+    It is the teacher's ODE step in distillation, and the student's jump f(x_t, t → s) = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂
+    both in distillation and when it samples ("tcd", TCDScheduler with γ = 0, takes exactly this step)."""
     shape = (-1,) + (1,) * (sample.dim() - 1)
-    alpha_bar = scheduler.alphas_cumprod.to(sample.device)[timesteps].view(shape).to(sample.dtype)
-    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timesteps.to(sample.device).double())
-    x_0 = predicted_original(model_output, sample, alpha_bar, scheduler.config.prediction_type)
-    return c_out.view(shape).to(sample.dtype) * x_0 + c_skip.view(shape).to(sample.dtype) * sample
+    alpha_t, alpha_s = alphas_cumprod[t].view(shape), alphas_cumprod[s].view(shape)
+    x_0 = predicted_original(prediction, sample, alpha_t, prediction_type)
+    epsilon = (sample - alpha_t.sqrt() * x_0) / (1 - alpha_t).sqrt()
+    return alpha_s.sqrt() * x_0 + (1 - alpha_s).sqrt() * epsilon

@@ -81,10 +81,10 @@ class MelFusionClient:
         idempotency_key: str | None = None,
         **params: float | int | str | list[str] | None,
     ) -> Job:
-        """POST /jobs. `params` are the form's other fields (seconds, steps, guidance_scale, image_strength,
-        image_guidance, scheduler, seed, preset, image_steps, webhook_url, webhook_events as a list; their
-        ranges are in /openapi.json); None means the service's default. Retrying with the same
-        `idempotency_key` can never create a second job."""
+        """POST /jobs. `params` are the form's other fields (seconds, steps, guidance_scale, guidance_start,
+        guidance_end, image_strength, image_guidance, scheduler, seed, preset, image_steps, webhook_url,
+        webhook_events as a list; their ranges are in /openapi.json); None means the service's default.
+        Retrying with the same `idempotency_key` can never create a second job."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = {"caption": caption, **params}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}

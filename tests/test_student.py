@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline
+from diffusers import LatentConsistencyModelPipeline, TCDScheduler
 from dummies import get_dummy_components, make_pipeline
 
-from melfusion.errors import InputError
+from melfusion.bundle import save_bundle, verify_bundle
+from melfusion.errors import BundleError, InputError
 from melfusion.pipeline import MelFusionPipeline, guided_steps
 from melfusion.presets import sd_scheduler
 from melfusion.request import GenerationRequest
-from melfusion.student import consistency_output, guidance_embedding, student_scheduler, student_unet_from
+from melfusion.student import ddim_step, guidance_embedding, student_scheduler, student_unet_from
 
 FAST = {"seconds": 0.5, "num_inference_steps": 4}
 
@@ -23,7 +24,7 @@ def student() -> MelFusionPipeline:
     """The tiny pipeline with an untrained student UNet (the teacher's weights, a zero guidance projection)."""
     components = get_dummy_components()
     music_unet = student_unet_from(components["music_unet"])
-    pipe = MelFusionPipeline(**{**components, "music_unet": music_unet, "scheduler": student_scheduler(components["scheduler"].config)},
+    pipe = MelFusionPipeline(**{**components, "music_unet": music_unet, "scheduler": student_scheduler(components["scheduler"].config, 40)},
                              default_steps=4, max_steps=8)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -66,6 +67,21 @@ def test_student_clips_are_seeded_and_strength_zero_is_caption_only(student, ima
     np.testing.assert_allclose(batch[0], first[0], atol=1e-4)
 
 
+def test_verify_refuses_a_mismatched_or_anonymous_student(tmp_path):
+    components = get_dummy_components()
+    student_unet, lcm = student_unet_from(components["music_unet"]), student_scheduler(components["scheduler"].config, 40)
+    for name, mixed in (("student-unet", {"music_unet": student_unet}), ("student-scheduler", {"scheduler": lcm})):
+        bundle = save_bundle(MelFusionPipeline(**{**components, **mixed}), tmp_path / name, source="test")
+        with pytest.raises(BundleError, match="guidance input"):
+            verify_bundle(bundle)
+    paired = MelFusionPipeline(**{**components, "music_unet": student_unet, "scheduler": lcm})
+    anonymous = save_bundle(paired, tmp_path / "anonymous", source="test")
+    with pytest.raises(BundleError, match="name its teacher"):  # a student must say where it came from
+        verify_bundle(anonymous)
+    origin = {"teacher": {"bundle": "/bundles/tiny"}, "distillation": {"steps": 0}}
+    assert verify_bundle(save_bundle(paired, tmp_path / "named", source="test", origin=origin))["origin"] == origin
+
+
 def test_a_student_has_its_own_samplers_presets_and_bounds(pipe, student):
     limits = student.limits
     assert (limits.schedulers, limits.default_steps, limits.max_steps) == (("tcd", "lcm"), 4, 8)
@@ -91,16 +107,16 @@ def test_a_student_has_its_own_samplers_presets_and_bounds(pipe, student):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_the_distillation_parametrisation_is_what_lcm_sampling_computes(prediction_type):
-    scheduler = student_scheduler(sd_scheduler(prediction_type).config)
-    scheduler.set_timesteps(timesteps=[999, 749, 499, 249])
+def test_the_jump_distillation_trains_is_the_step_tcd_samples_with(prediction_type):
+    grid = [999, 749, 499, 249]
+    scheduler = TCDScheduler.from_config(student_scheduler(sd_scheduler(prediction_type).config, 40).config)
+    scheduler.set_timesteps(timesteps=grid)
     generator = torch.Generator().manual_seed(0)
     output, sample = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 8, 4, 4, generator=generator)
-    for t in scheduler.timesteps:  # LCMScheduler.step's `denoised` at each step of a grid, one t for all rows
-        expected = scheduler.step(output, t, sample, generator=generator).denoised
-        torch.testing.assert_close(consistency_output(scheduler, output, sample, torch.full((2,), int(t))), expected)
-    at_zero = consistency_output(scheduler, output, sample, torch.zeros(2, dtype=torch.long))
-    assert torch.equal(at_zero, sample)  # f(x, 0) = x: the boundary every chain ends on
+    for t, s in zip(grid, [*grid[1:], 0]):  # the last step lands on t = 0
+        expected = scheduler.step(output, t, sample, eta=0.0).prev_sample
+        got = ddim_step(scheduler.alphas_cumprod, output, sample, torch.full((2,), t), torch.full((2,), s), prediction_type)
+        torch.testing.assert_close(got, expected)
 
 
 def test_the_guidance_input_is_lcms_embedding_of_scale_minus_one():

@@ -81,6 +81,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
             float | None,
             Form(ge=0, le=MAX_GUIDANCE_SCALE, description=describe("guidance_scale", limits.default_guidance_scale)),
         ] = None,
+        guidance_start: Annotated[float | None, Form(ge=0, lt=1, description=describe("guidance_start"))] = None,
+        guidance_end: Annotated[float | None, Form(gt=0, le=1, description=describe("guidance_end"))] = None,
         image_strength: Annotated[float | None, Form(ge=0, le=1, description=describe("image_strength"))] = None,
         image_guidance: Annotated[ImageGuidance | None, Form(description=describe("image_guidance"))] = None,
         scheduler: Annotated[Scheduler | None, Form(description=describe("scheduler"))] = None,
@@ -112,8 +114,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         carry `Retry-After`."""
         data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
-            caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
-            image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
+            caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale, guidance_start=guidance_start,
+            guidance_end=guidance_end, image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
             image_steps=image_steps,
         )  # fmt: skip
         webhook = None
