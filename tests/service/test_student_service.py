@@ -22,7 +22,7 @@ def student_bundle(tiny_bundle, tmp_path_factory) -> Path:
     in seconds; what distillation makes of it is tests/train_eval/test_distill.py's business."""
     teacher = load_pipeline(tiny_bundle)
     return write_student_bundle(tiny_bundle, student_unet_from(teacher.music_unet), tmp_path_factory.mktemp("student") / "bundle",
-                                default_steps=4, max_steps=8, origin={"teacher": {"bundle": str(tiny_bundle)},
+                                teacher_steps=40, default_steps=4, max_steps=8, origin={"teacher": {"bundle": str(tiny_bundle)},
                                         "distillation": {"steps": 0}})  # fmt: skip
 
 
