@@ -96,18 +96,23 @@ def ask_hub(questions: dict[str, Callable[[], T]], deadline: Deadline) -> dict[s
         offline = HubUnavailable("HF_HUB_OFFLINE is set: pull needs the Hugging Face hub (unset it, or use create-tiny)")
         return dict.fromkeys(questions, offline)
     answers: dict[str, T | HubUnavailable] = {}
+    crashes: list[Exception] = []  # anything but the hub being unavailable is a bug: raised here, as it is
 
     def run(name: str, ask: Callable[[], T]) -> None:
         try:
             answers[name] = ask()
         except HubUnavailable as exc:
             answers[name] = exc
+        except Exception as exc:
+            crashes.append(exc)
 
     threads = [threading.Thread(target=run, args=item, daemon=True) for item in questions.items()]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(deadline.remaining())
+    if crashes:
+        raise crashes[0]
     answered = dict(answers)
     if len(answered) < len(questions):
         raise deadline.passed()
