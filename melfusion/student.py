@@ -20,6 +20,8 @@ import torch
 from diffusers import LCMScheduler, UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
+from .schedulers import ddim_move
+
 GUIDANCE_EMBEDDING_DIM = 256  # LCM's choice for SD's UNet; the projection adds 256 × block_out_channels[0] weights
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default: its f(x_t, t) is the UNet's x̂_0 for t ≥ 1, x_t itself at t = 0
 
@@ -59,27 +61,12 @@ def student_scheduler(teacher_config, teacher_steps: int) -> LCMScheduler:
     )
 
 
-def predicted_original(
-    model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """x̂_0 from the UNet's output at ᾱ_t (one value per row, broadcast), for ε- or v-prediction."""
-    if prediction_type == "epsilon":
-        return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
-    raise ValueError(f"distillation supports epsilon and v_prediction, not {prediction_type!r}")
-
-
-def ddim_step(
-    alphas_cumprod: torch.Tensor, prediction: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:  # fmt: skip
-    """x_s from x_t along the prediction made at t, one row each (any t ≥ s ≥ 0): the deterministic DDIM step.
+def ddim_step(scheduler, prediction: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x_s from x_t along the prediction made at t, one (t, s) per row (any t ≥ s ≥ 0): `ddim_move` on the
+    rows' noise levels of `scheduler` (its betas and prediction type).
 
     It is the teacher's ODE step in distillation, and the student's jump f(x_t, t → s) = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂
     both in distillation and when it samples ("tcd", TCDScheduler with γ = 0, takes exactly this step)."""
     shape = (-1,) + (1,) * (sample.dim() - 1)
-    alpha_t, alpha_s = alphas_cumprod[t].view(shape), alphas_cumprod[s].view(shape)
-    x_0 = predicted_original(prediction, sample, alpha_t, prediction_type)
-    epsilon = (sample - alpha_t.sqrt() * x_0) / (1 - alpha_t).sqrt()
-    return alpha_s.sqrt() * x_0 + (1 - alpha_s).sqrt() * epsilon
+    alphas = scheduler.alphas_cumprod.to(sample.device)
+    return ddim_move(scheduler, prediction, sample, alphas[t].view(shape), alphas[s].view(shape)).prev_sample

@@ -115,7 +115,7 @@ def test_the_jump_distillation_trains_is_the_step_tcd_samples_with(prediction_ty
     output, sample = torch.randn(2, 8, 4, 4, generator=generator), torch.randn(2, 8, 4, 4, generator=generator)
     for t, s in zip(grid, [*grid[1:], 0]):  # the last step lands on t = 0
         expected = scheduler.step(output, t, sample, eta=0.0).prev_sample
-        got = ddim_step(scheduler.alphas_cumprod, output, sample, torch.full((2,), t), torch.full((2,), s), prediction_type)
+        got = ddim_step(scheduler, output, sample, torch.full((2,), t), torch.full((2,), s))
         torch.testing.assert_close(got, expected)
 
 

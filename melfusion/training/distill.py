@@ -35,7 +35,8 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..attention import ImageFeatures
-from ..bundle import file_sha256, load_pipeline, read_manifest, save_bundle
+from ..bundle import load_pipeline, save_bundle
+from ..manifest import file_sha256, read_manifest
 from ..errors import InputError
 from ..pipeline import MelFusionPipeline
 from ..student import ddim_step, guidance_embedding, student_scheduler, student_unet_from
@@ -48,12 +49,9 @@ from .loop import (
     LossLog,
     TrainBatch,
     TrainResult,
-    batch_examples,
-    batch_positions,
-    draw_batch,
     encode_data,
     make_accelerator,
-    row_generator,
+    micro_batches,
 )
 
 STUDENT, TARGET = "student.", "target."  # weight groups of a distillation checkpoint
@@ -69,8 +67,6 @@ class ConsistencyTargets:
         self.target = SynapseDenoiser(target_unet, pipe.synapse)
         self.image_key_values = image_key_values
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(pipe.music_unet.device)
         self.grid = torch.cat([torch.zeros(1, dtype=torch.long), pipe.timestep_grid(config.teacher_steps).flip(0)])
 
     def timesteps(self, drawn: torch.Tensor, jump: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,11 +100,11 @@ class ConsistencyTargets:
                     both = self.teacher(torch.cat([x] * 2), torch.cat([here] * 2), text_states, text_mask, at(j),
                                         torch.cat([torch.zeros_like(strength), strength])).float()  # fmt: skip
                     uncond, cond = both.chunk(2)
-                    x = ddim_step(self.alphas_cumprod, uncond + w * (cond - uncond), x, here, there, self.prediction_type)
+                    x = ddim_step(self.noise_scheduler, uncond + w * (cond - uncond), x, here, there)
                 target_output = self.target(x, u, states, mask, at(substeps), strength, condition).float()
-            target = ddim_step(self.alphas_cumprod, target_output, x, u, s, self.prediction_type)  # f⁻(x̂_u, u → s)
+            target = ddim_step(self.noise_scheduler, target_output, x, u, s)  # f⁻(x̂_u, u → s)
         output = model(x_t, t, states, mask, at(0), strength, condition).float()
-        online = ddim_step(self.alphas_cumprod, output, x_t, t, s, self.prediction_type)  # f_θ(x_t, t → s)
+        online = ddim_step(self.noise_scheduler, output, x_t, t, s)  # f_θ(x_t, t → s)
         if config.loss == "l2":
             return F.mse_loss(online, target)
         return (((online - target) ** 2 + config.huber_c**2).sqrt() - config.huber_c).mean()
@@ -232,11 +228,7 @@ def distill(config: DistillConfig) -> TrainResult:
     bar = tqdm(total=settings.max_steps, initial=step, desc="distilling", disable=not accelerator.is_main_process)
     while step < settings.max_steps:
         started, losses = time.perf_counter(), []
-        for micro in range(settings.gradient_accumulation):
-            micro_step = step * settings.gradient_accumulation + micro
-            positions = batch_positions(micro_step, settings.batch_size, rank, world)
-            generators = [row_generator(settings.seed, micro_step, p) for p in positions]
-            batch = draw_batch(pipe, batch_examples(examples, positions, settings.seed), generators, dropout)
+        for batch, generators in micro_batches(pipe, examples, settings, step, rank, world, dropout):
             guidance, jump = draw_rows(generators, config)
             with accelerator.accumulate(model):
                 loss = targets.loss(model, batch, guidance, jump)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -98,6 +99,19 @@ def batch_positions(micro_step: int, batch_size: int, rank: int, world: int) -> 
 def batch_examples(examples: list[Example], positions: range, seed: int) -> list[Example]:
     """A pure function of the positions, hence exact resume."""
     return [examples[epoch_order(len(examples), p // len(examples), seed)[p % len(examples)]] for p in positions]
+
+
+def micro_batches(
+    pipe: MelFusionPipeline, examples: list[Example], config: TrainConfig, step: int, rank: int, world: int,
+    dropout: Dropout,
+) -> Iterator[tuple[TrainBatch, list[torch.Generator]]]:  # fmt: skip
+    """This process's `gradient_accumulation` micro-batches of optimiser step `step`, each with its rows'
+    generators (further per-row draws continue from them, in `melfusion distill`)."""
+    for micro in range(config.gradient_accumulation):
+        micro_step = step * config.gradient_accumulation + micro
+        positions = batch_positions(micro_step, config.batch_size, rank, world)
+        generators = [row_generator(config.seed, micro_step, p) for p in positions]
+        yield draw_batch(pipe, batch_examples(examples, positions, config.seed), generators, dropout), generators
 
 
 def row_generator(seed: int, micro_step: int, position: int) -> torch.Generator:
@@ -300,11 +314,7 @@ def train(config: TrainConfig) -> TrainResult:
     bar = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
     while step < config.max_steps:
         started, losses = time.perf_counter(), []
-        for micro in range(config.gradient_accumulation):
-            micro_step = step * config.gradient_accumulation + micro
-            positions = batch_positions(micro_step, config.batch_size, rank, world)
-            generators = [row_generator(config.seed, micro_step, p) for p in positions]
-            batch = draw_batch(pipe, batch_examples(examples, positions, config.seed), generators, dropout)
+        for batch, _ in micro_batches(pipe, examples, config, step, rank, world, dropout):
             with accelerator.accumulate(model):
                 loss = diffusion_loss(pipe, model, noise_scheduler, image_key_values, batch)
                 accelerator.backward(loss)

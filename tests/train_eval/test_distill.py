@@ -159,5 +159,5 @@ def test_the_teachers_step_is_ddims(prediction_type):
     for t in scheduler.timesteps[:-1]:
         expected = scheduler.step(prediction, t, sample).prev_sample
         rows = torch.full((2,), int(t))
-        got = ddim_step(scheduler.alphas_cumprod, prediction, sample, rows, rows - 250, prediction_type)
+        got = ddim_step(scheduler, prediction, sample, rows, rows - 250)
         torch.testing.assert_close(got, expected)
