@@ -4,7 +4,6 @@ and a resumed run is the same run."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from melfusion.bundle import load_pipeline, read_manifest, save_bundle, verify_bundle
+from melfusion.bundle import load_pipeline, verify_bundle
 from melfusion.cli import main
 from melfusion.dataset.manifest import read_triplets
 from melfusion.images import load_image
-from melfusion.pipeline import MelFusionPipeline
-from melfusion.presets import build_components, sd_scheduler
+from melfusion.manifest import read_manifest
+from melfusion.presets import sd_scheduler
+from melfusion.student import ddim_step
 from melfusion.training.checkpoint import load_trainer_state
 from melfusion.training.config import TrainConfig
-from melfusion.student import ddim_step
 from melfusion.training.distill import distill, few_step_distances
 from melfusion.training.distill_cli import DistillConfig
 
@@ -33,21 +32,9 @@ STEPS, LR = 150, 1e-3  # about two minutes of one CPU thread
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """A tiny bundle in TANGO's v-prediction, whose mel VAE posterior is nearly a point, as a trained VAE's is.
-
-    Distillation learns the teacher's ODE at noised training latents, so those must lie where the teacher's
-    own trajectories run. A random v-prediction UNet outputs about zero, the ideal denoiser of unit-scale
-    latents, and keeps its trajectories at unit scale; a random VAE's posterior noise (std 1 before the
-    latent scale) would put the training latents at 3.7 times that.
-    """
-    components = build_components("tiny", prediction_type="v_prediction")
-    moments = components["mel_vae"].quant_conv  # (mean, log-variance) channels
-    with torch.no_grad():
-        moments.weight[moments.out_channels // 2:] = 0.0
-        moments.bias[moments.out_channels // 2:] = -12.0  # posterior std e^-6
-    return save_bundle(MelFusionPipeline(**components), tmp_path_factory.mktemp("teacher") / "tiny-v",
-                       source="tests: tiny, v-prediction, near-deterministic mel VAE")  # fmt: skip
+def teacher(tiny_bundle) -> Path:
+    """The tiny bundle (ε-prediction, random weights) as the teacher."""
+    return tiny_bundle
 
 
 @pytest.fixture
@@ -91,7 +78,7 @@ def test_distillation_brings_the_students_one_step_nearer_the_teachers_many_than
     for n, (student, teacher_n) in distances.items():
         print(f"  {n} steps: {student:.4f} | {teacher_n:.4f} | {student / teacher_n:.3f}")
     student_1, teacher_1 = distances[1]
-    assert student_1 <= 0.95 * teacher_1, distances
+    assert student_1 <= 0.9 * teacher_1, distances  # measured 0.83
 
 
 def test_a_student_bundle_verifies_loads_names_its_teacher_and_samples_in_few_steps(teacher, distilled, image):
@@ -101,8 +88,8 @@ def test_a_student_bundle_verifies_loads_names_its_teacher_and_samples_in_few_st
     assert origin["teacher"]["manifest_sha256"] and origin["teacher"]["bundle"] == str(teacher.resolve())
     assert origin["distillation"]["guidance_range"] == [GUIDANCE, GUIDANCE] and origin["distillation"]["steps"] == STEPS
     teacher_files = read_manifest(teacher)["files"]
-    for name, entry in manifest["files"].items():  # every file but the UNet, scheduler and index is the teacher's
-        if name.split("/")[0] not in ("music_unet", "scheduler", "model_index.json"):
+    for name, entry in manifest["files"].items():  # every weight file but the music UNet's is the teacher's
+        if name.endswith(".safetensors") and not name.startswith("music_unet/"):
             assert teacher_files[name]["sha256"] == entry["sha256"], name
     listed = subprocess.run([sys.executable, "-m", "model_store", "verify", str(distilled)], capture_output=True, text=True)
     assert listed.returncode == 0 and "teacher: bundle" in listed.stdout and "LCMScheduler" in listed.stdout
