@@ -1,4 +1,4 @@
-"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav` (and train, distill, eval).
+"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav`; train, distill, eval.
 
 Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
 request fails in well under a second; the WAV is written atomically, so a failure leaves no file.
@@ -74,7 +74,8 @@ def run_generate(args: argparse.Namespace) -> int:
     output = pipe.generate([request], [image])
     path = write_wav(args.out, output.audios[0], output.sampling_rate)
     print(
-        f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
+        f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, "
+        f"{request.steps} {request.scheduler} steps, seed {output.seeds[0]}; "
         f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s)"
     )
     return 0

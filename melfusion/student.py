@@ -61,12 +61,14 @@ def student_scheduler(teacher_config, teacher_steps: int) -> LCMScheduler:
     )
 
 
-def ddim_step(scheduler, prediction: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def ddim_step(
+    scheduler, prediction: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     """x_s from x_t along the prediction made at t, one (t, s) per row (any t ≥ s ≥ 0): `ddim_move` on the
     rows' noise levels of `scheduler` (its betas and prediction type).
 
-    It is the teacher's ODE step in distillation, and the student's jump f(x_t, t → s) = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂
-    both in distillation and when it samples ("tcd", TCDScheduler with γ = 0, takes exactly this step)."""
+    It is the teacher's ODE step in distillation, and the student's jump
+    f(x_t, t → s) = √ᾱ_s·x̂_0 + √(1−ᾱ_s)·ε̂ both in distillation and when it samples ("tcd", TCDScheduler with γ = 0, takes exactly this step)."""
     shape = (-1,) + (1,) * (sample.dim() - 1)
     alphas = scheduler.alphas_cumprod.to(sample.device)
     return ddim_move(scheduler, prediction, sample, alphas[t].view(shape), alphas[s].view(shape)).prev_sample

@@ -77,7 +77,9 @@ class ConsistencyTargets:
         below = (jump * above).long() if self.config.targets == "trajectory" else torch.zeros_like(above)
         return self.grid[above], self.grid[above - 1], self.grid[below]
 
-    def loss(self, model: torch.nn.Module, batch: TrainBatch, guidance: torch.Tensor, jump: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, model: torch.nn.Module, batch: TrainBatch, guidance: torch.Tensor, jump: torch.Tensor
+    ) -> torch.Tensor:
         """Steps 2-4 of the module docstring on one micro-batch; `guidance` and `jump` are (B,) per-row draws."""
         pipe, config = self.pipe, self.config
         device, rows, substeps = pipe.music_unet.device, len(batch.captions), config.teacher_substeps
@@ -89,7 +91,8 @@ class ConsistencyTargets:
         w = guidance.to(device).view(-1, *[1] * (x_t.dim() - 1))
         t, u, s = t.to(device), u.to(device), s.to(device)
         with torch.no_grad():
-            text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=True)  # ["", …] + captions
+            # ["", …] + captions
+            text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=True)
             states, mask = text_states[rows:], text_mask[rows:]
             # the image K/V at every timestep of the path, in one SD batch: path[j] is rows j·B … (j+1)·B − 1
             features = self.image_key_values(batch.trajectories.repeat(substeps + 1, 1, 1, 1, 1), torch.cat(path))
@@ -129,7 +132,8 @@ def write_student_bundle(
     """A student bundle: `student_unet` and an LCMScheduler with every other file of the `teacher` bundle
     (its own files: training ran parts of it in half precision), defaults and bounds for few steps."""
     export = load_pipeline(teacher)
-    export.register_modules(music_unet=student_unet, scheduler=student_scheduler(export.scheduler.config, teacher_steps))
+    scheduler = student_scheduler(export.scheduler.config, teacher_steps)
+    export.register_modules(music_unet=student_unet, scheduler=scheduler)
     export.register_to_config(default_steps=default_steps, max_steps=max_steps)
     return save_bundle(export, out, source="melfusion-distill", origin=origin)
 
@@ -260,5 +264,6 @@ def distill(config: DistillConfig) -> TrainResult:
     if result.losses:
         accelerator.print(f"distilled {len(result.losses)} steps to step {step}: "
                           f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")  # fmt: skip
-    accelerator.print(f"wrote student bundle {settings.out.resolve()}; log and checkpoints in {settings.work_dir.resolve()}")
+    accelerator.print(f"wrote student bundle {settings.out.resolve()}; "
+                      f"log and checkpoints in {settings.work_dir.resolve()}")  # fmt: skip
     return result

@@ -74,12 +74,13 @@ class DistillConfig:
         """The distillation settings a student's manifest records (beside the teacher it came from)."""
         train = self.train
         return {
-            "method": "latent consistency distillation, guidance as an input (LCM / ConsistencyTTA), DDIM teacher",
+            "method": "CFG-aware consistency distillation, guidance as an input (TCD / LCM), guided DDIM teacher",
             "data": str(train.data), "seconds": train.seconds, "feature_steps": train.feature_steps,
             "batch_size": train.batch_size, "gradient_accumulation": train.gradient_accumulation,
             "lr": train.unet_lr, "weight_decay": train.weight_decay, "seed": train.seed,
             "mixed_precision": train.mixed_precision, "student_steps": self.student_steps,
-            "teacher_steps": self.teacher_steps, "teacher_substeps": self.teacher_substeps, "guidance_range": [self.guidance_min, self.guidance_max],
+            "teacher_steps": self.teacher_steps, "teacher_substeps": self.teacher_substeps,
+            "guidance_range": [self.guidance_min, self.guidance_max],
             "ema_decay": self.ema_decay, "targets": self.targets, "loss": self.loss, "huber_c": self.huber_c,
             "image_dropout": self.image_dropout,
         }  # fmt: skip

@@ -115,8 +115,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale, guidance_start=guidance_start,
-            guidance_end=guidance_end, image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
-            image_steps=image_steps,
+            guidance_end=guidance_end, image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler,
+            seed=seed, preset=preset, image_steps=image_steps,
         )  # fmt: skip
         webhook = None
         if webhook_url is not None:

@@ -123,7 +123,8 @@ def test_cli_distils_and_generate_uses_the_students_sampler(make_config, tmp_pat
     assert (train.work_dir / "loss.csv").read_text().splitlines()[0] == "step,loss,seconds"
     wav = tmp_path / "clip.wav"
     assert main(["generate", "--bundle", str(train.out), "--caption", "calm piano", "--out", str(wav),
-                 "--seconds", str(SECONDS)]) == 0  # fmt: skip
+                 "--seconds", str(SECONDS), "--steps", "4"]) == 0  # fmt: skip
+    assert "4 tcd steps" in capsys.readouterr().out  # the student's sampler, unasked
     assert wav.stat().st_size > 0
     for flags, field in ((["--scheduler", "ddim"], "scheduler"), (["--preset", "paper"], "preset"),
                          (["--steps", "50"], "steps")):  # fmt: skip
