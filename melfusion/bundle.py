@@ -12,13 +12,12 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import BundleError
+from .files import replacing
 from .pipeline import MelFusionPipeline
 
 MANIFEST = "manifest.json"
@@ -76,21 +75,9 @@ def save_bundle(
 ) -> Path:
     """`save_pretrained` + manifest into a temporary sibling, then swapped in: never half-written."""
     target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
-    try:
+    with replacing(target, folder=True) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         write_manifest(pipe, staging, source=source, origin=origin)
-        if target.exists():
-            retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
