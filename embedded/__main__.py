@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from melfusion.cpus import let_idle_threads_sleep
 from melfusion_client import MelFusionClient
 
 from .processes import PROJECT_ROOT, free_port, settings_env, start_api, start_redis, start_worker, wait_until
@@ -46,6 +47,7 @@ def show_progress(job) -> None:
 def main() -> int:
     args = parse_args()
     workdir = args.workdir.resolve()
+    let_idle_threads_sleep()  # before torch loads, here and in the worker, which inherits it
     from melfusion.bundle import ensure_tiny_bundle  # imports torch; the API then reads this bundle torch-free
     from melfusion.quiet import silence_library_noise
 

@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from melfusion.errors import InputError
+from melfusion.limits import check_device
+
 
 class Settings(BaseSettings):
     """Validated once at start-up: a bad value stops the process with a message naming the variable."""
@@ -57,7 +60,7 @@ class Settings(BaseSettings):
     bundle_dir: Path | None = None  # None = the embedded tiny bundle (built on first use; imports torch)
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    torch_threads: int | None = Field(None, gt=0)  # cap CPU threads when workers share cores
+    torch_threads: int | None = Field(None, gt=0)  # unset: OMP_NUM_THREADS, else the cores the worker may use
     compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile of the UNets
     # Shapes (batch size x clip seconds) the worker runs once before it takes jobs, so no job pays for
     # compilation or first-call allocation; empty = no warm-up (an eager CPU worker has nothing to warm).
@@ -136,9 +139,11 @@ class Settings(BaseSettings):
         return self.abandoned_after_seconds / 4
 
     @model_validator(mode="after")
-    def keep_cpu_exact(self) -> Settings:
-        if self.device == "cpu" and self.dtype != "float32":
-            raise ValueError(f"MELFUSION_DTYPE={self.dtype} needs a GPU: the CPU path runs float32")
+    def check_device(self) -> Settings:
+        try:
+            check_device(self.device, self.dtype)
+        except InputError as exc:
+            raise ValueError(f"MELFUSION_{exc.field.upper()}: {exc.message}") from None
         return self
 
     @model_validator(mode="after")

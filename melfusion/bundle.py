@@ -18,11 +18,11 @@ import torch
 
 from .errors import BundleError
 from .files import replacing
+from .limits import BUNDLE_VERSION, default_tiny_bundle_dir
 from .pipeline import MelFusionPipeline
 
 MANIFEST = "manifest.json"
 FORMAT = "melfusion-bundle"
-BUNDLE_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator guarantees
 
@@ -200,12 +200,6 @@ def copy_into_aligned_memory(module: torch.nn.Module) -> None:
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
             tensor.data = tensor.data.clone()
-
-
-def default_tiny_bundle_dir() -> Path:
-    """Where the embedded tiny bundle lives: $MELFUSION_HOME (default ~/.cache/melfusion)."""
-    home = Path(os.environ.get("MELFUSION_HOME", Path.home() / ".cache" / "melfusion"))
-    return home / f"tiny-bundle-v{BUNDLE_VERSION}"
 
 
 def create_tiny_bundle(directory: str | os.PathLike, *, seed: int = 0) -> Path:
