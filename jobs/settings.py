@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Retry-After past the per-API-key rate (`limits` notation, e.g. "10/second;300/minute"; empty = off).
     max_queue_depth: int = Field(1000, ge=1)
     rate_limit: str = "10/second;300/minute"
+    # Event streams and `Prefer: wait` requests one API key (or client address) may hold open on one API
+    # process at once; more get 429. They cost no Redis connection or thread while they wait.
+    max_streams_per_client: int = Field(100, ge=1)
     # Storage blips: a worker retries a failing store this long (backoff up to 5 s), then fails the job with
     # storage_unavailable; it takes no new job while the store is down, so queued jobs wait.
     storage_retry_seconds: float = Field(30.0, ge=0)

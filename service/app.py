@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 
 from jobs.queue import open_queue, open_redis
@@ -17,25 +19,32 @@ from melfusion.limits import read_limits
 
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
+from .events import JobEvents
 from .metrics import JobMetricsCollector
 from .operations import describe_job
-from .rate_limit import SubmitRateLimit
+from .rate_limit import OpenStreamLimit, SubmitRateLimit
 from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
 from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
+REQUEST_THREADS = 40  # anyio's default: sync routes, dependencies and job reads run on these
+ASYNC_REDIS_CONNECTIONS = 8  # the job-events subscription and short `Prefer: wait` checks
 
 
 def create_app(settings: Settings) -> FastAPI:
-    redis = open_redis(settings)
+    # Every thread that may call Redis at once gets a connection; past that a call waits, never fails.
+    redis = open_redis(settings, max_connections=REQUEST_THREADS + settings.webhook_senders + 1)
     limits = read_limits(settings.resolve_bundle_dir())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
+        app.state.job_events.start()
         app.state.webhook_sender.start()
         yield
         app.state.webhook_sender.stop()
+        await app.state.job_events.stop()
         await app.state.async_redis.aclose()
         redis.close()
 
@@ -47,7 +56,12 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = redis
-    app.state.async_redis = AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_seconds)
+    app.state.async_redis = AsyncRedis(connection_pool=AsyncBlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=ASYNC_REDIS_CONNECTIONS, timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+    ))  # fmt: skip
+    app.state.job_events = JobEvents(app.state.async_redis)
+    app.state.stream_limit = OpenStreamLimit(settings.max_streams_per_client)
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits

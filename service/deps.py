@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -18,7 +19,8 @@ from jobs.storage import Storage
 from melfusion.limits import GenerationLimits
 
 from .errors import Unauthorized
-from .rate_limit import SubmitRateLimit
+from .events import JobEvents
+from .rate_limit import OpenStreamLimit, SubmitRateLimit
 
 PUBLIC_OWNER = "public"
 _bearer = HTTPBearer(auto_error=False, description="an API key, if the server sets MELFUSION_API_KEYS")
@@ -36,6 +38,14 @@ def get_async_redis(request: Request) -> AsyncRedis:
     return request.app.state.async_redis
 
 
+def get_job_events(request: Request) -> JobEvents:
+    return request.app.state.job_events
+
+
+def get_stream_limit(request: Request) -> OpenStreamLimit:
+    return request.app.state.stream_limit
+
+
 def get_queue(request: Request) -> Queue:
     return request.app.state.queue
 
@@ -51,6 +61,8 @@ def get_limits(request: Request) -> GenerationLimits:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
+JobEventsDep = Annotated[JobEvents, Depends(get_job_events)]
+StreamLimitDep = Annotated[OpenStreamLimit, Depends(get_stream_limit)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 LimitsDep = Annotated[GenerationLimits, Depends(get_limits)]
@@ -90,16 +102,31 @@ IsOperatorDep = Annotated[bool, Depends(get_is_operator)]
 BaseUrlDep = Annotated[str, Depends(get_base_url)]
 
 
-def enforce_rate_limit(request: Request, owner: OwnerDep) -> None:
-    """429 + Retry-After once the caller has submitted too much (see SubmitRateLimit): counted per API key,
-    or, with keys off, per client address, so one busy client cannot spend everyone's budget. Behind a
-    proxy the address is the one uvicorn reads from X-Forwarded-For when the proxy is in FORWARDED_ALLOW_IPS."""
-    limit: SubmitRateLimit = request.app.state.submit_rate_limit
+@dataclass(frozen=True)
+class Caller:
+    """Who the per-caller limits count: an API key, or, with keys off, a client address."""
+
+    key: str
+    described_as: str  # in error messages: "this API key", "address 203.0.113.5"
+
+
+def get_caller(request: Request, owner: OwnerDep) -> Caller:
+    """The API key, or with keys off the client address (an IPv6 client: its /64). Behind a proxy the address
+    is the one uvicorn reads from X-Forwarded-For when the proxy is in FORWARDED_ALLOW_IPS."""
     if owner != PUBLIC_OWNER:
-        limit.hit(owner, described_as="this API key")
-    else:
-        client = client_network(request.client.host if request.client else "unknown")
-        limit.hit(f"address:{client}", described_as=f"address {client}")
+        return Caller(owner, "this API key")
+    client = client_network(request.client.host if request.client else "unknown")
+    return Caller(f"address:{client}", f"address {client}")
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def enforce_rate_limit(request: Request, caller: CallerDep) -> None:
+    """429 + Retry-After once the caller has submitted too much (see SubmitRateLimit), so one busy client
+    cannot spend everyone's budget."""
+    limit: SubmitRateLimit = request.app.state.submit_rate_limit
+    limit.hit(caller.key, described_as=caller.described_as)
 
 
 def client_network(host: str) -> str:

@@ -6,52 +6,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
-import threading
 import time
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from servers import ALICE, WEBHOOK_SECRET, wait_until
+from servers import ALICE, WEBHOOK_SECRET, Receiver, wait_until
 from standardwebhooks import Webhook
 
 from embedded.processes import free_port
 from service.webhooks import delivery_client, post_to_checked_address
 
 FAST = {"seconds": 1, "steps": 4}
-
-
-class Receiver:
-    """Records every request per path. `/ok` answers 204; `/flaky` 500 twice then 204; `/hang` sleeps
-    past the sender's 1 s timeout on the first request, then 204."""
-
-    def __init__(self):
-        self.requests: dict[str, list[tuple[dict, bytes]]] = defaultdict(list)
-        self.peers: dict[str, list[tuple[str, int]]] = defaultdict(list)  # the connection each came on
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keeps connections open, as real targets do
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                seen = receiver.requests[self.path]
-                seen.append((dict(self.headers), body))
-                receiver.peers[self.path].append(self.client_address)
-                if self.path == "/hang" and len(seen) == 1:
-                    time.sleep(2.5)
-                status = 500 if self.path == "/flaky" and len(seen) <= 2 else 204
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
