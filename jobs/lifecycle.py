@@ -5,9 +5,10 @@ job), so what `GET /jobs/{id}`, the event stream and the webhooks say can never 
 `announce` records an ending first (`jobs.queue.Ending`: status, result or error, when; one Redis key
 written only if absent), then writes the job's meta (progress, result, error), publishes the change on one
 Redis channel (`EVENTS_CHANNEL`: each API process subscribes once and wakes the streams and waits of the
-jobs it follows), queues the webhook deliveries the job asked for and counts outcomes for /metrics. A job ends exactly once: the first terminal
-announcement wins and later ones (a worker finishing a job the API already canceled, say) change nothing.
-Since the ending comes first, whoever hears of the end (a webhook, a stream, a poll) reads the final job.
+jobs it follows), queues the webhook deliveries the job asked for and counts outcomes for /metrics. A job
+ends exactly once: the first terminal announcement wins and later ones (a worker finishing a job the API
+already canceled, say) change nothing. Since the ending comes first, whoever hears of the end (a webhook,
+a stream, a poll) reads the final job.
 
 RQ's own status (queued, started, finished...) is still moved by RQ's methods where it is today; this
 module records what the service adds on top. It imports neither FastAPI nor the worker.

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(2.0, gt=0)
     s3_timeout_seconds: float = Field(3.0, gt=0)
     readiness_timeout_seconds: float = Field(0.9, gt=0)  # /readyz answers within a second, a hung check says so
+    # A request waits this long for the store to take a photo, then answers 503 (the photo is deleted once
+    # the abandoned upload ends). 10 MB in 1.5 s needs about 55 Mbit/s to the store: raise it for a far one.
+    store_wait_seconds: float = Field(1.5, gt=0)
     # Overload and abuse: POST /jobs answers 503 + Retry-After past this many queued jobs, and 429 +
     # Retry-After past the per-API-key rate (`limits` notation, e.g. "10/second;300/minute"; empty = off).
     max_queue_depth: int = Field(1000, ge=1)

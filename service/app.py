@@ -23,8 +23,10 @@ from .events import JobEvents
 from .metrics import JobMetricsCollector
 from .operations import describe_job
 from .rate_limit import OpenStreamLimit, SubmitRateLimit
+from .readiness import ReadinessProbe
 from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
+from .store_guard import GuardedStore
 from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.webhook_sender.start()
         yield
         app.state.webhook_sender.stop()
+        app.state.guarded_store.stop()
         await app.state.job_events.stop()
         await app.state.async_redis.aclose()
         redis.close()
@@ -64,6 +67,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.stream_limit = OpenStreamLimit(settings.max_streams_per_client)
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
+    app.state.guarded_store = GuardedStore(app.state.storage, wait_seconds=settings.store_wait_seconds,
+                                           threads=REQUEST_THREADS)  # fmt: skip
+    app.state.readiness_probe = ReadinessProbe(settings.readiness_timeout_seconds)
     app.state.limits = limits
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}/"
     describe = lambda job: describe_job(job, redis=redis, storage=app.state.storage, base_url=base_url)
@@ -73,7 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.submit_rate_limit = SubmitRateLimit(settings)
     app.state.metrics_registry = CollectorRegistry()
     app.state.metrics_registry.register(JobMetricsCollector(
-        redis, app.state.queue, app.state.storage, readiness_timeout=settings.readiness_timeout_seconds
+        redis, app.state.queue, app.state.storage, probe=app.state.readiness_probe
     ))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)

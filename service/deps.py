@@ -1,4 +1,7 @@
-"""Request dependencies as Annotated aliases: routes declare what they need by type."""
+"""Request dependencies as Annotated aliases: routes declare what they need by type.
+
+Those that only look something up are `async`, so FastAPI resolves them on the event loop: a sync one
+takes a request thread, and /readyz must answer while every request thread waits on a hung backend."""
 
 from __future__ import annotations
 
@@ -21,40 +24,50 @@ from melfusion.limits import GenerationLimits
 from .errors import Unauthorized
 from .events import JobEvents
 from .rate_limit import OpenStreamLimit, SubmitRateLimit
+from .readiness import ReadinessProbe
+from .store_guard import GuardedStore
 
 PUBLIC_OWNER = "public"
 _bearer = HTTPBearer(auto_error=False, description="an API key, if the server sets MELFUSION_API_KEYS")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
-def get_async_redis(request: Request) -> AsyncRedis:
+async def get_async_redis(request: Request) -> AsyncRedis:
     return request.app.state.async_redis
 
 
-def get_job_events(request: Request) -> JobEvents:
+async def get_job_events(request: Request) -> JobEvents:
     return request.app.state.job_events
 
 
-def get_stream_limit(request: Request) -> OpenStreamLimit:
+async def get_stream_limit(request: Request) -> OpenStreamLimit:
     return request.app.state.stream_limit
 
 
-def get_queue(request: Request) -> Queue:
+async def get_guarded_store(request: Request) -> GuardedStore:
+    return request.app.state.guarded_store
+
+
+async def get_readiness_probe(request: Request) -> ReadinessProbe:
+    return request.app.state.readiness_probe
+
+
+async def get_queue(request: Request) -> Queue:
     return request.app.state.queue
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_limits(request: Request) -> GenerationLimits:
+async def get_limits(request: Request) -> GenerationLimits:
     return request.app.state.limits
 
 
@@ -63,6 +76,8 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 JobEventsDep = Annotated[JobEvents, Depends(get_job_events)]
 StreamLimitDep = Annotated[OpenStreamLimit, Depends(get_stream_limit)]
+GuardedStoreDep = Annotated[GuardedStore, Depends(get_guarded_store)]
+ReadinessProbeDep = Annotated[ReadinessProbe, Depends(get_readiness_probe)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 LimitsDep = Annotated[GenerationLimits, Depends(get_limits)]
@@ -76,7 +91,7 @@ def _is_known_key(settings: Settings, credentials: HTTPAuthorizationCredentials 
     return any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys)
 
 
-def get_owner(settings: SettingsDep, credentials: CredentialsDep) -> str:
+async def get_owner(settings: SettingsDep, credentials: CredentialsDep) -> str:
     """Whose jobs this request may see: a digest of its API key, or one shared owner when keys are off."""
     if not settings.api_keys:
         return PUBLIC_OWNER
@@ -85,13 +100,13 @@ def get_owner(settings: SettingsDep, credentials: CredentialsDep) -> str:
     return hashlib.sha256(credentials.credentials.encode()).hexdigest()[:24]
 
 
-def get_is_operator(settings: SettingsDep, credentials: CredentialsDep) -> bool:
+async def get_is_operator(settings: SettingsDep, credentials: CredentialsDep) -> bool:
     """Whether the caller may see internal details (backend endpoints): it presents a configured API key.
     Without API keys nobody is identified, so nobody sees them; the API log has them."""
     return _is_known_key(settings, credentials)
 
 
-def get_base_url(settings: SettingsDep) -> str:
+async def get_base_url(settings: SettingsDep) -> str:
     """Prefix of links to local files: the configured public URL, or "" for links relative to this API
     (never the request's Host header, which a client chooses)."""
     return settings.public_url or ""
@@ -110,7 +125,7 @@ class Caller:
     described_as: str  # in error messages: "this API key", "address 203.0.113.5"
 
 
-def get_caller(request: Request, owner: OwnerDep) -> Caller:
+async def get_caller(request: Request, owner: OwnerDep) -> Caller:
     """The API key, or with keys off the client address (an IPv6 client: its /64). Behind a proxy the address
     is the one uvicorn reads from X-Forwarded-For when the proxy is in FORWARDED_ALLOW_IPS."""
     if owner != PUBLIC_OWNER:

@@ -38,6 +38,7 @@ from melfusion.request import GenerationRequest
 
 from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded, TargetRefused
 from .schemas import JobError, JobPublic, JobResult, WebhookSubscription
+from .store_guard import GuardedStore
 from .uploads import ImageType
 from .webhooks import check_target
 
@@ -64,7 +65,7 @@ def submit_job(
     *,
     redis: Redis,
     queue: Queue,
-    storage: Storage,
+    store: GuardedStore,
     settings: Settings,
     limits: GenerationLimits,
     owner: str,
@@ -75,7 +76,8 @@ def submit_job(
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
-    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
+    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails
+    (or if the store did not take it in time: a 503, never a long wait).
 
     Raises:
         InputError: a bad image or parameter (names the field).
@@ -106,7 +108,7 @@ def submit_job(
             return _replay(redis, record_key, fingerprint=fingerprint), True
     image_key = input_key(job_id, image_type.extension)
     try:
-        storage.put(image_key, image, content_type=image_type.mime)
+        store.put(image_key, image, content_type=image_type.mime)
         job = queue.enqueue_call(
             TASK,
             kwargs={"image_key": image_key, "params": params.to_dict()},
@@ -120,19 +122,11 @@ def submit_job(
             description=f"melfusion job {job_id}",
         )
     except BaseException:
-        _discard_upload(storage, image_key)
+        store.delete(image_key)  # in the background: a photo whose job was never queued
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise
     return job, False
-
-
-def _discard_upload(storage: Storage, image_key: str) -> None:
-    """Best effort: a photo whose job was never queued; if the store is down too, the sweep removes it."""
-    try:
-        storage.delete(image_key)
-    except Exception as exc:
-        log.warning("could not delete the photo %s of a refused job: %s", image_key, exc)
 
 
 def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
@@ -204,7 +198,7 @@ def result_key(job: Job) -> str:
     return get_ending(job).result["key"]
 
 
-def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) -> None:
+def cancel_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Settings) -> None:
     """A queued job leaves the queue; a running one stops before its next step (the worker polls the flag).
 
     Raises:
@@ -222,11 +216,11 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
         redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
-        storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+        store.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))
 
 
-def withdraw_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings, owner: str,
+def withdraw_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Settings, owner: str,
                  idempotency_key: str | None) -> None:  # fmt: skip
     """Take back a job whose submission is answered with an error (the client never learns its id): it is
     canceled (a queued job leaves the queue and its photo goes; a running one stops at its next step) and
@@ -235,7 +229,7 @@ def withdraw_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings
     try:
         if idempotency_key is not None:
             redis.delete(_idempotency_record_key(owner, idempotency_key))
-        cancel_job(job, redis=redis, storage=storage, settings=settings)
+        cancel_job(job, redis=redis, store=store, settings=settings)
     except JobStateConflict:
         pass  # it already ended
     except Exception as exc:

@@ -126,6 +126,7 @@ print("imported:", [name for name in ("torch", "diffusers", "transformers") if n
 @pytest.mark.parametrize("device", ["cuda:99", "xpu:7"])
 def test_a_device_this_machine_lacks_is_one_line(tmp_path, tiny_bundle, capsys, device):
     out = tmp_path / "clip.wav"
-    assert main(["generate", "--caption", "x", "--out", str(out), "--bundle", str(tiny_bundle), "--device", device]) == 2
+    args = ["generate", "--caption", "x", "--out", str(out), "--bundle", str(tiny_bundle), "--device", device]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("melfusion: error: device:") and err.count("\n") == 1 and not out.exists()

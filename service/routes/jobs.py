@@ -25,6 +25,7 @@ from ..deps import (
     AsyncRedisDep,
     BaseUrlDep,
     CallerDep,
+    GuardedStoreDep,
     JobEventsDep,
     OwnerDep,
     QueueDep,
@@ -92,6 +93,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         stream_limit: StreamLimitDep,
         queue: QueueDep,
         storage: StorageDep,
+        store: GuardedStoreDep,
         owner: OwnerDep,
         caller: CallerDep,
         base_url: BaseUrlDep,
@@ -158,7 +160,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
             hold = stream_limit.hold(caller.key, described_as=caller.described_as)
         with hold:
             job, replayed = await run_in_threadpool(
-                submit_job, redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
+                submit_job, redis=redis, queue=queue, store=store, settings=settings, limits=limits, owner=owner,
                 image=data, image_type=image_type, request=request, webhook=webhook, idempotency_key=idempotency_key,
             )  # fmt: skip
             describe = lambda: describe_job(find_job(redis=redis, job_id=job.id, owner=owner), redis=redis,
@@ -171,7 +173,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
                 public = await run_in_threadpool(describe)
             except Exception:
                 if not replayed:  # the client learns no job id: take the job back rather than leave it queued
-                    await run_in_threadpool(withdraw_job, job, redis=redis, storage=storage, settings=settings,
+                    await run_in_threadpool(withdraw_job, job, redis=redis, store=store, settings=settings,
                                             owner=owner, idempotency_key=idempotency_key)  # fmt: skip
                 raise
         response.headers["Location"] = f"/jobs/{job.id}"
@@ -191,7 +193,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     @router.get(
         "/{job_id}/events",
         response_class=EventSourceResponse,
-        responses={**ERRORS, 429: {"model": ErrorResponse}, 200: {"description": EVENTS_DOC, "content": {"text/event-stream": {}}}},
+        responses={**ERRORS, 429: {"model": ErrorResponse},
+                   200: {"description": EVENTS_DOC, "content": {"text/event-stream": {}}}},  # fmt: skip
     )
     async def get_job_events(
         job_id: JobId, redis: RedisDep, events: JobEventsDep, stream_limit: StreamLimitDep, storage: StorageDep,
@@ -217,12 +220,13 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         job_id: JobId,
         redis: RedisDep,
         storage: StorageDep,
+        store: GuardedStoreDep,
         owner: OwnerDep,
         base_url: BaseUrlDep,
         settings: SettingsDep,
     ) -> JobPublic:
         """A queued job never runs; a running one stops at its next step, then reads `canceled`."""
-        cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, storage=storage, settings=settings)
+        cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, store=store, settings=settings)
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
 

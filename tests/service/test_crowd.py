@@ -89,7 +89,8 @@ async def crowd(stack) -> dict:
         prober = asyncio.create_task(probe_livez())
         stream_jobs = [(await post(None)).json()["id"] for _ in range(STREAM_JOBS)]
         opened: list[str] = []
-        streams = [asyncio.create_task(read_stream(alice, stream_jobs[i % STREAM_JOBS], opened)) for i in range(STREAMS)]
+        streams = [asyncio.create_task(read_stream(alice, stream_jobs[i % STREAM_JOBS], opened))
+                   for i in range(STREAMS)]  # fmt: skip
         await asyncio_wait_until(lambda: len(opened) == STREAMS, timeout=120, what="every stream's first event")
         waits = [asyncio.create_task(post("wait=60")) for _ in range(WAITS)]
         await asyncio_wait_until(lambda: len(queued_ids(stack)) == STREAM_JOBS + WAITS, timeout=120,
@@ -155,7 +156,8 @@ def test_a_completed_webhook_and_stream_carry_the_final_job_before_rq_records_it
                 announce(job, JobStatus.RUNNING)
                 announce(job, JobStatus.SUCCEEDED, result={
                     "key": f"outputs/{job_id}.wav", "spectrogram_key": f"outputs/{job_id}.png",
-                    "content_type": "audio/wav", "seconds": 0.5, "sample_rate": 16000, "bytes": 16044, "sha256": "ab" * 32,
+                    "content_type": "audio/wav", "seconds": 0.5, "sample_rate": 16000, "bytes": 16044,
+                    "sha256": "ab" * 32,
                 })  # fmt: skip
                 completed = next(json.loads(line.removeprefix("data:")) for line in lines
                                  if line.startswith("data:") and '"result"' in line and '"sha256"' in line)  # fmt: skip
