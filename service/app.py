@@ -20,11 +20,12 @@ from melfusion.limits import read_limits
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .events import JobEvents
+from .headers import ProtectiveHeaders, content_security_policy
 from .metrics import JobMetricsCollector
 from .operations import describe_job
 from .rate_limit import OpenStreamLimit, SubmitRateLimit
 from .readiness import ReadinessProbe
-from .routes import demo, files, health
+from .routes import demo, docs, files, health
 from .routes.jobs import build_jobs_router
 from .store_guard import GuardedStore
 from .webhooks import WebhookSender
@@ -56,6 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         summary="Image + caption → music clip (MelFusion, CVPR 2024) as asynchronous jobs.",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/docs.py, with a policy that admits their CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.redis = redis
@@ -83,10 +86,12 @@ def create_app(settings: Settings) -> FastAPI:
     ))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(ProtectiveHeaders, policy=content_security_policy(settings))
     install_error_handlers(app)
     app.include_router(build_jobs_router(limits, settings))
     app.include_router(health.router)
     app.include_router(demo.router)
+    app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
     if isinstance(app.state.storage, LocalStorage):
         app.include_router(files.router)
