@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="rounds (POST + GET) started per second")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--url", help="a running API (default: start redis-server + one API here)")
-    parser.add_argument("--api-key")
+    parser.add_argument("--api-key", help="sent as a Bearer token, for an API with MELFUSION_API_KEYS")
     args = parser.parse_args()
     if args.url:
         asyncio.run(drive(args.url, rate=args.rate, duration=args.duration, api_key=args.api_key))

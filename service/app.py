@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import logging
+import os
+import textwrap
 from contextlib import asynccontextmanager
 
 import anyio
@@ -98,10 +102,45 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def serve() -> None:
+def serve(argv: list[str] | None = None) -> None:
     """Run the API with uvicorn; every setting from MELFUSION_* (console script `melfusion-api`)."""
     import uvicorn
 
+    parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    proxies = trusted_proxies(settings.host)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)  # fmt: skip
+
+
+def trusted_proxies(host: str) -> str:
+    """Whose X-Forwarded-For uvicorn believes (it names the client the per-address rate limit counts):
+    FORWARDED_ALLOW_IPS if set; else loopback when the API listens on loopback only (a proxy on this
+    machine), and nobody when it listens on other addresses, where a client could name itself."""
+    if "FORWARDED_ALLOW_IPS" in os.environ:
+        return os.environ["FORWARDED_ALLOW_IPS"]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return "127.0.0.1,::1" if loopback else ""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """`--help` lists every setting with its default; it needs no valid settings."""
+    variables = "\n".join(
+        f"  MELFUSION_{name.upper():<30} {'(secret)' if 'secret' in name else field.default!r}"
+        for name, field in Settings.model_fields.items()
+    )  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description=textwrap.fill(
+            "The MelFusion HTTP API (FastAPI under uvicorn). It is configured by environment variables (README, "
+            "'Settings'); one of MELFUSION_STORAGE_DIR or MELFUSION_S3_ENDPOINT_URL is required. Behind a reverse "
+            "proxy, set FORWARDED_ALLOW_IPS to its address so that its X-Forwarded-For names the client (unset: "
+            "trusted from loopback when listening on loopback, from nobody otherwise).", width=100),
+        epilog=f"settings and their defaults:\n{variables}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)

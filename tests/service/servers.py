@@ -120,12 +120,10 @@ def launch_stack(name: str, *, workdir: Path, redis_port: int, db: int, bundle: 
     env = settings_env(
         redis_url=f"redis://127.0.0.1:{redis_port}/{db}",
         bundle_dir=bundle,
-        host="127.0.0.1",
         port=free_port(),
         torch_threads=1,  # workers share 2 cores with the API and the test process
         heartbeat_seconds=0.5,
-        **{"rate_limit": "", **settings},  # tests submit in bursts; test_abuse sets a limit
-
+        **{"rate_limit": "", "host": "127.0.0.1", **settings},  # tests submit in bursts; test_abuse sets a limit
     )
     stack = Stack(name, env, log_dir, start_api(env=env, log_dir=log_dir, name=f"{name}-api"))
     if with_worker:

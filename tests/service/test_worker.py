@@ -33,6 +33,7 @@ def test_second_job_does_not_reload_models(local_stack, sample_png):
     assert after["pipeline_loads"] == 1
     log = local_stack.workers[0].log_path.read_text()
     assert log.count("loaded pipeline from") == 1
+    assert "Loading pipeline components" not in log and "it/s]" not in log  # no libraries' loading bars
 
 
 def test_cancel_running_job_stops_it_and_queued_job_never_runs(local_stack, sample_png):
