@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="micro-batch sizes timed; default %(default)s")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length; default %(default)s")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per batch size; default %(default)s")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per batch size (median); default %(default)s")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per batch size (median); default %(default)s")
     parser.add_argument("--encode-steps", type=int, default=10, help="grid steps of the timed cache fill")
     args = parser.parse_args(argv)
     try:

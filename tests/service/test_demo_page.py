@@ -86,7 +86,8 @@ def test_upload_watch_progress_play_and_see_the_spectrogram(live_stack, browser)
     save_whole_page(browser, "demo-phone.png", width=PHONE[0])
     assert browser.execute_script("return document.documentElement.scrollWidth") <= PHONE[0]  # no sideways scroll
     browser.set_window_size(*DESKTOP)
-    refused = [entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
+    refused = [entry["message"] for entry in browser.get_log("browser")
+               if "Content Security Policy" in entry["message"]]  # fmt: skip
     assert not refused, refused  # everything the page did was within its policy
 
 

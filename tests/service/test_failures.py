@@ -134,8 +134,10 @@ def hung_s3_api(workdir, redis_port, tiny_bundle, flaky_s3):
 
 def test_a_hung_store_costs_readyz_its_budget_and_a_post_two_seconds_leaving_no_photo(hung_s3_api, flaky_s3,
                                                                                     sample_png):  # fmt: skip
-    photos = lambda: {item["Key"] for item in flaky_s3.client().list_objects_v2(Bucket=S3_BUCKET,
-                                                                                Prefix="inputs/").get("Contents", [])}  # noqa: E731
+    def photos() -> set[str]:
+        listing = flaky_s3.client().list_objects_v2(Bucket=S3_BUCKET, Prefix="inputs/")
+        return {item["Key"] for item in listing.get("Contents", [])}
+
     before = photos()
 
     def post(_):
