@@ -63,7 +63,7 @@ def stop_on_sigterm(signum, frame) -> None:
 def main() -> int:
     args = parse_args()
     if args.port and not port_is_free(args.port):
-        raise SystemExit(f"python -m embedded: port {args.port} is in use; free it, or pass --port N (0: any free port)")
+        raise SystemExit(f"python -m embedded: port {args.port} is in use; free it, or pass --port N (0: any free)")
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     workdir = args.workdir.resolve()
     let_idle_threads_sleep()  # before torch loads, here and in the worker, which inherits it

@@ -39,8 +39,8 @@ def test_a_busy_port_is_refused_in_one_line_before_anything_starts(tmp_path):
         server.listen()
         port = server.getsockname()[1]
         started = time.monotonic()
-        run = subprocess.run([sys.executable, "-m", "embedded", "--port", str(port), "--workdir", str(tmp_path)],
-                             env=settings_env(), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+        command = [sys.executable, "-m", "embedded", "--port", str(port), "--workdir", str(tmp_path)]
+        run = subprocess.run(command, env=settings_env(), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and f"port {port} is in use" in run.stderr, run.stderr
     assert time.monotonic() - started < 10 and not any(tmp_path.iterdir())  # nothing was started
