@@ -31,56 +31,26 @@ PUBLIC_OWNER = "public"
 _bearer = HTTPBearer(auto_error=False, description="an API key, if the server sets MELFUSION_API_KEYS")
 
 
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def from_app_state(name: str):
+    """A dependency giving `app.state.<name>`: the process-wide object create_app put there."""
+
+    async def dependency(request: Request):
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = f"get_{name}"
+    return Depends(dependency)
 
 
-async def get_redis(request: Request) -> Redis:
-    return request.app.state.redis
-
-
-async def get_async_redis(request: Request) -> AsyncRedis:
-    return request.app.state.async_redis
-
-
-async def get_job_events(request: Request) -> JobEvents:
-    return request.app.state.job_events
-
-
-async def get_stream_limit(request: Request) -> OpenStreamLimit:
-    return request.app.state.stream_limit
-
-
-async def get_guarded_store(request: Request) -> GuardedStore:
-    return request.app.state.guarded_store
-
-
-async def get_readiness_probe(request: Request) -> ReadinessProbe:
-    return request.app.state.readiness_probe
-
-
-async def get_queue(request: Request) -> Queue:
-    return request.app.state.queue
-
-
-async def get_storage(request: Request) -> Storage:
-    return request.app.state.storage
-
-
-async def get_limits(request: Request) -> GenerationLimits:
-    return request.app.state.limits
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RedisDep = Annotated[Redis, Depends(get_redis)]
-AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
-JobEventsDep = Annotated[JobEvents, Depends(get_job_events)]
-StreamLimitDep = Annotated[OpenStreamLimit, Depends(get_stream_limit)]
-GuardedStoreDep = Annotated[GuardedStore, Depends(get_guarded_store)]
-ReadinessProbeDep = Annotated[ReadinessProbe, Depends(get_readiness_probe)]
-QueueDep = Annotated[Queue, Depends(get_queue)]
-StorageDep = Annotated[Storage, Depends(get_storage)]
-LimitsDep = Annotated[GenerationLimits, Depends(get_limits)]
+SettingsDep = Annotated[Settings, from_app_state("settings")]
+RedisDep = Annotated[Redis, from_app_state("redis")]
+AsyncRedisDep = Annotated[AsyncRedis, from_app_state("async_redis")]
+JobEventsDep = Annotated[JobEvents, from_app_state("job_events")]
+StreamLimitDep = Annotated[OpenStreamLimit, from_app_state("stream_limit")]
+GuardedStoreDep = Annotated[GuardedStore, from_app_state("guarded_store")]
+ReadinessProbeDep = Annotated[ReadinessProbe, from_app_state("readiness_probe")]
+QueueDep = Annotated[Queue, from_app_state("queue")]
+StorageDep = Annotated[Storage, from_app_state("storage")]
+LimitsDep = Annotated[GenerationLimits, from_app_state("limits")]
 
 
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
