@@ -77,6 +77,8 @@ async def crowd(stack) -> dict:
                                  what="every waiting POST's job queued")  # fmt: skip
         async with alice.stream("GET", f"/jobs/{stream_jobs[0]}/events") as over_cap:  # one too many
             await over_cap.aread()
+        wait_over_cap = await post("wait=60")  # refused before its job is made
+        queued_at_cap = len(queued_ids(stack))
         async with httpx.AsyncClient(base_url=stack.base_url, headers={"Authorization": f"Bearer {BOB}"}) as bob:
             bob_job = (await bob.post("/jobs", data=SHORT, files={"image": ("s.png", image, "image/png")})).json()
             async with bob.stream("GET", f"/jobs/{bob_job['id']}/events") as bobs_stream:
@@ -89,7 +91,8 @@ async def crowd(stack) -> dict:
         stop_probing.set()
         livez = await prober
         after = await alice.get(f"/jobs/{stream_jobs[0]}/events")  # every hold was given back
-    return {"over_cap": over_cap, "bob_status": bob_status, "cancels": cancels, "answers": answers,
+    return {"over_cap": over_cap, "wait_over_cap": wait_over_cap, "queued_at_cap": queued_at_cap,
+            "bob_status": bob_status, "cancels": cancels, "answers": answers,
             "followed": followed, "livez": livez, "after": after}  # fmt: skip
 
 
@@ -106,6 +109,7 @@ def test_300_streams_and_120_waits_on_one_process_are_all_served(crowd_stack):
     over_cap = outcome["over_cap"]
     assert over_cap.status_code == 429 and over_cap.json()["error"]["code"] == "rate_limited", over_cap.text
     assert "420 open event streams" in over_cap.json()["error"]["message"] and over_cap.headers["Retry-After"]
+    assert outcome["wait_over_cap"].status_code == 429 and outcome["queued_at_cap"] == STREAM_JOBS + WAITS
     assert outcome["bob_status"] == 200  # the cap is per caller
     assert [r.status_code for r in outcome["cancels"]] == [200] * (STREAM_JOBS + WAITS)
     answers = outcome["answers"]
