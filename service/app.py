@@ -36,7 +36,7 @@ from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
 REQUEST_THREADS = 40  # anyio's default: sync routes, dependencies and job reads run on these
-ASYNC_REDIS_CONNECTIONS = 8  # the job-events subscription and short `Prefer: wait` checks
+ASYNC_REDIS_CONNECTIONS = 16  # the job-events subscription and short `Prefer: wait` checks
 
 
 def create_app(settings: Settings) -> FastAPI:

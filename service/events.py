@@ -106,10 +106,11 @@ class JobEvents:
             try:
                 async with self.aredis.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS_CHANNEL)
-                    self._tell_all(changed=True)  # anything announced while we were away was missed
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._dispatch(json.loads(message["data"]))
+                        elif message["type"] == "subscribe":  # first, or again after redis-py reconnected:
+                            self._tell_all(changed=True)  # anything announced while we were away was missed
             except (RedisError, OSError) as exc:
                 log.warning("job events: subscription lost (%s); subscribing again in %g s", exc, RESUBSCRIBE_SECONDS)
                 await asyncio.sleep(RESUBSCRIBE_SECONDS)

@@ -108,21 +108,24 @@ def submit_job(
             return _replay(redis, record_key, fingerprint=fingerprint), True
     image_key = input_key(job_id, image_type.extension)
     try:
-        store.put(image_key, image, content_type=image_type.mime)
-        job = queue.enqueue_call(
-            TASK,
-            kwargs={"image_key": image_key, "params": params.to_dict()},
-            job_id=job_id,
-            timeout=settings.job_timeout_seconds,
-            result_ttl=settings.job_ttl_seconds,
-            failure_ttl=settings.job_ttl_seconds,
-            meta=meta,
-            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
-            on_failure=Callback(ON_FAILURE),
-            description=f"melfusion job {job_id}",
-        )
+        store.put(image_key, image, content_type=image_type.mime)  # if it fails, the guard deletes what landed
+        try:
+            job = queue.enqueue_call(
+                TASK,
+                kwargs={"image_key": image_key, "params": params.to_dict()},
+                job_id=job_id,
+                timeout=settings.job_timeout_seconds,
+                result_ttl=settings.job_ttl_seconds,
+                failure_ttl=settings.job_ttl_seconds,
+                meta=meta,
+                retry=Retry(max=settings.max_retries) if settings.max_retries else None,
+                on_failure=Callback(ON_FAILURE),
+                description=f"melfusion job {job_id}",
+            )
+        except BaseException:
+            store.delete(image_key)  # a photo whose job was never queued
+            raise
     except BaseException:
-        store.delete(image_key)  # in the background: a photo whose job was never queued
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise

@@ -1,13 +1,13 @@
-"""The API's writes to the store on a request's path (storing a photo, deleting one), each answered within
-`store_wait_seconds`.
+"""The API's writes to the store on a request's path (storing a photo, deleting one), each waited for at
+most `store_wait_seconds`.
 
 A hung store (a SIGSTOPped SeaweedFS, a black-holed network) answers nothing, so each call waited out the
 S3 timeout, and a refused POST paid it twice (the upload, then deleting the photo): 7-8 s, with the photo
-left behind when the store woke up and finished the upload. Here an upload runs on a thread of its own
-and the request waits for it at most the deadline, then answers 503; an upload that outlives that, or
-fails, has its photo deleted once it has ended, by one background thread that retries while the store
-stays down (the workers' sweep removes whatever a restart of the API forgets). Deletions never hold a
-request at all.
+left behind when the store woke up and finished the upload. Here a call runs on a thread of its own and
+the request waits for it at most the deadline: an upload then answers 503, and a deletion goes on in the
+background. An upload that outlives the deadline, or fails, has its photo deleted once it has ended; one
+background thread retries deletions while the store stays down (the workers' sweep removes whatever a
+restart of the API forgets).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ DELETE_RETRY_SECONDS = 3600.0  # then the sweep's
 
 
 class GuardedStore:
-    """`put` within a deadline and `delete` in the background, over `storage`."""
+    """`put` and `delete` over `storage`, each within a deadline; what the deadline cuts short is cleaned up."""
 
     def __init__(self, storage: Storage, *, wait_seconds: float, threads: int):
         self.storage, self.wait_seconds = storage, wait_seconds
-        self.uploads = ThreadPoolExecutor(threads, thread_name_prefix="store")
+        self.calls = ThreadPoolExecutor(threads, thread_name_prefix="store")
         self.doomed: dict[str, tuple[float, float, float]] = {}  # key -> (next attempt, delay, give up at)
         self.lock = threading.Condition()
         self.stopping = False
@@ -48,19 +48,27 @@ class GuardedStore:
             if not abandoned.is_set():  # the request may have answered 503 before a thread was free
                 self.storage.put(key, data, content_type=content_type)
 
-        running = self.uploads.submit(upload)
+        running = self.calls.submit(upload)
         try:
             running.result(timeout=self.wait_seconds)
         except FutureTimeout:
             abandoned.set()
-            running.add_done_callback(lambda _: self.delete(key))
+            running.add_done_callback(lambda _: self.delete_later(key))
             raise StorageUnavailable(f"the store did not take the upload within {self.wait_seconds:g} s") from None
         except StorageUnavailable:
-            self.delete(key)  # a store that failed us may still complete the upload once it recovers
+            self.delete_later(key)  # a store that failed us may still complete the upload once it recovers
             raise
 
     def delete(self, key: str) -> None:
-        """Delete `key` soon, retrying while the store is down; returns at once."""
+        """Delete `key` within the deadline if the store answers, else in the background, retried while the
+        store is down."""
+        try:
+            self.calls.submit(self.storage.delete, key).result(timeout=self.wait_seconds)
+        except Exception:  # too slow, or failed: the background thread tries again
+            self.delete_later(key)
+
+    def delete_later(self, key: str) -> None:
+        """Delete `key` in the background, retrying while the store is down; returns at once."""
         with self.lock:
             self.doomed.setdefault(key, (0.0, DELETE_BACKOFF_SECONDS[0], time.monotonic() + DELETE_RETRY_SECONDS))
             self.lock.notify()
@@ -69,7 +77,7 @@ class GuardedStore:
         with self.lock:
             self.stopping = True
             self.lock.notify()
-        self.uploads.shutdown(wait=False, cancel_futures=True)
+        self.calls.shutdown(wait=False, cancel_futures=True)
 
     def _delete_doomed(self) -> None:
         while True:

@@ -221,7 +221,7 @@ def test_sigkill_without_retries_fails_with_the_lost_worker_error(recovery_stack
     assert "worker" in failed.error["message"] and failed.raw["finished_at"]
     assert recovered_in < 8 + 30  # the bound, plus starting a worker on a busy machine
     inputs = Path(recovery_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs"
-    assert not list(inputs.glob(f"{job.id}.*"))  # its photo is gone
+    wait_until(lambda: not list(inputs.glob(f"{job.id}.*")), timeout=10, what="its photo deleted")
 
 
 def start_aof_redis(port: int, data_dir: Path):
