@@ -17,8 +17,8 @@ from .cpus import let_idle_threads_sleep, set_torch_threads
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .images import load_image
-from .limits import DTYPES, IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, check_device, default_tiny_bundle_dir
-from .limits import read_limits
+from .limits import DTYPES, IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, check_device, read_limits
+from .manifest import default_tiny_bundle_dir
 from .quiet import silence_library_noise
 from .request import GenerationRequest
 from .training.cli import add_train_parser

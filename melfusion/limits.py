@@ -13,7 +13,6 @@ from .errors import BundleError, InputError
 SCHEDULERS = ("ddim", "dpmpp", "ddpm")
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
-BUNDLE_VERSION = 1  # the on-disk layout `melfusion.bundle` writes and reads
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 
@@ -108,9 +107,3 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None
 
-
-def default_tiny_bundle_dir() -> Path:
-    """Where the embedded tiny bundle lives: $MELFUSION_HOME (default ~/.cache/melfusion). Torch-free, so
-    the CLI can check a request against its limits before loading anything."""
-    home = Path(os.environ.get("MELFUSION_HOME", Path.home() / ".cache" / "melfusion"))
-    return home / f"tiny-bundle-v{BUNDLE_VERSION}"

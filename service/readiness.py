@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -40,22 +41,25 @@ def check_storage(storage: Storage) -> Check:
         return Check(ok=False, detail=str(exc))
 
 
-def check_workers(redis: Redis, queue_name: str) -> Check:
+def check_workers(redis: Redis, queue_name: str) -> tuple[Check, int | None]:
+    """Whether warmed-up workers beat on the queue, and how many (None if the heartbeats cannot be read)."""
     try:
         workers = [beat for beat in read_heartbeats(redis) if queue_name in beat.get("queues", [])]
     except RedisError:
-        return Check(ok=False, detail="cannot read worker heartbeats (redis unreachable)")
-    if not workers:
-        return Check(ok=False, detail=f"no fresh worker heartbeat on queue {queue_name!r}: jobs will wait")
+        return Check(ok=False, detail="cannot read worker heartbeats (redis unreachable)"), None
     ready = [beat for beat in workers if not beat.get("warming_up")]
+    if not workers:
+        return Check(ok=False, detail=f"no fresh worker heartbeat on queue {queue_name!r}: jobs will wait"), 0
     if not ready:
-        return Check(ok=False, detail=f"{len(workers)} worker(s) warming up on queue {queue_name!r}: jobs will wait")
-    return Check(ok=True, detail=f"{len(ready)} worker(s) alive on queue {queue_name!r}")
+        detail = f"{len(workers)} worker(s) warming up on queue {queue_name!r}: jobs will wait"
+        return Check(ok=False, detail=detail), 0
+    return Check(ok=True, detail=f"{len(ready)} worker(s) alive on queue {queue_name!r}"), len(ready)
 
 
 log = logging.getLogger(__name__)
 CHECKS = ("redis", "storage", "workers")
-INTERNAL_CHECKS = ("redis", "storage")  # their details name internal endpoints
+INTERNAL_CHECKS = ("redis", "storage")  # what readiness requires; their details name internal endpoints
+T = TypeVar("T")
 
 
 class ReadinessProbe:
@@ -67,9 +71,12 @@ class ReadinessProbe:
         self.running: dict[str, tuple[Future, float]] = {}  # name -> the run, when it started
         self.lock = threading.Lock()  # probes come from the event loop and from metrics scrapes' threads
 
-    async def run(self, name: str, check: Callable[[], Check]) -> Check:
-        """The check's answer, or a failed Check if it has not answered within the timeout (the run goes on,
-        bounded by its backend's own timeout; later probes wait for it, or answer at once once it is late)."""
+    def late(self) -> Check:
+        return Check(ok=False, detail=f"no answer within {self.timeout:g} s")
+
+    async def run(self, name: str, check: Callable[[], T], late: T) -> T:
+        """The check's answer, or `late` if it has not answered within the timeout (the run goes on, bounded
+        by its backend's own timeout; later probes wait for it, or answer at once once it is late)."""
         with self.lock:
             running, started = self.running.get(name, (None, 0.0))
             if running is None or running.done():
@@ -78,23 +85,29 @@ class ReadinessProbe:
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(running)), waited)
         except TimeoutError:
-            return Check(ok=False, detail=f"no answer within {self.timeout:g} s")
+            return late
 
 
 async def check_readiness(
     *, redis: Redis, storage: Storage, queue_name: str, probe: ReadinessProbe, show_internal: bool
 ) -> Readiness:
     """All checks at once, each bounded by the probe's timeout; without `show_internal`, Redis and storage
-    details say only reachable or not (they would name internal endpoints)."""
-    results = await asyncio.gather(
-        probe.run("redis", lambda: check_redis(redis)),
-        probe.run("storage", lambda: check_storage(storage)),
-        probe.run("workers", lambda: check_workers(redis, queue_name)),
+    details say only reachable or not (they would name internal endpoints).
+
+    Ready means Redis and storage answer. Workers are reported, not required: with none (scaled to zero,
+    the GPU pool lost) jobs wait in the queue while status, polling and downloads keep being served.
+    """
+    late = probe.late()
+    redis_check, storage_check, (workers_check, workers_available) = await asyncio.gather(
+        probe.run("redis", lambda: check_redis(redis), late),
+        probe.run("storage", lambda: check_storage(storage), late),
+        probe.run("workers", lambda: check_workers(redis, queue_name), (late, None)),
     )
-    checks = dict(zip(CHECKS, results, strict=True))
+    checks = {"redis": redis_check, "storage": storage_check, "workers": workers_check}
     for name in INTERNAL_CHECKS:
         if not checks[name].ok:
             log.warning("readiness: %s: %s", name, checks[name].detail)
         if not show_internal:
             checks[name] = Check(ok=checks[name].ok, detail="reachable" if checks[name].ok else "unreachable")
-    return Readiness(ready=all(check.ok for check in checks.values()), checks=checks)
+    ready = all(checks[name].ok for name in INTERNAL_CHECKS)
+    return Readiness(ready=ready, workers_available=workers_available, checks=checks)
