@@ -78,7 +78,7 @@ def test_distillation_brings_the_students_one_step_nearer_the_teachers_many_than
     for n, (student, teacher_n) in distances.items():
         print(f"  {n} steps: {student:.4f} | {teacher_n:.4f} | {student / teacher_n:.3f}")
     student_1, teacher_1 = distances[1]
-    assert student_1 <= 0.9 * teacher_1, distances  # measured 0.83
+    assert student_1 <= 0.9 * teacher_1, distances  # measured 0.82
 
 
 def test_a_student_bundle_verifies_loads_names_its_teacher_and_samples_in_few_steps(teacher, distilled, image):
