@@ -39,3 +39,16 @@ def test_worker_with_a_missing_bundle_stops_with_a_message(tmp_path):
     assert start.returncode != 0
     assert "cannot load the model bundle" in start.stderr and "no-such-bundle" in start.stderr
     assert "Traceback" not in start.stderr
+
+
+def test_a_compiled_worker_needs_its_warm_up_shapes_and_no_batch_above_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("MELFUSION_STORAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("MELFUSION_COMPILE_MODE", "check")
+    with pytest.raises(SystemExit, match="MELFUSION_WARMUP_BATCH_SIZES"):
+        load_settings()
+    monkeypatch.setenv("MELFUSION_WARMUP_BATCH_SIZES", "1,2,4")
+    monkeypatch.setenv("MELFUSION_WARMUP_SECONDS", "10")
+    with pytest.raises(SystemExit, match="MELFUSION_MAX_BATCH=8 exceeds the largest warmed batch"):
+        load_settings()
+    monkeypatch.setenv("MELFUSION_MAX_BATCH", "4")
+    assert load_settings().warmup_caption_tokens == [32, 128]
