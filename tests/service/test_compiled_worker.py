@@ -1,7 +1,7 @@
 """MELFUSION_COMPILE_MODE=check through a real worker process: warm-up traces every warmed shape with dynamo
 (eager backend: no C++ compile), after which any new graph is an error that fails its job. Varied traffic
 (new, repeated and no photos, strength 0, captions of 2-60 words, CFG on and off, a clip shorter than its
-bucket) must all succeed on the warmed graphs."""
+bucket) must all succeed on the warmed graphs; a caption past the last bucket fails loudly."""
 
 from __future__ import annotations
 
@@ -77,3 +77,10 @@ def test_varied_traffic_stays_on_the_warmed_graphs(check_stack):
         assert miss not in log
     with check_stack.http() as http:
         assert "melfusion_compile_misses_total{" not in http.get("/metrics").text
+
+    # A caption past the last bucket (70 words, 71 tokens) misses: counted, logged, and in check mode an error.
+    missed = client.wait(client.submit(photo(0), " ".join(["piano"] * 70), **SHAPE).id, timeout=300)
+    assert missed.status == "failed" and missed.error["code"] == "internal_error"
+    assert "caption_tokens outside the warmed shapes (71 tokens, warmed (64,))" in worker.log_path.read_text()
+    with check_stack.http() as http:
+        assert 'melfusion_compile_misses_total{what="caption_tokens"} 1.0' in http.get("/metrics").text
