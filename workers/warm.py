@@ -5,8 +5,8 @@ A compiled pipeline is warmed on every shape of its `ShapeBuckets` and pads each
 so serving never compiles; a graph compiled after warm-up is a miss the worker reports (log and
 /metrics), and in `MELFUSION_COMPILE_MODE=check` an error that fails the job.
 
-RQ calls job functions by name with only their arguments, so the worker installs this state before it
-starts working and `generate_clip` picks it up with `get_runtime()`.
+RQ calls callbacks by name with only their arguments, so the worker installs this state before it starts
+working and `tasks.on_job_failure` picks it up with `get_runtime()`.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ def photo(seed: int) -> bytes:
 
 
 def traffic() -> list[tuple[bytes, dict]]:
-    """16 requests: 8 new photos, 4 uploads of one photo, strength 0 in 4, captions of 2 to 60 words,
-    guidance 1 (no CFG) to 12, strengths, seeds, and one 0.3 s clip."""
+    """16 requests: 8 new photos, 4 uploads of one other photo, strength 0 in 4 (photos of their own),
+    captions of 2 to 60 words, guidance 1 (no CFG) to 12, strengths, seeds, and one 0.3 s clip."""
     rng = random.Random(16)
     lengths = [2, 60, 5, 9, 14, 20, 27, 33, 40, 47, 52, 56, 3, 11, 30, 60]
     requests = []
@@ -53,7 +53,7 @@ def traffic() -> list[tuple[bytes, dict]]:
             "image_strength": 0.0 if i % 4 == 3 else [1.0, 0.3, 0.7][i % 3],
             **SHAPE,
         }
-        requests.append((photo(0) if i % 4 == 1 else photo(i), fields))
+        requests.append((photo(100) if i % 4 == 1 else photo(i), fields))
     requests[-1][1]["seconds"] = 0.3  # cut from the 0.5 s bucket
     return requests
 
