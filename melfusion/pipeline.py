@@ -239,9 +239,11 @@ class MelFusionPipeline(DiffusionPipeline):
         self.feature_cache = ImageFeatureCache(max_bytes)
 
     # -- static shapes (melfusion/shapes.py) ------------------------------------------------------
-    def warm_up(self, buckets: ShapeBuckets, *, steps: int = 2) -> int:
+    def warm_up(self, buckets: ShapeBuckets, *, steps: int = 3) -> int:
         """Run every shape of `buckets` once, so that a compiled pipeline compiles (and captures) all its
-        graphs before any request needs one; returns the number of calls made.
+        graphs before any request needs one; returns the number of calls made. Graphs depend on shapes, not
+        on the step count; 3 steps call each UNet 3 times, enough for CUDA graph trees, which warm a graph
+        up on its first call and record it on the second.
 
         Per clip length and caption length, one call of each batch size with CFG (a call without CFG is
         padded to the same UNet rows); in the first of those rounds every row has a photo of its own, which

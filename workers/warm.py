@@ -21,7 +21,6 @@ from melfusion.shapes import ShapeBuckets
 
 log = logging.getLogger(__name__)
 
-WARMUP_STEPS = 2  # compiled graphs depend on shapes, not on the number of steps
 
 
 @dataclass
@@ -87,7 +86,7 @@ class Runtime:
         if buckets is not None:
             if self.settings.compile_mode != "off":
                 pipe.shape_buckets = buckets
-            calls = pipe.warm_up(buckets, steps=WARMUP_STEPS)
+            calls = pipe.warm_up(buckets)
             log.info(
                 "warmed up over %d calls (batch sizes %s x seconds %s x caption tokens %s) in %.1f s",
                 calls, list(buckets.batch_sizes), list(buckets.seconds), list(buckets.caption_tokens),
