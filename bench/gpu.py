@@ -190,7 +190,8 @@ def compile_pipeline(pipe: MelFusionPipeline, mode: str, image_backend: str) -> 
     if mode == "check":
         pipe.compile_unets(backend="eager")
     else:
-        pipe.compile_unets(None if mode == "default" else mode, image_backend=None if image_backend == "same" else image_backend)
+        image = None if image_backend == "same" else image_backend
+        pipe.compile_unets(None if mode == "default" else mode, image_backend=image)
 
 
 def compiled_part(bench: Bench, pipe: MelFusionPipeline, args: argparse.Namespace, reference: dict) -> None:

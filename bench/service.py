@@ -39,7 +39,8 @@ class Service:
 
     def compile_misses(self) -> int:
         """Calls the worker ran outside its warmed shapes plus graphs compiled after warm-up (/metrics)."""
-        return sum(int(float(n)) for n in re.findall(r"^melfusion_compile_misses_total\{.*\} (\S+)$", self.metrics(), re.M))
+        counts = re.findall(r"^melfusion_compile_misses_total\{.*\} (\S+)$", self.metrics(), re.MULTILINE)
+        return sum(int(float(count)) for count in counts)
 
     def warm_up_seconds(self) -> float | None:
         """How long the worker's warm-up took, from its log (None if it ran none)."""
@@ -90,7 +91,9 @@ class Burst:
         return [job for job in self.jobs if job.status != "succeeded"]
 
 
-def run_burst(client: MelFusionClient, requests: list[Request], *, submitters: int = 16, timeout: float = 1800) -> Burst:
+def run_burst(
+    client: MelFusionClient, requests: list[Request], *, submitters: int = 16, timeout: float = 1800
+) -> Burst:
     """Submit every request at once (`submitters` in flight), then wait for all of them to end."""
     with ThreadPoolExecutor(submitters) as pool:
         ids = list(pool.map(lambda request: client.submit(request[0], **request[1]).id, requests))

@@ -157,7 +157,8 @@ class Settings(BaseSettings):
         if not (self.warmup_batch_sizes and self.warmup_seconds and self.warmup_caption_tokens):
             raise ValueError(
                 f"MELFUSION_COMPILE_MODE={self.compile_mode} needs MELFUSION_WARMUP_BATCH_SIZES and "
-                "MELFUSION_WARMUP_SECONDS (and MELFUSION_WARMUP_CAPTION_TOKENS): the shapes it compiles before taking jobs"
+                "MELFUSION_WARMUP_SECONDS (and MELFUSION_WARMUP_CAPTION_TOKENS): "
+                "the shapes it compiles before taking jobs"
             )
         if self.max_batch > max(self.warmup_batch_sizes):
             raise ValueError(

@@ -245,7 +245,8 @@ class SynapseState:
         if missing:
             raise ValueError(f"image features lack synapse sites {sorted(missing)}")
         rows = len(feature_rows)
-        layout = [(store, site, num_tokens * width) for store in ("keys", "values") for site, width in self.widths.items()]
+        layout = [(store, site, num_tokens * width)  # every site's K, then every site's V
+                  for store in ("keys", "values") for site, width in self.widths.items()]  # fmt: skip
         self._buffer = _reuse(self._buffer, (rows, sum(size for *_, size in layout)), dtype, device)
         offset = 0
         for store, site, size in layout:  # (R, N, D) views: the mixers' tensors stay where the gather writes

@@ -231,7 +231,10 @@ class MelFusionPipeline(DiffusionPipeline):
         torch._dynamo.config.automatic_dynamic_shapes = False
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.music_unet.compile(mode=mode, backend=backend)
-        self.image_unet.compile(**({"mode": mode, "backend": backend} if image_backend is None else {"backend": image_backend}))
+        if image_backend is None:
+            self.image_unet.compile(mode=mode, backend=backend)
+        else:
+            self.image_unet.compile(backend=image_backend)
 
     def enable_feature_cache(self, max_bytes: int) -> None:
         """Keep the image features of recent images (LRU, `max_bytes`); a warm worker's repeat photos
@@ -251,7 +254,8 @@ class MelFusionPipeline(DiffusionPipeline):
         """
         too_long = [tokens for tokens in buckets.caption_tokens if tokens > self.tokenizer.model_max_length]
         if too_long:
-            raise ValueError(f"caption buckets {too_long} exceed the tokenizer's {self.tokenizer.model_max_length} tokens")
+            limit = self.tokenizer.model_max_length
+            raise ValueError(f"caption buckets {too_long} exceed the tokenizer's limit, {limit} tokens")
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, buckets.graphs + 8)
         cache, self.feature_cache = self.feature_cache, None  # warm-up photos are not worth keeping
         calls = 0
@@ -259,8 +263,9 @@ class MelFusionPipeline(DiffusionPipeline):
             for index, (seconds, tokens) in enumerate(itertools.product(buckets.seconds, buckets.caption_tokens)):
                 caption = self._caption_of_length(tokens)
                 for size in buckets.batch_sizes:
-                    photos = [Image.new("RGB", (64, 64), (37 * k % 256, 90, 160)) for k in range(size)] if index == 0 else None
-                    self([caption] * size, photos, seconds=seconds, num_inference_steps=steps, guidance_scale=7.0, seed=0)
+                    photos = [Image.new("RGB", (64, 64), (37 * k % 256, 90, 160)) for k in range(size)]  # all distinct
+                    self([caption] * size, photos if index == 0 else None, seconds=seconds, num_inference_steps=steps,
+                         guidance_scale=7.0, seed=0)  # fmt: skip
                     calls += 1
         finally:
             self.feature_cache = cache
@@ -299,6 +304,7 @@ class MelFusionPipeline(DiffusionPipeline):
         return bucket or seconds
 
     def _padded_image_rows(self, images: int) -> int:
+        """The image-UNet batch for `images` new photos: up to a warmed size (padded rows are thrown away)."""
         if self.shape_buckets is None:
             return images
         padded = self.shape_buckets.image_rows_for(images)
@@ -523,7 +529,10 @@ class MelFusionPipeline(DiffusionPipeline):
         return latents * scheduler.init_noise_sigma
 
     def decode_latents(
-        self, latents: torch.Tensor, num_samples: int, earlier_checks: tuple[tuple[str, torch.dtype, torch.Tensor], ...] = ()
+        self,
+        latents: torch.Tensor,
+        num_samples: int,
+        earlier_checks: tuple[tuple[str, torch.dtype, torch.Tensor], ...] = (),
     ) -> tuple[np.ndarray, list[NonFiniteOutput | None]]:
         """D^M then V (lines 11-12): latent -> mel -> waveform, trimmed to the requested length.
 
@@ -680,8 +689,12 @@ class MelFusionPipeline(DiffusionPipeline):
 
             # 7. Denoising loop with the visual synapse (lines 4-10)
             device = latents.device
-            row_strength = self.image_rows(torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance)
-            self.load_synapse(image_features, feature_rows, text_mask, row_strength, nearest_steps(timesteps, image_grid))
+            row_strength = self.image_rows(
+                torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance
+            )
+            self.load_synapse(
+                image_features, feature_rows, text_mask, row_strength, nearest_steps(timesteps, image_grid)
+            )
             scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
             scale = scale.view(-1, *[1] * (latents.dim() - 1))  # (B, 1, 1, 1): each row its own guidance
             unet_timesteps = music_scheduler.timesteps.to(device)  # on the device: no copy per step
@@ -704,9 +717,10 @@ class MelFusionPipeline(DiffusionPipeline):
             self.synapse_state.release()  # a cached ImageFeatures object is not kept alive here
 
         # 8. Decode the real rows: s = D^M(z_0^M), w = V(s) (lines 11-12); NaN/inf judged row by row
+        text_of_rows = text_states.unflatten(0, (-1, rows))[:, :batch].transpose(0, 1)  # (B, 1 or 2 branches, S, D)
         checks = (
             ("image_unet", self.image_unet.dtype, self._finite_image_rows(image_features, feature_rows[:batch])),
-            ("text_encoder", text_states.dtype, finite_rows(text_states.unflatten(0, (-1, rows))[:, :batch].transpose(0, 1))),
+            ("text_encoder", text_states.dtype, finite_rows(text_of_rows)),
         )
         audios, errors = self.decode_latents(latents[:batch], round(seconds * self.sampling_rate), checks)
         if on_non_finite == "raise" and any(errors):

@@ -69,7 +69,8 @@ def test_warmed_compiled_pipeline_serves_mixed_batches_without_recompiling(image
         "four photos, strength 0 in one": (
             ["a", "b c", "calm piano", long_caption], [image, other_image, third, repeated],
             {"image_strength": [1.0, 0.0, 0.5, 1.0], "guidance_scale": [3.0, 7.0, 1.0, 2.0]}),
-        "three rows without CFG (padded to 4 UNet rows)": (["x", "y", "z"], [third, None, image], {"guidance_scale": 1.0}),
+        "three rows without CFG (padded to 4 UNet rows)": (
+            ["x", "y", "z"], [third, None, image], {"guidance_scale": 1.0}),
         "caption only, clip shorter than its bucket": (["calm piano"], None, {"seconds": 0.5}),
     }  # fmt: skip
     outputs = {}
@@ -83,11 +84,12 @@ def test_warmed_compiled_pipeline_serves_mixed_batches_without_recompiling(image
     assert not compiled.shape_misses
     assert outputs["caption only, clip shorter than its bucket"].audios.shape == (1, 8000)
     # Padding is thrown away: each row is the clip the eager, unpadded pipeline makes for it.
-    captions, images, fields = mixed["photo, repeated photo, caption only (padded to 4)"]
+    padded = "photo, repeated photo, caption only (padded to 4)"
+    captions, images, fields = mixed[padded]
     eager = make_pipeline()
     for row, (caption, row_image) in enumerate(zip(captions, images)):
         alone = eager(caption, row_image, **{**FAST, "seed": fields["seed"][row]}).audios[0]
-        np.testing.assert_allclose(outputs["photo, repeated photo, caption only (padded to 4)"].audios[row], alone, atol=1e-4)
+        np.testing.assert_allclose(outputs[padded].audios[row], alone, atol=1e-4)
 
 
 def test_a_shape_outside_the_buckets_is_counted_and_still_served():

@@ -288,7 +288,8 @@ def record_outcome(job: Job, outcome: Outcome) -> None:
         announce(job, JobStatus.FAILED, error=(ErrorCode.NON_FINITE_OUTPUT, str(outcome)))
     elif isinstance(outcome, torch.cuda.OutOfMemoryError):
         log.error("job %s failed: out of device memory even alone", job.id)
-        announce(job, JobStatus.FAILED, error=(ErrorCode.OUT_OF_MEMORY, "the device ran out of memory for this job; retry later"))
+        message = "the device ran out of memory for this job; retry later"
+        announce(job, JobStatus.FAILED, error=(ErrorCode.OUT_OF_MEMORY, message))
     elif isinstance(outcome, StorageUnavailable):
         log.error("job %s failed: storage stayed unavailable: %s", job.id, outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.STORAGE_UNAVAILABLE, "the storage stayed unavailable; retry"))

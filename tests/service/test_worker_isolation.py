@@ -62,7 +62,8 @@ def run_worker_here(stack, monkeypatch, caplog, prepare=lambda runtime: None) ->
 
 def submit(stack, captions: list[str], **fields) -> list[str]:
     client = stack.client()
-    return [client.submit(SAMPLE_IMAGE, caption, seed=i, **{**SHAPE, **fields}).id for i, caption in enumerate(captions)]
+    request = {**SHAPE, **fields}
+    return [client.submit(SAMPLE_IMAGE, caption, seed=i, **request).id for i, caption in enumerate(captions)]
 
 
 def test_a_row_with_nan_fails_only_its_job_naming_the_component(api_only, monkeypatch, caplog):
@@ -103,7 +104,8 @@ def test_out_of_memory_splits_the_batch_and_a_row_too_large_alone_fails(api_only
 
     ids = submit(api_only, ["calm piano", "happy drums", "rainy jazz", "soft guitar"])  # 8 UNet rows with CFG
     log = run_worker_here(api_only, monkeypatch, caplog, device_of_two_rows)
-    assert "batch of 4 jobs" in log and log.count("ran out of device memory; running its halves") == 3  # 4 -> 2+2 -> 1+1+1+1
+    assert "batch of 4 jobs" in log
+    assert log.count("ran out of device memory; running its halves") == 3  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
     client = api_only.client()
     assert [client.get(job_id).status for job_id in ids] == ["succeeded"] * 4
 
@@ -139,7 +141,8 @@ def test_results_are_written_off_the_generating_thread_in_order(api_only, monkey
     assert {thread for _, thread, _ in writes} == {"result-writer"} and len(writes) == 8  # WAV + PNG per job
     # The second batch started before the first batch's results were all stored.
     last_write_of_first = max(at for key, _, at in writes if any(job_id in key for job_id in first))
-    assert min(dt.datetime.fromisoformat(jobs[job_id].raw["started_at"]).timestamp() for job_id in second) < last_write_of_first
+    started = min(dt.datetime.fromisoformat(jobs[job_id].raw["started_at"]).timestamp() for job_id in second)
+    assert started < last_write_of_first
     for job_id in first + second:  # per job: start, progress never backwards, then the outcome, last
         events = [event["event"] for event in _events(api_only, job_id)]
         assert events[0] == "start" and events[-1] == "completed" and events.count("completed") == 1
