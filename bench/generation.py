@@ -120,7 +120,7 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
 
     def music_step(features):
         rows = pipe.image_rows(torch.ones(1), torch.tensor([features is not None]), True, "conditional")
-        pipe.load_synapse(features, [0, 0], text_mask, rows, [0])
+        pipe.load_synapse(features, [0], text_mask, rows, [0])
         pipe.synapse_state.select_step(0)
         return pipe.music_unet(music_latents, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask)
 

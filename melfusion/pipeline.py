@@ -655,15 +655,15 @@ class MelFusionPipeline(DiffusionPipeline):
         has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
         with_unconditional = max(guidance) > 1.0
 
-        # 2. Static shapes: rows padded to a warmed batch (caption only, thrown away), the latent to its
-        #    clip-length bucket (the clip is cut from it); captions are padded in step 5
+        # 1b. Static shapes (compiled pipelines): rows padded to a warmed batch (caption only, thrown away),
+        #     the latent to its clip-length bucket (the clip is cut from it); captions are padded in step 4
         rows = self._padded_rows(batch, with_unconditional)
         pad = rows - batch
         captions, images, has_image = captions + captions[-1:] * pad, images + [None] * pad, has_image + [False] * pad
         strength, guidance, row_seeds = strength + [0.0] * pad, guidance + [1.0] * pad, seeds + seeds[-1:] * pad
         latent_seconds = self._latent_seconds(seconds)
 
-        # 3. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
+        # 2. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
         timesteps = self.timestep_grid(steps)
         image_grid = self.timestep_grid(image_steps)
         music_scheduler = self.make_scheduler(scheduler, timesteps)
@@ -672,22 +672,22 @@ class MelFusionPipeline(DiffusionPipeline):
         total = image_total + steps
         tracker = _StepTracker(total, callback, should_cancel, bar=self.progress_bar(total=total))
         try:
-            # 4. Visual guidance: z_T^I = DDIM_Invert(E^I(I)) and K_l^I, V_l^I per step (lines 1, 6), the new
+            # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)) and K_l^I, V_l^I per step (lines 1, 6), the new
             #    photos of the batch in one pass
             image_features, feature_rows = self._image_features_of_rows(
                 images, has_image, image_features, image_steps, image_grid, batch, tracker
             )
 
-            # 5. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
+            # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
             text_states, text_mask = self.encode_captions(captions, with_unconditional)
 
-            # 6. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row
+            # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row
             generators = [torch.Generator("cpu").manual_seed(row_seed) for row_seed in row_seeds]
             shape = self.music_latent_shape(rows, latent_seconds)
             latents = self.prepare_music_latents(shape, generators, music_scheduler)
             step_options = self._step_options(music_scheduler, generators, row_seeds, latents.device)
 
-            # 7. Denoising loop with the visual synapse (lines 4-10)
+            # 6. Denoising loop with the visual synapse (lines 4-10)
             device = latents.device
             row_strength = self.image_rows(
                 torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance
@@ -716,7 +716,7 @@ class MelFusionPipeline(DiffusionPipeline):
             tracker.close()
             self.synapse_state.release()  # a cached ImageFeatures object is not kept alive here
 
-        # 8. Decode the real rows: s = D^M(z_0^M), w = V(s) (lines 11-12); NaN/inf judged row by row
+        # 7. Decode the real rows: s = D^M(z_0^M), w = V(s) (lines 11-12); NaN/inf judged row by row
         text_of_rows = text_states.unflatten(0, (-1, rows))[:, :batch].transpose(0, 1)  # (B, 1 or 2 branches, S, D)
         checks = (
             ("image_unet", self.image_unet.dtype, self._finite_image_rows(image_features, feature_rows[:batch])),
