@@ -22,7 +22,6 @@ from melfusion.shapes import ShapeBuckets
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Runtime:
     settings: Settings
