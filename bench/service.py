@@ -61,8 +61,7 @@ def running_service(
     worker = start_worker(env=env, log_dir=work, name=f"worker-{db}")
     client = MelFusionClient(f"http://127.0.0.1:{env['MELFUSION_PORT']}")
     try:
-        wait_until(lambda: client.http.get("/readyz").status_code == 200, timeout=ready_timeout,
-                   what="a ready worker", process=worker)  # fmt: skip
+        wait_until(client.workers_available, timeout=ready_timeout, what="a warmed-up worker", process=worker)
         yield Service(client, worker)
     finally:
         client.http.close()
