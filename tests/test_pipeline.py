@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import weakref
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 from dummies import make_pipeline
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
@@ -118,6 +121,76 @@ def test_cancel_check_stops_between_steps(pipe, image):
     with pytest.raises(GenerationCancelled):
         generate(pipe, image=image, callback=seen.append, should_cancel=lambda: len(seen) >= 5)
     assert len(seen) == 5
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records every op that brings a device tensor's data to the host (a GPU sync on CUDA), with the step
+    the loop was at. On the CPU every tensor is a host tensor, so "device" is followed by derivation: the
+    model's parameters and whatever is computed from them (latents, UNet outputs, text states); the host
+    grid of timesteps and the schedulers' tables are not."""
+
+    HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}  # fmt: skip
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.on_device: dict[int, weakref.ref] = {}
+        self.reads: list[tuple[int, str]] = []  # (steps finished when it happened, op)
+        self.steps_done = 0
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                for parameter in module.parameters():
+                    self._mark(parameter)
+
+    def _mark(self, tensor: torch.Tensor) -> None:
+        self.on_device[id(tensor)] = weakref.ref(tensor)
+
+    def _is_device(self, value) -> bool:
+        found = self.on_device.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return found is not None and found() is value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from_device = any(self._is_device(value) for value in tree_leaves((args, kwargs)))
+        if from_device and func in self.HOST_READS:
+            self.reads.append((self.steps_done, str(func)))
+        output = func(*args, **(kwargs or {}))
+        if from_device:
+            for value in tree_leaves(output):
+                if isinstance(value, torch.Tensor):
+                    self._mark(value)
+        return output
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "ddpm"])
+def test_progress_and_cancel_checks_never_read_device_data_in_the_loops(pipe, image, scheduler):
+    """A worker reports progress and polls for cancel every step; if any step read device data back (a
+    NaN check, an `.item()`, a step index found on the device) the CUDA launch queue would drain every step.
+    Reads after the last step (the per-row finite checks, the audio) are once per call."""
+    steps = 3
+    reads = DeviceReads(pipe)
+
+    def on_step(step) -> None:
+        reads.steps_done = step.step
+
+    with reads:
+        generate(pipe, ["calm piano", "rainy jazz"], [image, None], scheduler=scheduler, num_inference_steps=steps,
+                 callback=on_step, should_cancel=lambda: False)  # fmt: skip
+    assert reads.steps_done == 2 * steps  # image inversion, then music
+    assert [read for read in reads.reads if read[0] < 2 * steps] == []
+    assert reads.reads  # the finite checks after the loop do read the device: the recorder sees them
+
+    # And it would see one in the loop: a UNet hook that reads its output back is caught every music step.
+    def read_back(module, args, output) -> None:
+        output[0].abs().max().item()
+
+    hook = pipe.music_unet.register_forward_hook(read_back)
+    reads.reads, reads.steps_done = [], 0
+    try:
+        with reads:
+            generate(pipe, num_inference_steps=steps, callback=on_step, scheduler=scheduler)
+    finally:
+        hook.remove()
+    assert {done for done, op in reads.reads if op == "aten._local_scalar_dense.default" and done < steps} == {0, 1, 2}
 
 
 def test_synapse_on_encoder_blocks_also_reaches_the_music(image):
