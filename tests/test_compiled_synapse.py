@@ -64,6 +64,9 @@ def test_warmed_compiled_pipeline_serves_mixed_batches_without_recompiling(image
     mixed = {  # (captions, images, per-row fields)
         "one photo": (["calm piano"], [image], {}),
         "two photos, CFG off": (["rainy jazz", "happy drums"], [image, other_image], {"guidance_scale": 1.0}),
+        "photo and caption only": (["rainy jazz", "happy drums"], [other_image, None], {}),
+        "one photo uploaded twice, strength 0 in one": (
+            ["rainy jazz", "happy drums"], [image, repeated], {"image_strength": [0.7, 0.0]}),
         "photo, repeated photo, caption only (padded to 4)": (
             ["calm piano", long_caption, "sad violin"], [image, repeated, None], {"seed": [1, 2, 3]}),
         "four photos, strength 0 in one": (
