@@ -285,22 +285,28 @@ def through_service(bench: Bench, pipe: MelFusionPipeline, args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, nargs="*", default=[4, 8], help="eager batch sizes (and photos inverted at once)")
+    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full",
+                        help="component sizes (full: SD 1.5 + TANGO shapes); default %(default)s")
+    parser.add_argument("--device", default="cuda", help="torch device; default %(default)s")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                        help="weights and activations; default %(default)s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length; default %(default)s")
+    parser.add_argument("--steps", type=int, default=50, help="DPM-Solver++ steps per clip; default %(default)s")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median); default %(default)s")
+    parser.add_argument("--batches", type=int, nargs="*", default=[4, 8],
+                        help="eager batch sizes (and photos inverted at once); default %(default)s")
     parser.add_argument("--compile", default="reduce-overhead", choices=("default", "reduce-overhead", "max-autotune", "check"),
                         help="torch.compile mode of the music UNet (check: dynamo only, eager kernels)")  # fmt: skip
     parser.add_argument("--image-backend", default="same", choices=("same", "cudagraphs"),
                         help="the image UNet's backend in the compiled part: the music UNet's, or CUDA graphs over eager kernels")  # fmt: skip
-    parser.add_argument("--compiled-batches", type=int, nargs="*", default=[1], help="batch sizes compiled and warmed")
-    parser.add_argument("--parts", nargs="*", choices=("engine", "compiled", "service"), default=["engine", "compiled"])
+    parser.add_argument("--compiled-batches", type=int, nargs="*", default=[1],
+                        help="batch sizes compiled and warmed; default %(default)s")
+    parser.add_argument("--parts", nargs="*", choices=("engine", "compiled", "service"), default=["engine", "compiled"],
+                        help="which parts to run; default %(default)s")  # fmt: skip
     parser.add_argument("--service-jobs", type=int, default=64, help="concurrent jobs of a batched service burst")
     parser.add_argument("--sequential-jobs", type=int, default=16, help="jobs of the one-at-a-time burst")
-    parser.add_argument("--service-modes", nargs="*", choices=("eager", "compiled"), default=["eager", "compiled"])
+    parser.add_argument("--service-modes", nargs="*", choices=("eager", "compiled"), default=["eager", "compiled"],
+                        help="which workers the service part runs; default %(default)s")  # fmt: skip
     parser.add_argument("--service-batch-sizes", type=int, nargs="*", default=[1, 8],
                         help="the workers' MELFUSION_WARMUP_BATCH_SIZES; the largest is MELFUSION_MAX_BATCH")  # fmt: skip
     parser.add_argument("--service-image-backend", default="cudagraphs", choices=("same", "cudagraphs"),

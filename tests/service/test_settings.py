@@ -52,3 +52,12 @@ def test_a_compiled_worker_needs_its_warm_up_shapes_and_no_batch_above_them(monk
         load_settings()
     monkeypatch.setenv("MELFUSION_MAX_BATCH", "4")
     assert load_settings().warmup_caption_tokens == [32, 128]
+
+
+def test_the_api_explains_itself_without_any_settings():
+    env = {name: value for name, value in settings_env().items() if not name.startswith("MELFUSION_")}
+    run = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: python -m service") and "FORWARDED_ALLOW_IPS" in run.stdout
+    assert "MELFUSION_STORE_WAIT_SECONDS" in run.stdout and "MELFUSION_S3_SECRET_KEY" in run.stdout
