@@ -19,7 +19,7 @@ import torch
 from rq.serializers import JSONSerializer
 from servers import SAMPLE_IMAGE, launch_stack
 
-from jobs.lifecycle import events_key
+from jobs.lifecycle import EVENTS_CHANNEL
 from jobs.queue import open_queue, open_redis
 from jobs.settings import load_settings
 from jobs.storage import open_storage
@@ -134,7 +134,14 @@ def test_results_are_written_off_the_generating_thread_in_order(api_only, monkey
 
     first = submit(api_only, ["calm piano", "happy drums"])
     second = submit(api_only, ["rainy jazz", "soft guitar"], steps=3)  # another batch key: the next batch
+    listener = api_only.redis.pubsub()
+    listener.subscribe(EVENTS_CHANNEL)  # every announced change, in the order it was published
     run_worker_here(api_only, monkeypatch, caplog, slow_store)
+    announced = []
+    while (message := listener.get_message(timeout=1.0)) is not None:  # the subscription's confirmation first
+        if message["type"] == "message":
+            announced.append(json.loads(message["data"]))
+    listener.close()
     client = api_only.client()
     jobs = {job_id: client.get(job_id) for job_id in first + second}
     assert all(job.status == "succeeded" for job in jobs.values()), [job.raw for job in jobs.values()]
@@ -144,11 +151,8 @@ def test_results_are_written_off_the_generating_thread_in_order(api_only, monkey
     started = min(dt.datetime.fromisoformat(jobs[job_id].raw["started_at"]).timestamp() for job_id in second)
     assert started < last_write_of_first
     for job_id in first + second:  # per job: start, progress never backwards, then the outcome, last
-        events = [event["event"] for event in _events(api_only, job_id)]
-        assert events[0] == "start" and events[-1] == "completed" and events.count("completed") == 1
-        progress = [event["progress"] for event in _events(api_only, job_id)]
+        events = [record for record in announced if record["id"] == job_id]
+        kinds = [record["event"] for record in events]
+        assert kinds[0] == "start" and kinds[-1] == "completed" and kinds.count("completed") == 1, kinds
+        progress = [record["progress"] for record in events]
         assert progress == sorted(progress)
-
-
-def _events(stack, job_id: str) -> list[dict]:
-    return [json.loads(fields[b"data"]) for _, fields in stack.redis.xrange(events_key(job_id))]
