@@ -31,7 +31,7 @@ from melfusion.training.loop import TrainBatch, diffusion_loss, make_optimizer
 from melfusion.training.prepare import image_side_to
 
 CAPTION = "calm piano with soft strings at sunset"
-GRID = 50  # the cache grid: only its size matters to a step (two neighbouring latents are read)
+GRID = 50  # the cache grid: a step reads the two cached latents around each row's t, whatever the grid
 
 
 def build(size: str, device: torch.device) -> MelFusionPipeline:
@@ -50,7 +50,7 @@ def synthetic_batch(pipe: MelFusionPipeline, batch_size: int, seconds: float, ge
         latents=torch.randn(shape, generator=generator),
         noise=torch.randn(shape, generator=generator),
         timesteps=torch.randint(1000, (batch_size,), generator=generator),
-        trajectories=torch.randn((batch_size, GRID, pipe.image_unet.config.in_channels, side, side), generator=generator),
+        image_segments=torch.randn((batch_size, 2, pipe.image_unet.config.in_channels, side, side), generator=generator),
         image_strength=torch.ones(batch_size),
     )
 
@@ -82,7 +82,7 @@ def measure_steps(pipe: MelFusionPipeline, batch_size: int, args: argparse.Names
     def image_pass() -> None:
         batch = synthetic_batch(pipe, batch_size, args.seconds, generator)
         with autocast:
-            image_kv(batch.trajectories, batch.timesteps)
+            image_kv(batch.image_segments, batch.timesteps)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
