@@ -7,14 +7,24 @@ import torch
 from diffusers import DDPMScheduler
 
 from melfusion.bundle import load_pipeline, read_manifest, verify_bundle
-from melfusion.cli import main
+from melfusion.cli import build_parser, main
 from melfusion.dataset.manifest import read_triplets
+from melfusion.errors import InputError
 from melfusion.images import load_image
 from melfusion.presets import sd_scheduler
 from melfusion.training.checkpoint import load_trainer_state
 from melfusion.training.denoiser import SynapseDenoiser
 from melfusion.training.image_side import ImageKeyValues
-from melfusion.training.loop import Dropout, diffusion_loss, draw_batch, row_generator, train, training_target
+from melfusion.training.cli import config_from
+from melfusion.training.loop import (
+    Dropout,
+    diffusion_loss,
+    draw_batch,
+    row_generator,
+    train,
+    training_synapse,
+    training_target,
+)
 from melfusion.training.prepare import frozen_fingerprint, prepare_examples
 
 FROZEN = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
@@ -139,3 +149,26 @@ def test_encode_command_fills_the_cache_that_training_then_reads(make_config, tm
     assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 4
     assert main(["train", *flags, "--max-steps", "1"]) == 0
     assert "writing 0 image trajectories" in capsys.readouterr().out
+
+
+def test_epochs_set_the_steps_from_rows_processes_batch_and_accumulation(make_config, capsys):
+    paper = make_config(epochs=30, batch_size=8, gradient_accumulation=4)
+    assert paper.steps_for(11_250, 8) == 1_319  # README: MeLBench, 8 GPUs x 8 rows x 4 micro-batches
+    assert paper.steps_for(11_250, 1) == 10_547  # one GPU: 8 times the steps
+    result = train(make_config(epochs=1.5, max_steps=99, batch_size=2))  # 4 rows: 1.5 passes = 3 steps of 2
+    assert len(result.losses) == 3
+    assert "1.5 epochs of 4 rows in steps of 1 process(es) x 2 rows x 1 micro-batches: 3 steps" in capsys.readouterr().out
+    with pytest.raises(InputError, match="epochs: must be positive"):
+        make_config(epochs=0)
+
+
+def test_a_run_starts_every_alpha_at_one_value_unless_told_to_keep_the_bundles(make_config):
+    bundle_synapse = load_pipeline(make_config().bundle).synapse
+    assert training_synapse(bundle_synapse, make_config()).alphas.tolist() == [0.5, 0.5, 0.5]  # not the paper's
+    assert training_synapse(bundle_synapse, make_config(initial_alpha=None)) is bundle_synapse
+    with pytest.raises(InputError, match="initial_alpha: the bundle's α belong to blocks"):
+        training_synapse(bundle_synapse, make_config(initial_alpha=None, placement="encoder"))
+    parsed = build_parser().parse_args(["train", "--bundle", "b", "--data", "d", "--out", "o", "--initial-alpha", "bundle"])
+    assert config_from(parsed).initial_alpha is None
+    with pytest.raises(SystemExit):  # one length or the other
+        build_parser().parse_args(["train", "--bundle", "b", "--data", "d", "--out", "o", "--epochs", "3", "--max-steps", "9"])
