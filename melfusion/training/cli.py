@@ -1,7 +1,7 @@
 """`melfusion train --bundle DIR --data MANIFEST --out DIR [...]`: the three flags alone train briefly.
 
 `melfusion encode` with the same flags fills the cache only (under `accelerate launch` too), so a long
-encoding never runs inside a training job's collective timeout.
+encoding need not run inside a training job (whose processes would wait for it under the barrier timeout).
 """
 
 from __future__ import annotations
