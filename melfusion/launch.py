@@ -4,28 +4,30 @@
 on a machine without GPUs they run on the CPU and talk over gloo. `accelerate launch --cpu --num_processes N`
 does not: accelerate 1.x starts several CPU processes only through MPI (`--mpirun_hostfile`), and
 otherwise runs the command once, as one process, without a word. Training would then run N times longer
-than planned on one process; we stop it instead.
+than planned on one process; we stop it instead, before anything heavy is imported.
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
-from accelerate import PartialState
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 # Set by every MPI launcher accelerate can use (Intel MPI / MPICH, Open MPI, MVAPICH).
 MPI_WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-def refuse_single_process_cpu_launch(environ: os._Environ | dict = os.environ) -> None:
+def refuse_single_process_cpu_launch() -> None:
     """Raise when `accelerate launch --cpu --num_processes N` (N > 1) started this lone process.
 
     Its simple launcher marks the run with ACCELERATE_USE_CPU and, only when asked for several processes
     or machines, sets MASTER_ADDR/MASTER_PORT; a real multi-process launch also sets WORLD_SIZE (or MPI's size).
     """
+    environ = os.environ
     asked_for_cpu = environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
     asked_for_several = "MASTER_PORT" in environ and "MASTER_ADDR" in environ
     started_several = "WORLD_SIZE" in environ or any(name in environ for name in MPI_WORLD_SIZE)
@@ -44,4 +46,7 @@ def process_state() -> PartialState:
 
     Accelerate otherwise leaves processes that `--multi_gpu` started on such a machine unaware of each other.
     """
+    import torch
+    from accelerate import PartialState
+
     return PartialState(cpu=not torch.cuda.is_available())

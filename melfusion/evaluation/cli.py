@@ -10,6 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
+from ..launch import process_state, refuse_single_process_cpu_launch
+
 SHARDING_HINT = ("accelerate launch --multi_gpu --num_processes N -m melfusion.cli eval ... shares the rows "
                  "out over N GPUs")
 
@@ -37,13 +39,12 @@ def add_eval_parser(commands) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    refuse_single_process_cpu_launch()
     from ..bundle import load_pipeline
     from ..dataset.manifest import read_triplets
-    from ..launch import process_state, refuse_single_process_cpu_launch
     from .evaluators import Evaluators
     from .run import MEANINGLESS, default_variants, evaluate, format_table, sharing_frozen_parts
 
-    refuse_single_process_cpu_launch()
     state = process_state()
     say = print if state.is_main_process else lambda *_, **__: None
     device = args.device or state.device

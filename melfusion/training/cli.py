@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..launch import refuse_single_process_cpu_launch
 from .config import PLACEMENTS, TrainConfig
 
 NUMBERS = [
@@ -89,6 +90,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    refuse_single_process_cpu_launch()
     from .loop import train
 
     train(config_from(args))
@@ -96,6 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    refuse_single_process_cpu_launch()
     from .loop import encode
 
     encode(config_from(args))
