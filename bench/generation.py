@@ -198,7 +198,7 @@ def service_batching(
                 stacks[label] = [start_api(env=env, log_dir=work, name=f"api-{db}"),
                                  start_worker(env=env, log_dir=work, name=f"worker-{db}")]  # fmt: skip
                 client = MelFusionClient(f"http://127.0.0.1:{env['MELFUSION_PORT']}")
-                wait_until(lambda c=client: c.http.get("/readyz").status_code == 200, timeout=600, what="a worker")
+                wait_until(client.workers_available, timeout=600, what="a worker")
                 stacks[label].append(client)
             rates = {label: [] for label in stacks}
             for _ in range(rounds + 1):  # the first round warms up (feature cache, first-call kernels)

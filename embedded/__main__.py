@@ -66,7 +66,7 @@ def main() -> int:
         children.append(start_api(env=env, log_dir=logs))
         base_url = f"http://127.0.0.1:{api_port}"
         with MelFusionClient(base_url) as client:
-            wait_until(lambda: client.http.get("/readyz").status_code == 200, timeout=120, what="/readyz")
+            wait_until(client.workers_available, timeout=120, what="a warmed-up worker (/readyz)")
             started = time.perf_counter()
             job = client.submit(args.image, args.caption, seconds=args.seconds, steps=args.steps)
             print(f"submitted job {job.id} to {base_url}/jobs/{job.id}", flush=True)

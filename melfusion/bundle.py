@@ -2,15 +2,16 @@
 
 `save_bundle` writes a bundle atomically, `verify_bundle` checks one without loading weights, and
 `load_pipeline` turns problems into a BundleError that names the missing or broken piece instead of a
-stack trace from inside transformers.
+stack trace from inside transformers. The manifest itself and the verification stamp that spares a worker
+from hashing the bundle on every start live in `melfusion.manifest` (torch-free).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,11 +20,19 @@ from pathlib import Path
 import torch
 
 from .errors import BundleError
+from .manifest import (
+    BUNDLE_VERSION,
+    FORMAT,
+    MANIFEST,
+    STAMP,
+    file_sha256,
+    read_manifest,
+    stamp_is_current,
+    write_stamp,
+)
 from .pipeline import MelFusionPipeline
 
-MANIFEST = "manifest.json"
-FORMAT = "melfusion-bundle"
-BUNDLE_VERSION = 1
+log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator guarantees
 
@@ -34,21 +43,14 @@ def component_names() -> list[str]:
     return [p.name for p in params if p.name != "self" and p.default is inspect.Parameter.empty]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _component_dtype(module) -> str | None:
     parameter = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
     return None if parameter is None else str(parameter.dtype).removeprefix("torch.")
 
 
 def write_manifest(pipe: MelFusionPipeline, directory: Path, *, source: str, origin: dict | None = None) -> dict:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    unlisted = {directory / MANIFEST, directory / STAMP}
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p not in unlisted)
     components = {}
     for name in component_names():
         module = getattr(pipe, name)
@@ -94,24 +96,6 @@ def save_bundle(
     return target
 
 
-def read_manifest(directory: str | os.PathLike) -> dict:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BundleError(f"{directory}: no such bundle directory")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{directory}: not a MelFusion bundle ({MANIFEST} missing)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a MelFusion manifest (format {manifest.get('format')!r})")
-    if manifest.get("bundle_version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {manifest.get('bundle_version')}, this code reads {BUNDLE_VERSION}")
-    return manifest
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -153,10 +137,12 @@ def _check_configs_agree(directory: Path) -> None:
         raise BundleError(f"{directory}: synapse blocks {sorted(unknown)} do not exist in music_unet")
 
 
-def verify_bundle(directory: str | os.PathLike, *, hashes: bool = True) -> dict:
+def verify_bundle(directory: str | os.PathLike, *, hashes: bool = True, trust_stamp: bool = False) -> dict:
     """Check structure, every listed file (size, and sha256 unless hashes=False) and cross-component configs.
 
-    Returns the manifest; raises BundleError naming the first missing, corrupt or mismatched piece.
+    A check that hashed every file records the stamp (`melfusion.manifest`) where the folder is writable;
+    with `trust_stamp`, a current stamp stands in for the hashes. Returns the manifest; raises BundleError
+    naming the first missing, corrupt or mismatched piece.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -166,17 +152,24 @@ def verify_bundle(directory: str | os.PathLike, *, hashes: bool = True) -> dict:
             raise BundleError(f"{directory}: component {name!r} missing from model_index.json/manifest")
         if not (directory / name).is_dir():
             raise BundleError(f"{directory}: component folder {name}/ missing")
+    stamped = hashes and trust_stamp and stamp_is_current(directory, manifest)
+    hashing = hashes and not stamped
     for relative, expected in manifest["files"].items():
         path = directory / relative
         if not path.is_file():
             raise BundleError(f"{directory}: file {relative} missing")
-        if path.stat().st_size != expected["bytes"] or (hashes and file_sha256(path) != expected["sha256"]):
+        if path.stat().st_size != expected["bytes"] or (hashing and file_sha256(path) != expected["sha256"]):
             raise BundleError(f"{directory}: file {relative} is corrupt (checksum mismatch)")
     for path in directory.rglob("*"):
         relative = str(path.relative_to(directory))
         if path.suffix in WEIGHT_SUFFIXES and relative not in manifest["files"]:
             raise BundleError(f"{directory}: weight file {relative} is not in the manifest")
     check_compatibility(directory)
+    if stamped:
+        log.info("%s: files unchanged since their sha256 check (%s); not hashed again", directory, STAMP)
+    elif hashing and not write_stamp(directory, manifest):
+        log.info("%s: read-only, so no %s recorded: every start hashes it (run `model_store verify` "
+                 "where it is writable to record one)", directory, STAMP)  # fmt: skip
     return manifest
 
 
@@ -187,8 +180,9 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     verify_hashes: bool = True,
 ) -> MelFusionPipeline:
-    """Verify, then `MelFusionPipeline.from_pretrained`, on `device` in `dtype`."""
-    verify_bundle(directory, hashes=verify_hashes)
+    """Verify (a current stamp stands in for the sha256 of every file), then
+    `MelFusionPipeline.from_pretrained`, on `device` in `dtype`."""
+    verify_bundle(directory, hashes=verify_hashes, trust_stamp=True)
     try:
         pipe = MelFusionPipeline.from_pretrained(str(directory), dtype=dtype)
     except Exception as exc:  # transformers/diffusers raise many types; name the bundle, keep the cause

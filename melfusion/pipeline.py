@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMInverseScheduler,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
@@ -39,6 +38,7 @@ from .images import fit_square
 from .limits import SCHEDULERS, GenerationLimits
 from .precision import keep_float32_modules, raise_if_non_finite
 from .request import GenerationRequest, random_seed
+from .schedulers import GridDDIMInverseScheduler, GridDDIMScheduler
 from .synapse import VisualSynapse
 
 ImageGuidance = Literal["conditional", "both"]
@@ -284,7 +284,7 @@ class MelFusionPipeline(DiffusionPipeline):
             scheduler = DDPMScheduler.from_config(self.scheduler.config)
             scheduler.set_timesteps(timesteps=timesteps.tolist())
         elif name == "ddim":
-            scheduler = self._on_grid(DDIMScheduler, self.scheduler.config)
+            scheduler = self._on_grid(GridDDIMScheduler, self.scheduler.config)
             scheduler.set_timesteps(len(timesteps))
         elif name == "dpmpp":
             scheduler = DPMSolverMultistepScheduler.from_config(
@@ -295,10 +295,10 @@ class MelFusionPipeline(DiffusionPipeline):
             raise InputError("scheduler", f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
         return scheduler
 
-    def _image_schedulers(self, num_inference_steps: int) -> tuple[DDIMInverseScheduler, DDIMScheduler]:
-        # SD's betas on the music grid's spacing, so both image loops walk the music grid.
-        inverse = self._on_grid(DDIMInverseScheduler, self.image_scheduler.config)
-        forward = self._on_grid(DDIMScheduler, self.image_scheduler.config)
+    def _image_schedulers(self, num_inference_steps: int) -> tuple[GridDDIMInverseScheduler, GridDDIMScheduler]:
+        # SD's betas on the music grid's spacing, so both image loops walk the music grid, grid point to grid point.
+        inverse = self._on_grid(GridDDIMInverseScheduler, self.image_scheduler.config)
+        forward = self._on_grid(GridDDIMScheduler, self.image_scheduler.config)
         inverse.set_timesteps(num_inference_steps)
         forward.set_timesteps(num_inference_steps)
         return inverse, forward

@@ -103,6 +103,12 @@ class MelFusionClient:
     def cancel(self, job_id: str) -> Job:
         return self._job(self.http.post(f"/jobs/{job_id}/cancel"))
 
+    def workers_available(self) -> int:
+        """Warmed-up workers the service sees (its /readyz body); 0 while it is not ready. The service takes
+        jobs without any (they wait in the queue), so this is for whoever wants them to start at once."""
+        response = self.http.get("/readyz")
+        return (response.json().get("workers_available") or 0) if response.status_code == 200 else 0
+
     def wait(
         self,
         job_id: str,

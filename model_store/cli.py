@@ -2,7 +2,8 @@
 
 A deliberate failure (a broken bundle, an unreachable hub, a target folder that is not a bundle) prints
 one line on stderr and exits 1; usage mistakes exit 2 (argparse). Torch and the models load only inside
-the command that needs them, so `verify`'s and `pull`'s early failures are quick.
+the command that needs them: `pull` checks its target folder and asks the hub before importing torch, so
+offline it fails in about a second.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def describe(directory: Path, manifest: dict) -> str:
 
 def check_target(directory: Path) -> None:
     """Writers replace DIR wholesale: allow only a new or empty folder or an existing bundle."""
-    from melfusion.bundle import MANIFEST
+    from melfusion.manifest import MANIFEST
 
     if directory.exists() and not directory.is_dir():
         raise BundleError(f"{directory} is a file, not a bundle folder")
@@ -75,10 +76,13 @@ def run_create_random(args: argparse.Namespace) -> int:
 def run_pull(args: argparse.Namespace) -> int:
     from .hub import PullSources, plan_pull, pull_bundle
 
-    check_target(args.directory)
+    if args.directory is not None:
+        check_target(args.directory)
     sources = PullSources(image=args.image_repo, tango=args.tango, audio=args.audio_repo)
-    plan = plan_pull(sources)  # every repository and file asked about; fails in seconds offline
+    plan = plan_pull(sources, deadline_s=args.hub_deadline)  # every repository and file asked about, no torch yet
     print(plan.describe(), flush=True)
+    if args.plan_only:
+        return 0
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -96,7 +100,7 @@ def _report_written(directory: Path, write) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .hub import AUDIOLDM_REPO, SD_REPO, TANGO_REPO
+    from .hub import AUDIOLDM_REPO, HUB_DEADLINE_S, SD_REPO, TANGO_REPO
 
     parser = argparse.ArgumentParser(prog="python -m model_store", description="MelFusion model bundles")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     create_random.set_defaults(run=run_create_random)
 
     pull = commands.add_parser("pull", help="assemble the real models from the Hugging Face hub (needs network)")
-    pull.add_argument("directory", type=Path)
+    pull.add_argument("directory", type=Path, nargs="?", help="where to write the bundle (not needed with --plan-only)")
+    pull.add_argument("--plan-only", action="store_true", help="print the repositories, commits, files and sizes; fetch nothing")
+    pull.add_argument("--hub-deadline", type=float, default=HUB_DEADLINE_S, metavar="SECONDS",
+                      help="for all questions to the hub before downloading (default %(default)g)")  # fmt: skip
     pull.add_argument("--tango", default=TANGO_REPO, help="TANGO checkpoint (music UNet, T5 encoder): repo or folder")
     pull.add_argument("--image-repo", default=SD_REPO, help="Stable Diffusion 1.5 (image side): repo or folder")
     pull.add_argument("--audio-repo", default=AUDIOLDM_REPO, help="AudioLDM (mel VAE, vocoder): repo or folder")
@@ -129,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "pull" and args.directory is None and not args.plan_only:
+        parser.error("pull: give the bundle folder DIR (or --plan-only)")
     try:
         return args.run(args)
     except (MelFusionError, OSError) as exc:  # OSError: disk full, permissions; its message names the path

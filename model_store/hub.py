@@ -4,26 +4,36 @@ Image side from Stable Diffusion 1.5, mel VAE and vocoder from AudioLDM (TANGO d
 music UNet + FLAN-T5 encoder + noise schedule from a TANGO checkpoint (converted by `model_store.tango`),
 tokenizer and config from the text encoder TANGO's `main_config.json` names.
 
-`plan_pull` asks about every repository `pull` will touch (TANGO's `main_config.json`, a few hundred
-bytes, is read first because it names two of them) under a short deadline and lists the files it will
-fetch with their sizes, before anything large is downloaded: an offline machine, a deleted repository or
-a missing file fails in seconds with one line. The commits the hub answers with are pinned for the
-downloads and recorded in the manifest. The noise schedule's repository is the one exception: it is a
-handful of known constants, used (and recorded) when that repository does not answer.
+The pre-flight, `plan_pull`, imports neither torch nor diffusers. Under one deadline for all of it, it asks
+the hub about the three repositories at once, reads TANGO's `main_config.json` (a few hundred bytes: it
+names two more repositories), asks about those two, and chooses the files: an offline machine, a deleted
+repository or a missing file fails in seconds with one line, before anything large is downloaded. The
+commits the hub answers with are pinned for the downloads and recorded in the manifest. The noise
+schedule's repository is the one exception: it is a handful of known constants, used (and recorded) when
+that repository does not answer.
+
+Files are chosen per component folder, as the library that owns the format reads them with
+`from_pretrained(subfolder=...)`: configs, tokenizer files and weights, in safetensors where the folder has
+them, else the pickled `.bin` (diffusers and transformers load those with torch's `weights_only=True`).
+Other frameworks' weights (Flax, TensorFlow, ONNX) and variants (`.fp16.`, `.non_ema.`) are left out.
+Only TANGO's checkpoint, which is not in a library's layout, is named file by file.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
+import contextlib
 import os
+import re
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from melfusion.errors import MelFusionError
+
+from .tango import MAIN_CONFIG, MAIN_WEIGHTS, VAE_CONFIG, read_main_config
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +41,7 @@ if TYPE_CHECKING:
 SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusion-v1-5's successor
 TANGO_REPO = "declare-lab/tango-full-ft-audio-music-caps"
 AUDIOLDM_REPO = "cvssp/audioldm"
-HUB_DEADLINE_S = 10.0  # for all the pre-flight questions together, DNS included
+HUB_DEADLINE_S = 10.0  # for all of pull's questions before it downloads, DNS included
 
 
 class HubUnavailable(MelFusionError):
@@ -55,33 +65,64 @@ def is_local(source: str) -> bool:
 T = TypeVar("T")
 
 
-def within_deadline(ask: Callable[[], T], deadline_s: float) -> T:
-    """Run `ask` (hub questions) with a hard deadline.
+class Deadline:
+    """One deadline shared by every question of the pre-flight."""
 
-    Raises HubUnavailable within `deadline_s`: httpx's timeouts do not cover name resolution, so the
-    questions run in a daemon thread that is abandoned at the deadline.
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.ends - time.monotonic())
+
+    def passed(self) -> HubUnavailable:
+        from huggingface_hub import constants
+
+        return HubUnavailable(
+            f"no answer from the Hugging Face hub at {constants.ENDPOINT} within {self.seconds:g} s "
+            "(the deadline for all of pull's questions before it downloads; --hub-deadline sets it)"
+        )
+
+
+def ask_hub(questions: dict[str, Callable[[], T]], deadline: Deadline) -> dict[str, T | HubUnavailable]:
+    """Every question at once, each in a daemon thread; its answer, or the HubUnavailable it raised.
+
+    Raises HubUnavailable when the deadline passes first: httpx's timeouts do not cover name resolution,
+    so a thread still waiting then is abandoned.
     """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise HubUnavailable("HF_HUB_OFFLINE is set: pull needs the Hugging Face hub (unset it, or use create-tiny)")
-    answers: list[T] = []
-    failures: list[HubUnavailable] = []
+        offline = HubUnavailable("HF_HUB_OFFLINE is set: pull needs the Hugging Face hub (unset it, or use create-tiny)")
+        return dict.fromkeys(questions, offline)
+    answers: dict[str, T | HubUnavailable] = {}
+    crashes: list[Exception] = []  # anything but the hub being unavailable is a bug: raised here, as it is
 
-    def run() -> None:
+    def run(name: str, ask: Callable[[], T]) -> None:
         try:
-            answers.append(ask())
+            answers[name] = ask()
         except HubUnavailable as exc:
-            failures.append(exc)
+            answers[name] = exc
+        except Exception as exc:
+            crashes.append(exc)
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(deadline_s)
-    if failures:
-        raise failures[0]
-    if worker.is_alive():
-        raise HubUnavailable(f"no answer from the Hugging Face hub at {constants.ENDPOINT} within {deadline_s:g} s")
-    return answers[0]
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in questions.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(deadline.remaining())
+    if crashes:
+        raise crashes[0]
+    answered = dict(answers)
+    if len(answered) < len(questions):
+        raise deadline.passed()
+    return answered
+
+
+def answer_or_raise(answer: T | HubUnavailable) -> T:
+    if isinstance(answer, HubUnavailable):
+        raise answer
+    return answer
 
 
 @dataclass(frozen=True)
@@ -96,56 +137,72 @@ class Listing:
     def is_local(self) -> bool:
         return is_local(self.source)
 
-    def select(self, wanted: Iterable[Wanted]) -> dict[str, int]:
-        """The files `wanted` names, with sizes; a required one that is absent is named in the error."""
+    def select(self, wanted: Iterable[Folder | Named]) -> dict[str, int]:
+        """The files `wanted` chooses, with sizes; a required one that is absent is named in the error."""
         chosen: dict[str, int] = {}
         for want in wanted:
-            found = [path for pattern in want.patterns for path in sorted(fnmatch.filter(self.sizes, pattern))]
-            if want.first_only:
-                found = found[:1]
-            if not found and want.required:
-                raise HubUnavailable(f"{self.source} has no {' or '.join(want.patterns)}")
-            chosen |= {path: self.sizes[path] for path in found}
+            chosen |= {path: self.sizes[path] for path in want.choose(self.source, self.sizes)}
         return chosen
 
 
+SAFETENSORS, PICKLE = "safetensors", "pickled .bin"
+_VARIANT = re.compile(r"\.(fp16|bf16|fp32|non_ema|ema)\.")  # diffusers/transformers weight variants
+_READ_BY_LIBRARIES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies, SentencePiece models
+
+
+def weight_format(path: str) -> str | None:
+    """safetensors, pickled .bin (shard indexes included), or None for anything else."""
+    if path.endswith((".safetensors", ".safetensors.index.json")):
+        return SAFETENSORS
+    if path.endswith((".bin", ".bin.index.json")):
+        return PICKLE
+    return None
+
+
 @dataclass(frozen=True)
-class Wanted:
-    """Files `pull` needs from a source: glob patterns, in order of preference if `first_only`."""
+class Folder:
+    """A component folder as its library's `from_pretrained(subfolder=...)` reads it ("" = the root):
+    configs and tokenizer files, plus the weights in one format, safetensors where present."""
 
-    patterns: tuple[str, ...]
+    path: str
+    weights: bool = True  # False: configs and tokenizer files only
+
+    def choose(self, source: str, sizes: dict[str, int]) -> list[str]:
+        prefix = f"{self.path}/" if self.path else ""
+        inside = [p for p in sizes if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        usable = [p for p in inside if not _VARIANT.search(p.rsplit("/", 1)[-1])]
+        formats = {weight_format(p) for p in usable} - {None}
+        preferred = SAFETENSORS if SAFETENSORS in formats else PICKLE
+        keep = {None, preferred} if self.weights else {None}
+        if self.weights and not formats:
+            found = ", ".join(sorted(inside)) or "nothing"
+            raise HubUnavailable(f"{source} has no weights in {prefix or 'its root'} (safetensors or .bin; found {found})")
+        chosen = [p for p in usable if weight_format(p) in keep and (weight_format(p) or p.endswith(_READ_BY_LIBRARIES))]
+        if not chosen:
+            raise HubUnavailable(f"{source} has no {prefix or 'config at its root'}")
+        return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Named:
+    """One file of a format `pull` reads itself (TANGO's checkpoint), by name."""
+
+    path: str
     required: bool = True
-    first_only: bool = True  # e.g. safetensors if present, else the pickled .bin
+
+    def choose(self, source: str, sizes: dict[str, int]) -> list[str]:
+        if self.path not in sizes and self.required:
+            raise HubUnavailable(f"{source} has no {self.path}")
+        return [self.path] if self.path in sizes else []
 
 
-def weights(folder: str, stem: str) -> Wanted:
-    prefix = f"{folder}/" if folder else ""
-    return Wanted((f"{prefix}{stem}.safetensors", f"{prefix}{stem}.bin"))
-
-
-def config(path: str, *, required: bool = True) -> Wanted:
-    return Wanted((path,), required=required)
-
-
-IMAGE_FILES = (
-    config("vae/config.json"), weights("vae", "diffusion_pytorch_model"),
-    config("unet/config.json"), weights("unet", "diffusion_pytorch_model"),
-    config("text_encoder/config.json"), weights("text_encoder", "model"),
-    Wanted(("tokenizer/*",), first_only=False),
-    config("scheduler/scheduler_config.json"),
-)  # fmt: skip
-AUDIO_FILES = (
-    config("vae/config.json"), weights("vae", "diffusion_pytorch_model"),
-    config("vocoder/config.json"), weights("vocoder", "model"),
-)  # fmt: skip
-TANGO_FILES = (config("main_config.json"), config("vae_config.json", required=False), config("pytorch_model_main.bin"))
-T5_FILES = (
-    config("config.json"),
-    Wanted(("spiece.model", "tokenizer.json"), first_only=False),
-    config("tokenizer_config.json", required=False), config("special_tokens_map.json", required=False),
-)  # fmt: skip
-T5_WEIGHTS = (weights("", "model"),)  # only if the TANGO checkpoint lacks its text encoder
-SCHEDULER_FILES = (config("scheduler/scheduler_config.json"),)
+IMAGE_FILES = (Folder("vae"), Folder("unet"), Folder("text_encoder"), Folder("tokenizer", weights=False),
+               Folder("scheduler", weights=False))  # fmt: skip
+AUDIO_FILES = (Folder("vae"), Folder("vocoder"))
+TANGO_FILES = (Named(MAIN_CONFIG), Named(VAE_CONFIG, required=False), Named(MAIN_WEIGHTS))
+T5_FILES = (Folder("", weights=False),)
+T5_WEIGHTS = (Folder(""),)  # only if the TANGO checkpoint lacks its text encoder
+SCHEDULER_FILES = (Folder("scheduler", weights=False),)
 
 # TANGO trains and samples with the noise schedule of stabilityai/stable-diffusion-2-1 (scheduler_config.json),
 # a repository deleted in November 2025. Its values (melfusion.presets.sd_scheduler("v_prediction")) are
@@ -153,26 +210,44 @@ SCHEDULER_FILES = (config("scheduler/scheduler_config.json"),)
 KNOWN_SCHEDULE = "known constants (scaled_linear 0.00085-0.012, 1000 steps, v_prediction)"
 
 
-def list_source(source: str, *, deadline_s: float = HUB_DEADLINE_S) -> Listing:
-    """The files of a local folder, or of a hub repository at its current commit (under the deadline)."""
-    if is_local(source):
-        root = Path(source)
-        sizes = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
-        return Listing(source, "local folder", sizes)
-    return within_deadline(lambda: _list_hub_repo(source, timeout=deadline_s), deadline_s)
+def list_sources(sources: dict[str, str], deadline: Deadline) -> dict[str, Listing | HubUnavailable]:
+    """Each source's files: local folders read here, hub repositories asked all at once under `deadline`."""
+    listings: dict[str, Listing | HubUnavailable] = {}
+    for role, source in sources.items():
+        if is_local(source):
+            root = Path(source)
+            sizes = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+            listings[role] = Listing(source, "local folder", sizes)
+    questions = {role: _asker(source, deadline) for role, source in sources.items() if role not in listings}
+    return listings | (ask_hub(questions, deadline) if questions else {})
+
+
+def _asker(repo: str, deadline: Deadline) -> Callable[[], Listing]:
+    return lambda: _list_hub_repo(repo, timeout=deadline.remaining())
 
 
 def _list_hub_repo(repo: str, *, timeout: float) -> Listing:
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo):
+        info = HfApi().model_info(repo, timeout=timeout, files_metadata=True)
+        return Listing(repo, info.sha, {f.rfilename: f.size or 0 for f in info.siblings or ()})
+
+
+@contextlib.contextmanager
+def hub_errors(repo: str) -> Iterator[None]:
+    """The hub client's errors, as one HubUnavailable line each."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        info = HfApi().model_info(repo, timeout=timeout, files_metadata=True)
-        return Listing(repo, info.sha, {f.rfilename: f.size or 0 for f in info.siblings or ()})
+        yield
     except GatedRepoError:
         raise HubUnavailable(f"{repo} is gated: accept its licence on the hub and log in (hf auth login)") from None
     except RepositoryNotFoundError:
         raise HubUnavailable(f"{repo}: no such model repository on {constants.ENDPOINT}") from None
+    except MelFusionError:
+        raise
     except Exception as exc:  # httpx/OS errors of many kinds: all mean "cannot ask the hub"
         raise HubUnavailable(
             f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc}); "
@@ -193,6 +268,22 @@ def fetch(listing: Listing, files: Iterable[str]) -> Path:
     return Path(snapshot_download(listing.source, revision=listing.commit, allow_patterns=list(files)))
 
 
+def read_tango_config(listing: Listing, deadline: Deadline) -> dict:
+    """TANGO's `main_config.json` (a few hundred bytes), fetched under the pre-flight's deadline."""
+    if listing.is_local:
+        return read_main_config(Path(listing.source))
+
+    def download() -> Path:
+        from huggingface_hub import hf_hub_download
+
+        with hub_errors(listing.source):
+            return Path(hf_hub_download(listing.source, MAIN_CONFIG, revision=listing.commit,
+                                        etag_timeout=deadline.remaining()))  # fmt: skip
+
+    path = answer_or_raise(ask_hub({MAIN_CONFIG: download}, deadline)[MAIN_CONFIG])
+    return read_main_config(path.parent)
+
+
 @dataclass
 class PullPlan:
     """Every source `pull` touches, the files it will fetch from each, and where the schedule comes from."""
@@ -208,11 +299,14 @@ class PullPlan:
         return sum(sum(files.values()) for files in self.files.values())
 
     def describe(self) -> str:
+        """Repositories with their commits, every file with its size (and how pickled weights load), the total."""
         lines = []
         for role, files in self.files.items():
             listing = self.listings[role]
             lines.append(f"{role}: {listing.source} @ {listing.commit}, {len(files)} files, {_size(sum(files.values()))}")
-            lines += [f"  {path:<48} {_size(size):>10}" for path, size in files.items()]
+            for path, size in files.items():
+                note = "  pickled: loaded with torch weights_only=True" if weight_format(path) == PICKLE else ""
+                lines.append(f"  {path:<48} {_size(size):>10}{note}")
         if self.schedule_note:
             lines.append(f"scheduler: {self.schedule_note}")
         lines.append(f"total to fetch: {_size(self.total_bytes)} (files already in the hub cache are not fetched again)")
@@ -226,22 +320,25 @@ class PullPlan:
 
 
 def plan_pull(sources: PullSources, *, deadline_s: float = HUB_DEADLINE_S) -> PullPlan:
-    """Ask about every source before anything large is fetched; raise HubUnavailable naming the first gap."""
-    from .tango import MAIN_CONFIG, check_main_config
-
-    listings = {role: list_source(source, deadline_s=deadline_s) for role, source in asdict(sources).items()}
+    """Ask about every source before anything large is fetched, all within `deadline_s`; raise
+    HubUnavailable naming the first gap. Imports neither torch nor diffusers."""
+    deadline = Deadline(deadline_s)
+    listings = {role: answer_or_raise(answer) for role, answer in list_sources(asdict(sources), deadline).items()}
     files = {role: listings[role].select(wanted) for role, wanted in
              (("image", IMAGE_FILES), ("tango", TANGO_FILES), ("audio", AUDIO_FILES))}  # fmt: skip
-    main_config = check_main_config(json.loads((fetch(listings["tango"], [MAIN_CONFIG]) / MAIN_CONFIG).read_text()))
+    main_config = read_tango_config(listings["tango"], deadline)
+    unet_config = main_config.get("unet_model_config_path")  # else tango.read_unet_config uses TANGO's published one
+    files["tango"] |= listings["tango"].select([Named(unet_config, required=False)] if unet_config else [])
     t5, scheduler = main_config["text_encoder_name"], main_config["scheduler_name"]
+    named = list_sources({"text_encoder": t5, "scheduler": scheduler}, deadline)
     try:
-        listings["text_encoder"] = list_source(t5, deadline_s=deadline_s)
+        listings["text_encoder"] = answer_or_raise(named["text_encoder"])
         files["text_encoder"] = listings["text_encoder"].select(T5_FILES)
     except HubUnavailable as exc:
         raise HubUnavailable(f"text encoder {t5!r} named by {sources.tango}/{MAIN_CONFIG}: {exc}") from None
     plan = PullPlan(sources, listings, files, main_config)
     try:
-        listing = list_source(scheduler, deadline_s=deadline_s)
+        listing = answer_or_raise(named["scheduler"])
         files["scheduler"] = listing.select(SCHEDULER_FILES)
         listings["scheduler"] = listing
     except HubUnavailable as exc:

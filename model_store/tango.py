@@ -7,6 +7,9 @@ ran with, and `group_in.*`/`group_out.*` exist only when the UNet was initialise
 AudioDiffusion's arguments: the UNet config is a path inside TANGO's code repository
 (`configs/diffusion_model_config.json`), usually absent from the model repository, so its published values
 are kept below; the noise schedule is that of `scheduler_name` (SD 2.1: v-prediction).
+
+Torch, diffusers and transformers load inside the functions that build models, so `pull`'s pre-flight can
+read and check `main_config.json` before paying for them.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
-from transformers import T5Config, T5EncoderModel
+from typing import TYPE_CHECKING
 
 from melfusion.errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DDIMScheduler
+    from transformers import T5Config
 
 MAIN_CONFIG = "main_config.json"
 MAIN_WEIGHTS = "pytorch_model_main.bin"
@@ -104,6 +109,8 @@ def unet_config(tango_config: Mapping) -> dict:
     Bookkeeping keys (`_class_name`, `_diffusers_version`) are dropped; a setting today's class does not
     know is an error rather than silently ignored, since it could change the architecture.
     """
+    from diffusers import UNet2DConditionModel
+
     accepted = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
     settings = {k: v for k, v in tango_config.items() if not k.startswith("_")}
     unknown = sorted(set(settings) - accepted)
@@ -137,6 +144,8 @@ def ddim_scheduler(config: Mapping) -> DDIMScheduler:
     The noise schedule and `prediction_type` (what the UNet was trained to output) carry over; sampling
     options are SD's (no clipping, alphas of the last step kept), as the pipeline's DDIM and DPM++ expect.
     """
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler(
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         beta_start=config["beta_start"],
@@ -218,6 +227,10 @@ def convert_tango_checkpoint(
     Raises:
         ConversionError: naming the file, prefix or weights that do not convert.
     """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import T5EncoderModel
+
     directory = Path(directory)
     main_config = read_main_config(directory)
     path = directory / MAIN_WEIGHTS

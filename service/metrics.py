@@ -61,6 +61,9 @@ class JobMetricsCollector(Collector):
         yield GaugeMetricFamily("melfusion_queue_depth", "Jobs waiting in the queue", value=self.queue.count)
         workers = [beat for beat in read_heartbeats(self.redis) if self.queue.name in beat.get("queues", [])]
         yield GaugeMetricFamily("melfusion_workers_alive", "Workers with a fresh heartbeat", value=len(workers))
+        # KEDA scales on this, not on running jobs: a worker runs up to MELFUSION_MAX_BATCH jobs at once.
+        busy = sum(beat.get("state") == "busy" for beat in workers)
+        yield GaugeMetricFamily("melfusion_workers_busy", "Workers running a job or batch now", value=busy)
         for name, help_text in ((QUEUE_WAIT, "Seconds from enqueue to start"), (RUN_TIME, "Seconds a job ran")):
             buckets, total = read_histogram(self.redis, name)
             yield HistogramMetricFamily(f"melfusion_{name}", help_text, buckets=buckets, sum_value=total)

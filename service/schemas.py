@@ -80,5 +80,9 @@ class Check(BaseModel):
 
 
 class Readiness(BaseModel):
+    """`ready` (the HTTP status) needs Redis and storage only: without workers, jobs queue, and status,
+    polling and downloads keep working; `workers_available` says whether anything will run them."""
+
     ready: bool
+    workers_available: int | None  # fresh, warmed-up worker heartbeats on the queue; None if unreadable
     checks: dict[str, Check]

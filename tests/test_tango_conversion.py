@@ -8,6 +8,9 @@ that `main_config.json` points to.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+from fake_hub import FakeHub, commit_of, folder_files
 from PIL import Image
 
 from melfusion.bundle import load_pipeline, save_bundle, verify_bundle
@@ -22,6 +26,7 @@ from melfusion.pipeline import MelFusionPipeline
 from melfusion.presets import build_components
 from melfusion.synapse import VisualSynapse
 from model_store.cli import main
+from model_store.hub import AUDIOLDM_REPO, SD_REPO, TANGO_REPO
 from model_store.tango import (
     TANGO_UNET_CONFIG,
     ConversionError,
@@ -47,6 +52,7 @@ SD21_SCHEDULER = {
     "trained_betas": None,
 }
 UNET_CONFIG_PATH = "configs/diffusion_model_config.json"
+T5_REPO = "google/flan-t5-large"
 
 
 def sd15_scheduler() -> PNDMScheduler:
@@ -224,9 +230,36 @@ def test_converted_parts_run_in_a_saved_bundle(tmp_path, tiny):
     assert not np.allclose(v_prediction, epsilon)  # same weights, other prediction_type: other samples
 
 
+# Files each repository publishes that `pull` must never fetch or read: their bytes are no model at all.
+PLACEHOLDER = b"published on the hub; pull has no use for it"
+
+
+def publish(model, folder: Path, formats: tuple[str, ...]) -> None:
+    """`model` under the names its repository publishes: config plus weights in each of `formats`:
+    "safetensors", "pickle" (`torch.save` of the state dict, as every .bin on the hub is) and "fp16" (a
+    variant file; pull must skip it, so its contents do not matter)."""
+    model.save_pretrained(folder)  # config.json + <stem>.safetensors
+    (safetensors,) = folder.glob("*.safetensors")
+    stem = safetensors.name.removesuffix(".safetensors")  # transformers: "model"; diffusers: "diffusion_pytorch_model"
+    if "pickle" in formats:
+        torch.save(model.state_dict(), folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"))
+    if "fp16" in formats:
+        (folder / f"{stem}.fp16.safetensors").write_bytes(safetensors.read_bytes())
+    if "safetensors" not in formats:
+        safetensors.unlink()
+
+
+def placeholders(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(PLACEHOLDER)
+
+
 @dataclass
 class HubFolders:
-    """Local folders in the layouts of the repositories `pull` reads (SD 1.5, AudioLDM, FLAN-T5, SD 2.1, TANGO)."""
+    """Local folders holding the repositories `pull` reads as REFERENCE.md's "Hub listings, 2026-12" give
+    them: every file name, each weight in the formats its repository publishes (AudioLDM: pickled only),
+    tiny models where pull reads a file and placeholders where it must not."""
 
     sd15: Path
     audioldm: Path
@@ -237,7 +270,11 @@ class HubFolders:
 
     def tango(self, name: str = "tango", **main_config) -> Path:
         settings = {"text_encoder_name": str(self.t5), "scheduler_name": str(self.sd21), **main_config}
-        return write_tango_folder(self.root / name, self.tiny, **settings)
+        folder = write_tango_folder(self.root / name, self.tiny, **settings)
+        scale = self.tiny["mel_vae"].config.scaling_factor
+        (folder / "vae_config.json").write_text(json.dumps({"scale_factor": scale}))
+        placeholders(folder, "pytorch_model_vae.bin", "pytorch_model_stft.bin", "stft_config.json")
+        return folder
 
     def pull_args(self, tango: Path, *extra: str) -> list[str]:
         sources = ["--image-repo", self.sd15, "--tango", tango, "--audio-repo", self.audioldm]
@@ -247,18 +284,21 @@ class HubFolders:
 @pytest.fixture
 def hub(tmp_path, tiny) -> HubFolders:
     folders = HubFolders(*(tmp_path / name for name in ("sd15", "audioldm", "flan-t5-tiny", "sd21")), tmp_path, tiny)
-    for component, subfolder in [
-        ("image_vae", "vae"),
-        ("image_unet", "unet"),
-        ("image_text_encoder", "text_encoder"),
-        ("image_tokenizer", "tokenizer"),
-    ]:
-        tiny[component].save_pretrained(folders.sd15 / subfolder)
+    for component, subfolder in [("image_vae", "vae"), ("image_unet", "unet"), ("image_text_encoder", "text_encoder")]:
+        publish(tiny[component], folders.sd15 / subfolder, ("safetensors", "pickle", "fp16"))
+    tiny["image_tokenizer"].save_pretrained(folders.sd15 / "tokenizer")
     sd15_scheduler().save_pretrained(folders.sd15 / "scheduler")
-    tiny["mel_vae"].save_pretrained(folders.audioldm / "vae")
-    tiny["vocoder"].save_pretrained(folders.audioldm / "vocoder")
-    tiny["text_encoder"].config.save_pretrained(folders.t5)
+    placeholders(folders.sd15, "model_index.json", "safety_checker/config.json", "safety_checker/model.safetensors",
+                 "safety_checker/pytorch_model.bin", "feature_extractor/preprocessor_config.json",
+                 "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt")  # fmt: skip
+    publish(tiny["mel_vae"], folders.audioldm / "vae", ("pickle",))
+    publish(tiny["vocoder"], folders.audioldm / "vocoder", ("pickle",))
+    placeholders(folders.audioldm, "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                 "text_encoder/pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                 "unet/config.json", "unet/diffusion_pytorch_model.bin")  # fmt: skip
+    publish(tiny["text_encoder"], folders.t5, ("safetensors", "pickle"))
     tiny["tokenizer"].save_pretrained(folders.t5)
+    placeholders(folders.t5, "flax_model.msgpack", "tf_model.h5")
     DDIMScheduler.from_config(SD21_SCHEDULER).save_pretrained(folders.sd21 / "scheduler")
     return folders
 
@@ -331,7 +371,7 @@ def test_missing_text_encoder_repository_fails_before_any_large_file(hub, capsys
     assert main(hub.pull_args(tango)) == 1
     err = capsys.readouterr().err
     assert "text encoder 'google/flan-t5-gone' named by" in err and "main_config.json" in err
-    assert fetched == [["main_config.json"]]  # only TANGO's config was read
+    assert fetched == []  # nothing fetched: TANGO's main_config.json was read in its folder
     assert not (hub.root / "bundle").exists()
 
 
@@ -344,3 +384,39 @@ def test_mel_vae_scale_comes_from_tangos_vae_config(hub, capsys):
     (tango / "vae_config.json").write_text(json.dumps({"scale_factor": scale}))
     assert main(hub.pull_args(tango)) == 0, capsys.readouterr().err
     assert load_pipeline(hub.root / "bundle").mel_vae.config.scaling_factor == scale
+
+
+def test_pull_through_an_http_hub_serving_the_published_layouts(hub, tiny, tmp_path):
+    """`pull` as a user runs it, against the real hub client talking HTTP to a local hub that serves the
+    folders above under the repositories' names (stabilityai/stable-diffusion-2-1 deleted, as it is)."""
+    tango = hub.tango(text_encoder_name=T5_REPO, scheduler_name="stabilityai/stable-diffusion-2-1")
+    repos = {SD_REPO: folder_files(hub.sd15), AUDIOLDM_REPO: folder_files(hub.audioldm),
+             TANGO_REPO: folder_files(tango), T5_REPO: folder_files(hub.t5)}  # fmt: skip
+    bundle = tmp_path / "bundle"
+    with FakeHub(repos) as fake:
+        result = subprocess.run(
+            [sys.executable, "-m", "model_store", "pull", str(bundle)],
+            env={**os.environ, "HF_ENDPOINT": fake.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"},
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tokenizers = {(SD_REPO, f"tokenizer/{name}") for name in os.listdir(hub.sd15 / "tokenizer")}
+    t5_files = {(T5_REPO, name) for name in os.listdir(hub.t5) if name.endswith(".json")}
+    assert fake.downloads() == tokenizers | t5_files | {
+        *((SD_REPO, f"{folder}/{name}") for folder in ("vae", "unet") for name in
+          ("config.json", "diffusion_pytorch_model.safetensors")),
+        (SD_REPO, "text_encoder/config.json"), (SD_REPO, "text_encoder/model.safetensors"),
+        (SD_REPO, "scheduler/scheduler_config.json"),
+        (AUDIOLDM_REPO, "vae/config.json"), (AUDIOLDM_REPO, "vae/diffusion_pytorch_model.bin"),
+        (AUDIOLDM_REPO, "vocoder/config.json"), (AUDIOLDM_REPO, "vocoder/pytorch_model.bin"),
+        (TANGO_REPO, "main_config.json"), (TANGO_REPO, "vae_config.json"), (TANGO_REPO, "pytorch_model_main.bin"),
+        (TANGO_REPO, UNET_CONFIG_PATH),  # the UNet config main_config.json points to, where the repository has it
+    }  # fmt: skip
+    assert "vocoder/pytorch_model.bin" in result.stdout and "pickled: loaded with torch weights_only=True" in result.stdout
+    manifest = verify_bundle(bundle)
+    assert manifest["origin"][AUDIOLDM_REPO] == commit_of(AUDIOLDM_REPO)
+    assert manifest["origin"]["stabilityai/stable-diffusion-2-1"].startswith("known constants")
+    pulled = load_pipeline(bundle)
+    assert_same_weights(pulled.vocoder, tiny["vocoder"])  # from the pickled file
+    request = {"image": tiny_image(), "seconds": 1.0, "num_inference_steps": 2, "seed": 5}
+    assert np.array_equal(pulled("soft guitar", **request).audios, expected_pipeline(tiny)("soft guitar", **request).audios)

@@ -24,8 +24,9 @@ async def livez() -> dict[str, str]:
 async def readyz(
     redis: RedisDep, storage: StorageDep, settings: SettingsDep, is_operator: IsOperatorDep
 ) -> JSONResponse:
-    """Redis reachable, storage reachable, a worker heartbeat on our queue fresh; each check says why not
-    (endpoint details only to a caller with an API key). Answers within `readiness_timeout_seconds`."""
+    """200 when Redis and storage answer (jobs can be taken, polled, downloaded), else 503; each check says
+    why not (endpoint details only to a caller with an API key). Workers are reported, not required:
+    `workers_available` counts the warmed-up ones. Answers within `readiness_timeout_seconds`."""
     readiness = await check_readiness(
         redis=redis, storage=storage, queue_name=settings.queue_name,
         timeout=settings.readiness_timeout_seconds, show_internal=is_operator,

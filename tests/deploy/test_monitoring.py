@@ -138,3 +138,21 @@ def test_abandoned_and_retried_jobs_and_readiness_are_exported(metrics_stack, sa
     assert sample_value(exposition, "melfusion_ready", {"check": "redis"}) == 1
     assert sample_value(exposition, "melfusion_ready", {"check": "storage"}) == 1
     assert sample_value(exposition, "melfusion_ready", {"check": "workers"}) == 0  # this stack has no worker
+
+
+def test_busy_workers_are_counted_once_however_many_jobs_they_batch(metrics_stack):
+    """KEDA scales on melfusion_workers_busy: a worker running a batch of 8 jobs is one busy worker."""
+    from jobs.heartbeat import clear_heartbeat, write_heartbeat
+
+    queue = Settings.model_fields["queue_name"].default
+    beats = {"batching": {"state": "busy", "current_job": "a"}, "alone": {"state": "busy", "current_job": "b"},
+             "idle": {"state": "idle"}, "other-queue": {"state": "busy", "queues": ["other"]}}  # fmt: skip
+    for name, state in beats.items():
+        write_heartbeat(metrics_stack.redis, name, {"queues": [queue], **state}, ttl_seconds=60)
+    try:
+        exposition = scrape(metrics_stack.base_url)
+    finally:
+        for name in beats:
+            clear_heartbeat(metrics_stack.redis, name)
+    assert sample_value(exposition, "melfusion_workers_busy") == 2
+    assert sample_value(exposition, "melfusion_workers_alive") == 3

@@ -103,7 +103,9 @@ class Stack:
         return worker
 
     def is_ready(self) -> bool:
-        return httpx.get(f"{self.base_url}/readyz", timeout=5).status_code == 200
+        """The API answers and counts a warmed-up worker."""
+        with self.client() as client:
+            return client.workers_available() > 0
 
     def stop(self) -> None:
         for child in [*self.workers, self.api]:

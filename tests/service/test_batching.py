@@ -64,10 +64,11 @@ def test_warming_up_workers_do_not_make_the_service_ready(redis_port):
 
     redis = Redis(port=redis_port, db=9)
     write_heartbeat(redis, "cold", {"queues": ["q"], "warming_up": True}, ttl_seconds=30)
-    check = check_workers(redis, "q")
-    assert not check.ok and "1 worker(s) warming up" in check.detail
+    check, available = check_workers(redis, "q")
+    assert not check.ok and "1 worker(s) warming up" in check.detail and available == 0
     write_heartbeat(redis, "warm", {"queues": ["q"], "warming_up": False}, ttl_seconds=30)
-    assert check_workers(redis, "q").ok
+    check, available = check_workers(redis, "q")
+    assert check.ok and available == 1
     redis.flushdb()
 
 

@@ -43,7 +43,7 @@ def test_api_is_the_slim_image_with_public_s3_endpoint():
     env = api["environment"]
     assert env["MELFUSION_S3_PUBLIC_ENDPOINT_URL"] != env["MELFUSION_S3_ENDPOINT_URL"]
     dockerfile = (PROJECT_ROOT / "docker" / "Dockerfile.api").read_text()
-    assert "FROM python:3.11-slim" in dockerfile and not re.search(r"pip install[^\n]*\btorch\b", dockerfile)
+    assert "python:3.11-slim@sha256:" in dockerfile and not re.search(r"pip install[^\n]*\btorch\b", dockerfile)
     assert "download.pytorch.org/whl/cu" in (PROJECT_ROOT / "docker" / "Dockerfile.worker").read_text()
 
 
