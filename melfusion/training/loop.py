@@ -6,6 +6,7 @@ runs the same code on several GPUs or machines, with mixed precision and gradien
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import time
@@ -362,31 +363,30 @@ def train(config: TrainConfig) -> TrainResult:
     log = LossLog(config.work_dir / "loss.csv", len(pipe.synapse.alphas), append=resumed is not None,
                   enabled=accelerator.is_main_process)
     bar = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
-    batches = Prefetcher(read_batch, end=max_steps * config.gradient_accumulation)
-    while step < max_steps:
-        started, losses = time.perf_counter(), []
-        for micro in range(config.gradient_accumulation):
-            batch = batches(step * config.gradient_accumulation + micro)
-            with accelerator.accumulate(model):
-                loss = diffusion_loss(pipe, model, noise_scheduler, image_key_values, batch)
-                accelerator.backward(loss)
-                optimizer.step()  # Accelerate holds it back until the last micro-batch
-                optimizer.zero_grad()
-                pipe.synapse.alphas.data.clamp_(0.0, 1.0)  # projected step: α stays where eq. 5 is convex
-            losses.append(accelerator.gather(loss.detach()[None]).mean().item())
-        step += 1
-        result.losses.append(sum(losses) / len(losses))
-        log.write(step, result.losses[-1], time.perf_counter() - started, pipe.synapse.alphas.detach().cpu())
-        bar.update()
-        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
-        if step % config.checkpoint_every == 0 or step == max_steps:
-            if accelerator.is_main_process:
-                path = checkpoint_path(config, step)
-                result.checkpoints.append(save_checkpoint(
-                    path, config=config, step=step, pipe=pipe, optimizer=optimizer, scaler=accelerator.scaler))
-                prune_checkpoints(config)
-            barrier()
-    batches.close()
+    with contextlib.closing(Prefetcher(read_batch, end=max_steps * config.gradient_accumulation)) as batches:
+        while step < max_steps:
+            started, losses = time.perf_counter(), []
+            for micro in range(config.gradient_accumulation):
+                batch = batches(step * config.gradient_accumulation + micro)
+                with accelerator.accumulate(model):
+                    loss = diffusion_loss(pipe, model, noise_scheduler, image_key_values, batch)
+                    accelerator.backward(loss)
+                    optimizer.step()  # Accelerate holds it back until the last micro-batch
+                    optimizer.zero_grad()
+                    pipe.synapse.alphas.data.clamp_(0.0, 1.0)  # projected step: α stays where eq. 5 is convex
+                losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+            step += 1
+            result.losses.append(sum(losses) / len(losses))
+            log.write(step, result.losses[-1], time.perf_counter() - started, pipe.synapse.alphas.detach().cpu())
+            bar.update()
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            if step % config.checkpoint_every == 0 or step == max_steps:
+                if accelerator.is_main_process:
+                    path = checkpoint_path(config, step)
+                    result.checkpoints.append(save_checkpoint(
+                        path, config=config, step=step, pipe=pipe, optimizer=optimizer, scaler=accelerator.scaler))
+                    prune_checkpoints(config)
+                barrier()
     bar.close()
 
     # 6. Export: the trained synapse and UNet with the frozen parts, a bundle a worker can serve
