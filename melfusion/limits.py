@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .errors import BundleError, InputError
 SCHEDULERS = ("ddim", "dpmpp", "ddpm")
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
+DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,18 @@ class GenerationLimits:
             raise InputError("image_steps", f"must be in [1, steps = {steps}], got {image_steps}")
 
 
+def check_device(device: str, dtype: str = "float32") -> None:
+    """Raise InputError for a device torch would not take, or half precision on the CPU, which runs float32
+    (its kernels are float32-exact; half precision there is slow and changes the clip); torch-free, so a
+    wrong flag or setting answers before anything loads. Whether the device exists is torch's to say."""
+    if not _DEVICE.fullmatch(device):
+        raise InputError("device", f"must be cpu, cuda, cuda:N, mps or xpu, got {device!r}")
+    if dtype not in DTYPES:
+        raise InputError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cpu" and dtype != "float32":
+        raise InputError("dtype", f"{dtype} needs a GPU: the CPU path runs float32")
+
+
 def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
     """The limits of a bundle on disk, without importing torch or loading weights."""
     directory = Path(bundle_dir)
@@ -91,3 +106,4 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
         )
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None
+

@@ -23,8 +23,10 @@ from jobs.queue import (
     fetch_job,
     get_attempts,
     get_cancel_requested_at,
+    get_ending,
     get_queue_position,
     get_status,
+    status_of,
 )
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
@@ -36,6 +38,7 @@ from melfusion.request import GenerationRequest
 
 from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded, TargetRefused
 from .schemas import JobError, JobPublic, JobResult, WebhookSubscription
+from .store_guard import GuardedStore
 from .uploads import ImageType
 from .webhooks import check_target
 
@@ -62,7 +65,7 @@ def submit_job(
     *,
     redis: Redis,
     queue: Queue,
-    storage: Storage,
+    store: GuardedStore,
     settings: Settings,
     limits: GenerationLimits,
     owner: str,
@@ -73,7 +76,8 @@ def submit_job(
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
-    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
+    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails
+    (or if the store did not take it in time: a 503, never a long wait).
 
     Raises:
         InputError: a bad image or parameter (names the field).
@@ -104,33 +108,28 @@ def submit_job(
             return _replay(redis, record_key, fingerprint=fingerprint), True
     image_key = input_key(job_id, image_type.extension)
     try:
-        storage.put(image_key, image, content_type=image_type.mime)
-        job = queue.enqueue_call(
-            TASK,
-            kwargs={"image_key": image_key, "params": params.to_dict()},
-            job_id=job_id,
-            timeout=settings.job_timeout_seconds,
-            result_ttl=settings.job_ttl_seconds,
-            failure_ttl=settings.job_ttl_seconds,
-            meta=meta,
-            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
-            on_failure=Callback(ON_FAILURE),
-            description=f"melfusion job {job_id}",
-        )
+        store.put(image_key, image, content_type=image_type.mime)  # if it fails, the guard deletes what landed
+        try:
+            job = queue.enqueue_call(
+                TASK,
+                kwargs={"image_key": image_key, "params": params.to_dict()},
+                job_id=job_id,
+                timeout=settings.job_timeout_seconds,
+                result_ttl=settings.job_ttl_seconds,
+                failure_ttl=settings.job_ttl_seconds,
+                meta=meta,
+                retry=Retry(max=settings.max_retries) if settings.max_retries else None,
+                on_failure=Callback(ON_FAILURE),
+                description=f"melfusion job {job_id}",
+            )
+        except BaseException:
+            store.delete(image_key)  # a photo whose job was never queued
+            raise
     except BaseException:
-        _discard_upload(storage, image_key)
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise
     return job, False
-
-
-def _discard_upload(storage: Storage, image_key: str) -> None:
-    """Best effort: a photo whose job was never queued; if the store is down too, the sweep removes it."""
-    try:
-        storage.delete(image_key)
-    except Exception as exc:
-        log.warning("could not delete the photo %s of a refused job: %s", image_key, exc)
 
 
 def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
@@ -157,12 +156,13 @@ def find_job(*, redis: Redis, job_id: str, owner: str) -> Job:
 
 def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> JobPublic:
     """The public view of a job, with a fresh download URL if it succeeded (its queue position counts only
-    its owner's jobs)."""
-    status = get_status(job)
-    meta = job.meta
+    its owner's jobs). Once the job has ended, status, result, error and finish time all come from its
+    ending, so the view is final the moment anyone can hear of the end."""
+    ending = get_ending(job)
+    status = status_of(job, ending)
     result = None
     if status is JobStatus.SUCCEEDED:
-        stored = meta["result"]
+        stored = ending.result
         signed = storage.signed_url(stored["key"])
         fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
         picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
@@ -174,29 +174,34 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         )
     error = None
     if status is JobStatus.FAILED:
-        error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
+        error = JobError(**(ending.error or {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
     elif status is JobStatus.CANCELED:
-        error = JobError(**meta.get("error", {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
-    finished_at = job.ended_at
-    if status is JobStatus.CANCELED and finished_at is None:
-        finished_at = get_cancel_requested_at(redis, job.id)
+        error = JobError(**(ending.error or {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
+    finished_at = None
+    if ending is not None:
+        finished_at = ending.at or get_cancel_requested_at(redis, job.id)
     return JobPublic(
         id=job.id,
         status=status,
-        progress=meta.get("progress", 0.0),
-        attempts=get_attempts(job),
+        progress=ending.progress if ending is not None else job.meta.get("progress", 0.0),
+        attempts=get_attempts(job, status),
         queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
         started_at=job.started_at,
-        finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
+        finished_at=finished_at,
         params=GenerationRequest.from_dict(job.kwargs["params"]),
         result=result,
         error=error,
-        webhook=get_subscription(meta),
+        webhook=get_subscription(job.meta),
     )
 
 
-def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) -> None:
+def result_key(job: Job) -> str:
+    """Where a succeeded job's WAV is stored."""
+    return get_ending(job).result["key"]
+
+
+def cancel_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Settings) -> None:
     """A queued job leaves the queue; a running one stops before its next step (the worker polls the flag).
 
     Raises:
@@ -214,5 +219,21 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
         redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
-        storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+        store.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))
+
+
+def withdraw_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Settings, owner: str,
+                 idempotency_key: str | None) -> None:  # fmt: skip
+    """Take back a job whose submission is answered with an error (the client never learns its id): it is
+    canceled (a queued job leaves the queue and its photo goes; a running one stops at its next step) and
+    its idempotency key is freed, so a retry makes a new job instead of a duplicate. Best effort: with Redis
+    down too, it is logged."""
+    try:
+        if idempotency_key is not None:
+            redis.delete(_idempotency_record_key(owner, idempotency_key))
+        cancel_job(job, redis=redis, store=store, settings=settings)
+    except JobStateConflict:
+        pass  # it already ended
+    except Exception as exc:
+        log.error("job %s: could not withdraw it after a failed submission: %s", job.id, exc)

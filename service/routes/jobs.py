@@ -2,6 +2,8 @@
 and stating them in the route signature is what puts them in the OpenAPI document. (No
 `from __future__ import annotations` here: FastAPI must see the closure's types, not strings.)"""
 
+import weakref
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, Path, Response, UploadFile
@@ -10,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs.lifecycle import TERMINAL
-from jobs.queue import JobStatus
+from jobs.queue import JobStatus, ended_key
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
@@ -19,11 +21,25 @@ from jobs.webhooks import read_attempts
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
 from melfusion.request import MAX_SEED, GenerationRequest
 
-from ..deps import AsyncRedisDep, BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep, enforce_rate_limit
+from ..deps import (
+    AsyncRedisDep,
+    BaseUrlDep,
+    CallerDep,
+    GuardedStoreDep,
+    JobEventsDep,
+    OwnerDep,
+    QueueDep,
+    RedisDep,
+    SettingsDep,
+    StorageDep,
+    StreamLimitDep,
+    enforce_rate_limit,
+)
 from ..errors import ErrorResponse, JobStateConflict
 from ..events import EVENTS_DOC, parse_prefer_wait, sse_events, wait_for_end
 from ..forms import StrictFormRoute
-from ..operations import cancel_job, describe_job, find_job, submit_job
+from ..operations import cancel_job, describe_job, find_job, result_key, submit_job, withdraw_job
+from ..rate_limit import Hold
 from ..schemas import JobPublic, WebhookAttempts, WebhookSubscription
 from ..uploads import read_image_upload
 
@@ -38,6 +54,20 @@ def describe(name: str, bundle_default: float | None = None) -> str:
     """A form field's description: GenerationRequest's help, plus the bundle's default where it has one."""
     text = GenerationRequest.describe(name)
     return text if bundle_default is None else f"{text}; default {bundle_default} (or the preset's)"
+
+
+def held_for_the_stream(stream: AsyncIterator, hold: Hold) -> AsyncIterator:
+    """`stream`, with `hold` released when it ends, fails, is closed by a departing client, or is dropped
+    without ever being started."""
+
+    async def iterate():
+        with hold:
+            async for item in stream:
+                yield item
+
+    iterator = iterate()
+    weakref.finalize(iterator, hold.release)
+    return iterator
 
 
 def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter:
@@ -59,9 +89,13 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         response: Response,
         redis: RedisDep,
         async_redis: AsyncRedisDep,
+        events: JobEventsDep,
+        stream_limit: StreamLimitDep,
         queue: QueueDep,
         storage: StorageDep,
+        store: GuardedStoreDep,
         owner: OwnerDep,
+        caller: CallerDep,
         base_url: BaseUrlDep,
         image: Annotated[
             UploadFile,
@@ -108,8 +142,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     ) -> JobPublic:
         """Queue a generation; follow the returned job (its URL is in `Location`) with GET, its event
         stream or a webhook, or hold this request with `Prefer: wait=N`. 429 (rate limit per API key, or
-        per client address without keys), 503 (queue full or a backend down) and a 409 idempotency race
-        carry `Retry-After`."""
+        per client address without keys; too many open streams and waits), 503 (queue full or a backend
+        down) and a 409 idempotency race carry `Retry-After`. A request answered with an error leaves no job."""
         data, image_type = await run_in_threadpool(read_image_upload, image, max_bytes=settings.max_upload_bytes)
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
@@ -119,21 +153,32 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         webhook = None
         if webhook_url is not None:
             webhook = WebhookSubscription(url=webhook_url, events=webhook_events or list(DEFAULT_WEBHOOK_EVENTS))
-        job, replayed = await run_in_threadpool(
-            submit_job, redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
-            image=data, image_type=image_type, request=request, webhook=webhook, idempotency_key=idempotency_key,
-        )  # fmt: skip
+        wait = parse_prefer_wait(prefer)
+        hold = Hold(lambda: None)
+        if wait is not None:  # counted before the job exists: a refused wait queues nothing
+            wait = min(wait, settings.prefer_wait_max_seconds)
+            hold = stream_limit.hold(caller.key, described_as=caller.described_as)
+        with hold:
+            job, replayed = await run_in_threadpool(
+                submit_job, redis=redis, queue=queue, store=store, settings=settings, limits=limits, owner=owner,
+                image=data, image_type=image_type, request=request, webhook=webhook, idempotency_key=idempotency_key,
+            )  # fmt: skip
+            describe = lambda: describe_job(find_job(redis=redis, job_id=job.id, owner=owner), redis=redis,
+                                            storage=storage, base_url=base_url)  # fmt: skip
+            try:
+                if wait is not None:
+                    has_ended = lambda: async_redis.exists(ended_key(job.id))
+                    await wait_for_end(events, job.id, has_ended, seconds=wait)
+                    response.headers["Preference-Applied"] = f"wait={wait:g}"
+                public = await run_in_threadpool(describe)
+            except Exception:
+                if not replayed:  # the client learns no job id: take the job back rather than leave it queued
+                    await run_in_threadpool(withdraw_job, job, redis=redis, store=store, settings=settings,
+                                            owner=owner, idempotency_key=idempotency_key)  # fmt: skip
+                raise
         response.headers["Location"] = f"/jobs/{job.id}"
         if replayed:
             response.headers["Idempotent-Replayed"] = "true"
-        describe = lambda: describe_job(find_job(redis=redis, job_id=job.id, owner=owner), redis=redis,
-                                        storage=storage, base_url=base_url)  # fmt: skip
-        wait = parse_prefer_wait(prefer)
-        if wait is not None:
-            wait = min(wait, settings.prefer_wait_max_seconds)
-            await wait_for_end(async_redis, job.id, describe, seconds=wait)
-            response.headers["Preference-Applied"] = f"wait={wait:g}"
-        public = await run_in_threadpool(describe)
         if public.status in TERMINAL:
             response.status_code = 201
         return public
@@ -148,17 +193,20 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
     @router.get(
         "/{job_id}/events",
         response_class=EventSourceResponse,
-        responses={**ERRORS, 200: {"description": EVENTS_DOC, "content": {"text/event-stream": {}}}},
+        responses={**ERRORS, 429: {"model": ErrorResponse},
+                   200: {"description": EVENTS_DOC, "content": {"text/event-stream": {}}}},  # fmt: skip
     )
     async def get_job_events(
-        job_id: JobId, redis: RedisDep, async_redis: AsyncRedisDep, storage: StorageDep, owner: OwnerDep,
-        base_url: BaseUrlDep,
+        job_id: JobId, redis: RedisDep, events: JobEventsDep, stream_limit: StreamLimitDep, storage: StorageDep,
+        owner: OwnerDep, caller: CallerDep, base_url: BaseUrlDep,
     ) -> EventSourceResponse:  # fmt: skip
-        """Server-Sent Events until the job ends: `status`, `progress`, then `completed` (see below)."""
+        """Server-Sent Events until the job ends: `status`, `progress`, then `completed` (see below). 429 when
+        the caller already holds `MELFUSION_MAX_STREAMS_PER_CLIENT` streams and waits on this server."""
         describe = lambda: describe_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis,
                                         storage=storage, base_url=base_url)  # fmt: skip
         await run_in_threadpool(describe)  # 404 before the stream starts
-        return EventSourceResponse(sse_events(async_redis, job_id, describe), ping=15)
+        hold = stream_limit.hold(caller.key, described_as=caller.described_as)
+        return EventSourceResponse(held_for_the_stream(sse_events(events, job_id, describe), hold), ping=15)
 
     @router.get("/{job_id}/webhooks", response_model=WebhookAttempts, responses=ERRORS)
     def get_webhook_attempts(job_id: JobId, redis: RedisDep, owner: OwnerDep) -> WebhookAttempts:
@@ -172,12 +220,13 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         job_id: JobId,
         redis: RedisDep,
         storage: StorageDep,
+        store: GuardedStoreDep,
         owner: OwnerDep,
         base_url: BaseUrlDep,
         settings: SettingsDep,
     ) -> JobPublic:
         """A queued job never runs; a running one stops at its next step, then reads `canceled`."""
-        cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, storage=storage, settings=settings)
+        cancel_job(find_job(redis=redis, job_id=job_id, owner=owner), redis=redis, store=store, settings=settings)
         job = find_job(redis=redis, job_id=job_id, owner=owner)
         return describe_job(job, redis=redis, storage=storage, base_url=base_url)
 
@@ -194,7 +243,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         if public.status is not JobStatus.SUCCEEDED:
             raise JobStateConflict(f"job {job_id} is {public.status.value}, there is no audio", field="id")
         if isinstance(storage, LocalStorage):
-            return FileResponse(storage.path(job.meta["result"]["key"]), media_type="audio/wav")
+            return FileResponse(storage.path(result_key(job)), media_type="audio/wav")
         return RedirectResponse(public.result.url, status_code=307)
 
     return router

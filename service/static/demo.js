@@ -3,12 +3,15 @@
 
 const $ = (id) => document.getElementById(id);
 const HISTORY_KEY = "melfusion.history";
+const API_KEY = "melfusion.apiKey";  // in sessionStorage (gone with the tab), or localStorage if "remember" is ticked
 const HISTORY_SIZE = 5;
 const OPTIONAL_FIELDS = ["seconds", "steps", "image_steps", "image_strength", "guidance_scale", "seed"];
 
 function authHeaders() {
   const key = $("api-key").value.trim();
-  localStorage.setItem("melfusion.apiKey", key);
+  const [kept, dropped] = $("remember-key").checked ? [localStorage, sessionStorage] : [sessionStorage, localStorage];
+  if (key) kept.setItem(API_KEY, key); else kept.removeItem(API_KEY);
+  dropped.removeItem(API_KEY);
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
@@ -135,7 +138,8 @@ async function submit(event) {
 }
 
 function setUp() {
-  $("api-key").value = localStorage.getItem("melfusion.apiKey") || "";
+  $("remember-key").checked = localStorage.getItem(API_KEY) !== null;
+  $("api-key").value = sessionStorage.getItem(API_KEY) || localStorage.getItem(API_KEY) || "";
   $("image").addEventListener("change", () => showImage($("image").files[0]));
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
