@@ -219,8 +219,10 @@ def distill_step(teacher: MelFusionPipeline, args: argparse.Namespace) -> None:
         def step() -> None:
             batch = synthetic_batch(teacher, batch_size, args.seconds, generator)
             guidance, jump = draw_rows([generator] * batch_size, config)
+            path_points = config.teacher_substeps + 1  # random segments stand in for the cache's, read per path point
+            drawn = targets.draw(batch, guidance, jump, lambda _: batch.image_segments.repeat(path_points, 1, 1, 1, 1))
             with autocast():
-                loss = targets.loss(model, batch, guidance, jump)
+                loss = targets.loss(model, drawn)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

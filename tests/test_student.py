@@ -8,19 +8,20 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, TCDScheduler
 from dummies import get_dummy_components, make_pipeline
+from torch._dynamo.utils import counters
 
 from melfusion.bundle import save_bundle, verify_bundle
 from melfusion.errors import BundleError, InputError
 from melfusion.pipeline import MelFusionPipeline, guided_steps
 from melfusion.presets import sd_scheduler
 from melfusion.request import GenerationRequest
+from melfusion.shapes import ShapeBuckets
 from melfusion.student import ddim_step, guidance_embedding, student_scheduler, student_unet_from
 
 FAST = {"seconds": 0.5, "num_inference_steps": 4}
 
 
-@pytest.fixture(scope="module")
-def student() -> MelFusionPipeline:
+def make_student() -> MelFusionPipeline:
     """The tiny pipeline with an untrained student UNet (the teacher's weights, a zero guidance projection)."""
     components = get_dummy_components()
     music_unet = student_unet_from(components["music_unet"])
@@ -28,6 +29,11 @@ def student() -> MelFusionPipeline:
                              default_steps=4, max_steps=8)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def student() -> MelFusionPipeline:
+    return make_student()
 
 
 def unet_calls(pipe: MelFusionPipeline) -> tuple[list, object]:
@@ -145,6 +151,28 @@ def test_a_guidance_interval_runs_cfg_rows_only_inside_it(pipe, image):
     assert np.array_equal(full, run(guidance_start=0.0, guidance_end=1.0))
     assert not np.allclose(half, full) and not np.allclose(half, unguided)
     np.testing.assert_allclose(run(guidance_start=0.9), unguided, atol=1e-5)  # no step inside: no guidance
+
+
+def test_compiled_pipelines_keep_their_warmed_shapes_through_an_interval_and_as_a_student(pipe, student, image):
+    """Graphs exist for the warmed UNet rows only (2·b: CFG rows, or rows without CFG padded to them). Steps
+    outside a guidance interval must stay on the CFG batch (its conditional half used), a student's rows on
+    the padded batch; each clip is still the eager pipeline's. backend="eager" guards as inductor does."""
+    buckets = ShapeBuckets(batch_sizes=(1,), seconds=(0.5,), caption_tokens=(8,))
+    cases = ((make_pipeline(), pipe, {"guidance_start": 0.5, "scheduler": "dpmpp"}), (make_student(), student, {}))
+    for compiled, eager, fields in cases:
+        compiled.compile_unets(backend="eager")
+        compiled.shape_buckets = buckets
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        compiled.warm_up(buckets)
+        try:
+            torch._dynamo.config.error_on_recompile = True
+            clip = compiled("calm piano", image, seed=2, **FAST, **fields).audios
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        assert counters["stats"]["unique_graphs"] - before == buckets.graphs and not compiled.shape_misses
+        np.testing.assert_allclose(clip, eager("calm piano", image, seed=2, **FAST, **fields).audios, atol=1e-4)
+    torch._dynamo.reset()
 
 
 def test_guidance_interval_fields_are_checked_and_keep_batches_apart():

@@ -24,8 +24,10 @@ sampler takes (γ = 0): a few deterministic steps follow the teacher's trajector
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +45,33 @@ from ..student import ddim_step, guidance_embedding, student_scheduler, student_
 from .checkpoint import checkpoint_path, load_trainer_state, load_weights, prune_checkpoints, write_checkpoint
 from .denoiser import SynapseDenoiser
 from .distill_cli import DistillConfig
-from .image_side import ImageKeyValues
+from .image_side import ImageKeyValues, grid_segments
 from .loop import (
     Dropout,
     LossLog,
+    Prefetcher,
     TrainBatch,
     TrainResult,
+    draw_batch,
     encode_data,
     make_accelerator,
-    micro_batches,
+    make_barrier,
+    micro_step_rows,
 )
+from .prepare import load_image_segments
 
 STUDENT, TARGET = "student.", "target."  # weight groups of a distillation checkpoint
+
+
+@dataclass
+class DistillBatch:
+    """One micro-batch of distillation: the training draws plus what the teacher's solve reads."""
+
+    batch: TrainBatch  # z_0, ε, the drawn t, captions and image strength, as `melfusion train` draws them
+    guidance: torch.Tensor  # (B,) w ~ U[min, max]
+    path: torch.Tensor  # (substeps + 1, B) the teacher's timesteps from t (on the grid) down to u
+    jump_to: torch.Tensor  # (B,) s, the grid point the jump ends at
+    path_segments: torch.Tensor  # (substeps + 1)·B rows of cached SD latents around each path timestep
 
 
 class ConsistencyTargets:
@@ -77,14 +94,25 @@ class ConsistencyTargets:
         below = (jump * above).long() if self.config.targets == "trajectory" else torch.zeros_like(above)
         return self.grid[above], self.grid[above - 1], self.grid[below]
 
-    def loss(
-        self, model: torch.nn.Module, batch: TrainBatch, guidance: torch.Tensor, jump: torch.Tensor
-    ) -> torch.Tensor:
-        """Steps 2-4 of the module docstring on one micro-batch; `guidance` and `jump` are (B,) per-row draws."""
-        pipe, config = self.pipe, self.config
-        device, rows, substeps = pipe.music_unet.device, len(batch.captions), config.teacher_substeps
+    def draw(
+        self, batch: TrainBatch, guidance: torch.Tensor, jump: torch.Tensor,
+        segments_at: Callable[[torch.Tensor], torch.Tensor],
+    ) -> DistillBatch:  # fmt: skip
+        """Step 2's timesteps for the (B,) per-row draws, and the cached image latents the solve from t to u
+        reads: `segments_at(timesteps)` gives each row's segment around its timestep (`ImageKeyValues`), for
+        the path's timesteps of all rows at once, path point after path point. A path leaves the segment of
+        the drawn t (t moves up to the grid, the solve goes down to u), so it reads segments of its own."""
         t, u, s = self.timesteps(batch.timesteps, jump)
-        path = [t - torch.div((t - u) * j, substeps, rounding_mode="floor") for j in range(substeps + 1)]  # t … u
+        substeps = self.config.teacher_substeps
+        path = torch.stack([t - torch.div((t - u) * j, substeps, rounding_mode="floor") for j in range(substeps + 1)])
+        return DistillBatch(batch, guidance, path, s, segments_at(path.flatten()))
+
+    def loss(self, model: torch.nn.Module, drawn: DistillBatch) -> torch.Tensor:
+        """Steps 2-4 of the module docstring on one micro-batch."""
+        pipe, config, batch, guidance = self.pipe, self.config, drawn.batch, drawn.guidance
+        device, rows, substeps = pipe.music_unet.device, len(batch.captions), config.teacher_substeps
+        path = list(drawn.path)  # t … u
+        t, u, s = path[0], path[-1], drawn.jump_to
         x = x_t = self.noise_scheduler.add_noise(batch.latents, batch.noise, t).to(device)
         strength = batch.image_strength.to(device)
         condition = guidance_embedding(guidance, config.guidance_embedding_dim).to(device)
@@ -95,7 +123,7 @@ class ConsistencyTargets:
             text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=True)
             states, mask = text_states[rows:], text_mask[rows:]
             # the image K/V at every timestep of the path, in one SD batch: path[j] is rows j·B … (j+1)·B − 1
-            features = self.image_key_values(batch.trajectories.repeat(substeps + 1, 1, 1, 1, 1), torch.cat(path))
+            features = self.image_key_values(drawn.path_segments, drawn.path.flatten())
             at = lambda j: features_rows(features, slice(j * rows, (j + 1) * rows))
             with self.autocast():
                 for j in range(substeps):  # the guided teacher's DDIM steps from t to u
@@ -187,6 +215,7 @@ def distill(config: DistillConfig) -> TrainResult:
     config.check()
     # 1. Processes, devices, precision and accumulation: Accelerate's business, as in `melfusion train`
     accelerator = make_accelerator(settings)
+    barrier = make_barrier(accelerator, settings)  # long waits (cache fill, checkpoints) apart from the collectives
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 2. The teacher (bundle UNet + synapse, frozen), the student and its target network, or their checkpoint
@@ -211,7 +240,7 @@ def distill(config: DistillConfig) -> TrainResult:
     step = resumed["step"] if resumed else 0
 
     # 3. Data: the training cache (image trajectories, clip posteriors), then the SD VAE and CLIP leave the GPU
-    examples = encode_data(pipe, settings, accelerator)
+    examples = encode_data(pipe, settings, accelerator, barrier)
     image_key_values = ImageKeyValues(pipe, pipe.synapse, settings.feature_steps)
     pipe.image_vae.to("cpu")
     pipe.image_text_encoder.to("cpu")
@@ -226,41 +255,50 @@ def distill(config: DistillConfig) -> TrainResult:
     targets = ConsistencyTargets(pipe, target_unet, image_key_values, config, accelerator.autocast)
     dropout = Dropout(image=config.image_dropout)
 
+    def read_batch(micro_step: int) -> DistillBatch:  # a pure function of the micro-step, as Prefetcher needs
+        rows, generators = micro_step_rows(examples, settings, micro_step, rank, world)
+        batch = draw_batch(pipe, rows, generators, dropout, image_key_values.grid)
+        segments_at = lambda timesteps: load_image_segments(  # noqa: E731
+            rows * (config.teacher_substeps + 1), grid_segments(image_key_values.grid, timesteps))
+        return targets.draw(batch, *draw_rows(generators, config), segments_at)
+
     # 5. The loop: one optimiser step per `gradient_accumulation` micro-batches, then the target follows
     result = TrainResult(bundle=settings.out, step=step)
     log = LossLog(settings.work_dir / "loss.csv", 0, append=resumed is not None, enabled=accelerator.is_main_process)
     bar = tqdm(total=settings.max_steps, initial=step, desc="distilling", disable=not accelerator.is_main_process)
-    while step < settings.max_steps:
-        started, losses = time.perf_counter(), []
-        for batch, generators in micro_batches(pipe, examples, settings, step, rank, world, dropout):
-            guidance, jump = draw_rows(generators, config)
-            with accelerator.accumulate(model):
-                loss = targets.loss(model, batch, guidance, jump)
-                accelerator.backward(loss)
-                optimizer.step()  # Accelerate holds it back until the last micro-batch
-                optimizer.zero_grad()
-                if accelerator.sync_gradients:  # θ⁻ ← μ·θ⁻ + (1 − μ)·θ
-                    torch._foreach_lerp_(list(target_unet.parameters()), list(student_unet.parameters()),
-                                         1 - config.ema_decay)  # fmt: skip
-            losses.append(accelerator.gather(loss.detach()[None]).mean().item())
-        step += 1
-        result.losses.append(sum(losses) / len(losses))
-        log.write(step, result.losses[-1], time.perf_counter() - started, torch.empty(0))
-        bar.update()
-        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
-        if step % settings.checkpoint_every == 0 or step == settings.max_steps:
-            if accelerator.is_main_process:
-                result.checkpoints.append(save_state(config, step, student_unet, target_unet, optimizer,
-                                                     accelerator.scaler))  # fmt: skip
-                prune_checkpoints(settings)
-            accelerator.wait_for_everyone()
+    accumulation = settings.gradient_accumulation
+    with contextlib.closing(Prefetcher(read_batch, end=settings.max_steps * accumulation)) as batches:
+        while step < settings.max_steps:
+            started, losses = time.perf_counter(), []
+            for micro in range(accumulation):
+                drawn = batches(step * accumulation + micro)
+                with accelerator.accumulate(model):
+                    loss = targets.loss(model, drawn)
+                    accelerator.backward(loss)
+                    optimizer.step()  # Accelerate holds it back until the last micro-batch
+                    optimizer.zero_grad()
+                    if accelerator.sync_gradients:  # θ⁻ ← μ·θ⁻ + (1 − μ)·θ
+                        torch._foreach_lerp_(list(target_unet.parameters()), list(student_unet.parameters()),
+                                             1 - config.ema_decay)  # fmt: skip
+                losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+            step += 1
+            result.losses.append(sum(losses) / len(losses))
+            log.write(step, result.losses[-1], time.perf_counter() - started, torch.empty(0))
+            bar.update()
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            if step % settings.checkpoint_every == 0 or step == settings.max_steps:
+                if accelerator.is_main_process:
+                    result.checkpoints.append(save_state(config, step, student_unet, target_unet, optimizer,
+                                                         accelerator.scaler))  # fmt: skip
+                    prune_checkpoints(settings)
+                barrier()
     bar.close()
 
     # 6. Export: the student with the teacher's other parts, a bundle a worker serves as it is
     result.step = step
     if accelerator.is_main_process:
         export_student(config, student_unet, step, world)
-    accelerator.wait_for_everyone()
+    barrier()
     if result.losses:
         accelerator.print(f"distilled {len(result.losses)} steps to step {step}: "
                           f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")  # fmt: skip

@@ -16,8 +16,8 @@ from .config import TrainConfig
 
 # What `melfusion distill` reads of the training config; it ignores the rest (α, placement, CFG dropout).
 SHARED_NUMBERS = (
-    "max_steps", "batch_size", "gradient_accumulation", "unet_lr", "seconds", "feature_steps", "encode_batch_size",
-    "checkpoint_every", "keep_checkpoints", "distributed_timeout_minutes", "seed",
+    "batch_size", "gradient_accumulation", "unet_lr", "seconds", "feature_steps", "encode_batch_size",
+    "checkpoint_every", "keep_checkpoints", "barrier_timeout_minutes", "collective_timeout_minutes", "seed",
 )  # fmt: skip
 DISTILL_NUMBERS = [
     ("student_steps", int, "the student's default steps, written into its bundle"),
@@ -91,7 +91,10 @@ def add_distill_parser(commands) -> None:
     parser.add_argument("--teacher", dest="bundle", required=True, type=Path, help="the bundle to distil")
     parser.add_argument("--data", required=True, type=Path, help="JSONL/CSV manifest or folder of triplets")
     parser.add_argument("--out", required=True, type=Path, help="student bundle to write (work files in OUT.train/)")
-    add_number_arguments(parser, [n for n in NUMBERS if n[0] in SHARED_NUMBERS], TrainConfig(Path(), Path(), Path()))
+    shared = TrainConfig(Path(), Path(), Path())
+    parser.add_argument("--max-steps", type=int, default=shared.max_steps,
+                        help=f"optimiser steps (default {shared.max_steps}: a brief smoke run)")
+    add_number_arguments(parser, [n for n in NUMBERS if n[0] in SHARED_NUMBERS], shared)
     defaults = DistillConfig(TrainConfig(Path(), Path(), Path()))
     add_number_arguments(parser, DISTILL_NUMBERS, defaults)
     parser.add_argument("--targets", choices=("trajectory", "endpoint"), default=defaults.targets,
