@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WAV = "audio/wav"
 PNG = "image/png"
-_SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|wav)$")
+_SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+(\.[0-9])?\.(png|jpg|webp|wav)$")
 
 
 class StorageUnavailable(Exception):
@@ -64,12 +64,22 @@ def input_key(job_id: str, extension: str) -> str:
     return f"inputs/{job_id}.{extension}"
 
 
-def output_key(job_id: str) -> str:
-    return f"outputs/{job_id}.wav"
+def output_key(job_id: str, index: int = 0) -> str:
+    """The WAV of a job's output `index` (the first keeps the name it had before jobs had several)."""
+    return f"outputs/{job_id}{_output_suffix(index)}.wav"
 
 
-def spectrogram_key(job_id: str) -> str:
-    return f"outputs/{job_id}.png"
+def spectrogram_key(job_id: str, index: int = 0) -> str:
+    return f"outputs/{job_id}{_output_suffix(index)}.png"
+
+
+def _output_suffix(index: int) -> str:
+    return f".{index}" if index else ""
+
+
+def job_id_of(key: str) -> str:
+    """The job a stored object belongs to."""
+    return key.split("/", 1)[1].split(".", 1)[0]
 
 
 def content_type_of(key: str) -> str:

@@ -22,6 +22,7 @@ from .operations import describe_job
 from .rate_limit import SubmitRateLimit
 from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
+from .submission import FORM_SCHEMA_NAME, JobForm
 from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits
+    app.state.job_form = JobForm.build(limits, settings)
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}/"
     describe = lambda job: describe_job(job, redis=redis, storage=app.state.storage, base_url=base_url)
     app.state.webhook_sender = WebhookSender(
@@ -64,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     install_error_handlers(app)
+    document_job_form(app)
     app.include_router(build_jobs_router(limits, settings))
     app.include_router(health.router)
     app.include_router(demo.router)
@@ -71,6 +74,21 @@ def create_app(settings: Settings) -> FastAPI:
     if isinstance(app.state.storage, LocalStorage):
         app.include_router(files.router)
     return app
+
+
+def document_job_form(app: FastAPI) -> None:
+    """Put the POST /jobs form's schema (built from the bundle's bounds at start) into the OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            form = app.state.job_form.openapi_schema()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(form.pop("$defs", {}))
+            schema["components"]["schemas"][FORM_SCHEMA_NAME] = form
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def serve() -> None:

@@ -48,7 +48,7 @@ Outcome = dict | BaseException
 FinishJob = Callable[[Job, Outcome], None]
 
 
-def generate_clip(*, image_key: str, params: dict) -> dict:
+def generate_clip(*, image_key: str | None, params: dict) -> dict:
     """Run one job inside a worker (a batch of one); returns the result record also in `job.meta["result"]`.
 
     The arguments are the queue payload; `run_batch` reads them from the job, as it does for batch partners.
@@ -67,8 +67,8 @@ class _Row:
     """One job's place in a batch."""
 
     job: Job
-    request: GenerationRequest
-    image_key: str
+    request: GenerationRequest  # resolved against the worker's bundle (a payload of an older API gets defaults)
+    image_key: str | None  # None: caption only
     started: float = field(default_factory=time.perf_counter)
     saved_progress_at: float = float("-inf")
     ended: bool = False
@@ -91,12 +91,12 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
         runtime: the worker's pipeline, storage and settings.
         finish: records a job's outcome in RQ (called as soon as the job ends, mid-batch for a cancel).
     """
-    rows = [_Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"]) for job in jobs]
     redis = jobs[0].connection
-    for row in rows:
-        if row.job.enqueued_at and row.job.started_at:
+    limits = runtime.get_pipeline().limits
+    for job in jobs:
+        if job.enqueued_at and job.started_at:
             with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
-                observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
+                observe(redis, QUEUE_WAIT, (job.started_at - job.enqueued_at).total_seconds())
 
     def end(row: _Row, outcome: Outcome) -> None:
         row.ended = True
@@ -126,11 +126,21 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
                 log.info("job %s canceled: %s", row.job.id, reason)
                 end(row, GenerationCancelled(reason))
 
+    rows = []
+    for job in jobs:
+        row = _Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"])
+        rows.append(row)
+        try:
+            row.request = row.request.resolved(limits)
+        except InputError as exc:  # a payload this worker's bundle cannot serve
+            end(row, exc)
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
     resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
     for row in rows:
-        if not row.ended:
+        if not row.ended and row.image_key is None:
+            images[row.job.id] = None
+        elif not row.ended:
             try:
                 data = retry_storage(
                     lambda key=row.image_key: runtime.storage.get(key),
@@ -168,21 +178,27 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             if not row.ended:
                 end(row, exc)
         return
-    for row, audio in zip(batch, output.audios, strict=True):
+    first_row = 0
+    for row in batch:
+        audios = output.audios[first_row : first_row + row.request.num_outputs]  # the job's variations, in order
+        first_row += row.request.num_outputs
         if not row.ended:
             try:
-                result = store_clip(runtime, row.job.id, audio, output.sampling_rate)
+                outputs = [
+                    store_clip(runtime, row.job.id, index, audio, output.sampling_rate)
+                    for index, audio in enumerate(audios)
+                ]
             except Exception as exc:
                 end(row, exc)
             else:
-                end(row, result)
+                end(row, {**outputs[0], "outputs": outputs})
 
 
-def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict:
-    """Write the WAV, then its spectrogram PNG, to storage; returns the result record the API reads."""
+def store_clip(runtime: Runtime, job_id: str, index: int, audio, sampling_rate: int) -> dict:
+    """Write output `index`'s WAV, then its spectrogram PNG, to storage; returns the record the API reads."""
     wav = encode_wav(audio, sampling_rate)
-    key = output_key(job_id)
-    picture = spectrogram_key(job_id)
+    key = output_key(job_id, index)
+    picture = spectrogram_key(job_id, index)
     png = spectrogram_png(runtime.get_pipeline(), audio)
     for stored_key, data, content_type in ((key, wav, WAV), (picture, png, PNG)):
         retry_storage(
@@ -201,9 +217,11 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
     }
 
 
-def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
+def discard_input(runtime: Runtime, image_key: str | None, *, job_id: str) -> None:
     """The uploaded photo is needed only while its job runs; keep storage from filling with them (a delete
     that fails now is the sweep's to repeat)."""
+    if image_key is None:
+        return
     try:
         runtime.storage.delete(image_key)
     except StorageUnavailable as exc:
