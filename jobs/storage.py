@@ -93,6 +93,10 @@ def check_key(key: str) -> str:
 
 
 class Storage(Protocol):
+    # True when `signed_url` links to this API's /files route, which sends the bytes from `path(key)` after
+    # `is_valid_signature` (a store on this machine's disk); False when links point at the store itself.
+    serves_via_api: bool
+
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store `data`; raise StorageUnavailable if the store refuses or cannot be reached."""
 
@@ -117,6 +121,8 @@ def _expiry(ttl_seconds: int) -> dt.datetime:
 
 class LocalStorage:
     """A directory shared by the API and the workers (the embedded default, one machine)."""
+
+    serves_via_api = True
 
     def __init__(self, root: Path, *, signing_key: bytes, url_ttl_seconds: int):
         self.root = root
@@ -170,6 +176,8 @@ class LocalStorage:
 
 class S3Storage:
     """Any S3-compatible store (SeaweedFS, AWS, R2...), path-style; URLs presigned for the public endpoint."""
+
+    serves_via_api = False
 
     def __init__(
         self,

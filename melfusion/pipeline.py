@@ -43,6 +43,7 @@ from .synapse import VisualSynapse
 
 ImageGuidance = Literal["conditional", "both"]
 Phase = Literal["image_inversion", "image_denoise", "music_denoise"]
+WARMUP_STEPS = 2  # compiled graphs depend on shapes, not on the number of steps
 # Where the synapse's image K/V come from. "inversion" (default): recorded during DDIM inversion itself,
 # i.e. ε_ψ(z_t^I, ∅, t) on the inverted latents, which is what Algorithm 2's line 6 evaluates; one SD pass
 # per step. "redenoise": a second SD pass denoising z_T^I back down the grid, recording there; twice the
@@ -645,6 +646,21 @@ class MelFusionPipeline(DiffusionPipeline):
             callback=callback,
             should_cancel=should_cancel,
         )
+
+    def warm_up(self, batch_sizes: list[int], seconds: list[float]) -> None:
+        """Run every (batch size, seconds) shape once on a grey image, so no request pays for compilation
+        (torch.compile compiles on first call) or first-call allocation (the `Engine` protocol)."""
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        for length in seconds:
+            request = GenerationRequest("warm-up", seconds=length, steps=WARMUP_STEPS, seed=0).resolved(self.limits)
+            for batch_size in batch_sizes:
+                self.generate([request] * batch_size, [image] * batch_size)
+
+    def spectrogram_png(self, audio: np.ndarray) -> bytes:
+        """The clip's log-mel spectrogram as a PNG (`melfusion.spectrogram`; needs matplotlib)."""
+        from .spectrogram import spectrogram_png
+
+        return spectrogram_png(self, audio)
 
     @staticmethod
     def _per_row(field: str, value, count: int) -> list:

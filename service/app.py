@@ -12,8 +12,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from jobs.queue import open_queue, open_redis
 from jobs.settings import Settings, load_settings
-from jobs.storage import LocalStorage, open_storage
-from melfusion.limits import read_limits
+from jobs.storage import open_storage
+from melfusion.limits import GenerationLimits, read_limits
 
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
@@ -30,7 +30,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries aro
 
 def create_app(settings: Settings) -> FastAPI:
     redis = open_redis(settings)
-    limits = read_limits(settings.resolve_bundle_dir())
+    limits = bundle_limits(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,9 +71,19 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(demo.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
-    if isinstance(app.state.storage, LocalStorage):
+    if app.state.storage.serves_via_api:
         app.include_router(files.router)
     return app
+
+
+def bundle_limits(settings: Settings) -> GenerationLimits:
+    """The configured bundle's limits, read without torch; with none configured, the embedded tiny bundle's
+    (built on first use, which imports torch: the quick start only)."""
+    if settings.bundle_dir is not None:
+        return read_limits(settings.bundle_dir)
+    from melfusion.bundle import ensure_tiny_bundle
+
+    return read_limits(ensure_tiny_bundle())
 
 
 def document_job_form(app: FastAPI) -> None:

@@ -33,7 +33,6 @@ from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.request import GenerationRequest
-from melfusion.spectrogram import spectrogram_png
 
 from .warm import Runtime, get_runtime
 
@@ -92,7 +91,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
         finish: records a job's outcome in RQ (called as soon as the job ends, mid-batch for a cancel).
     """
     redis = jobs[0].connection
-    limits = runtime.get_pipeline().limits
+    limits = runtime.get_engine().limits
     for job in jobs:
         if job.enqueued_at and job.started_at:
             with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
@@ -136,7 +135,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             end(row, exc)
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
-    resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
+    resolution = runtime.get_engine().image_resolution  # decoded images shrink to about this at once
     for row in rows:
         if not row.ended and row.image_key is None:
             images[row.job.id] = None
@@ -165,7 +164,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
                 row.report_progress(step.fraction)
 
     try:
-        output = runtime.get_pipeline().generate(
+        output = runtime.get_engine().generate(
             [row.request for row in batch],
             [images[row.job.id] for row in batch],
             callback=on_step,
@@ -199,7 +198,7 @@ def store_clip(runtime: Runtime, job_id: str, index: int, audio, sampling_rate: 
     wav = encode_wav(audio, sampling_rate)
     key = output_key(job_id, index)
     picture = spectrogram_key(job_id, index)
-    png = spectrogram_png(runtime.get_pipeline(), audio)
+    png = runtime.get_engine().spectrogram_png(audio)
     for stored_key, data, content_type in ((key, wav, WAV), (picture, png, PNG)):
         retry_storage(
             lambda: runtime.storage.put(stored_key, data, content_type=content_type),

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 from jobs.lifecycle import TERMINAL
 from jobs.queue import JobStatus
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
 from jobs.webhooks import read_attempts
 from melfusion.limits import GenerationLimits
 
@@ -139,7 +138,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         public = describe_job(job, redis=redis, storage=storage, base_url=base_url)
         if public.status is not JobStatus.SUCCEEDED:
             raise JobStateConflict(f"job {job_id} is {public.status.value}, there is no audio", field="id")
-        if isinstance(storage, LocalStorage):
+        if storage.serves_via_api:  # the signed link would lead back here: send the file at once
             return FileResponse(storage.path(job.meta["result"]["key"]), media_type="audio/wav")
         return RedirectResponse(public.result.url, status_code=307)
 
