@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import uuid
@@ -83,6 +84,7 @@ def submit_job(
         check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
     params = request.resolved(limits)
     params.check_condition(has_image=image is not None)
+    kept_for = submission.expires_in or settings.job_ttl_seconds  # RQ's result_ttl: the job's `expires_in`
     meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
     if webhook is not None:
         if settings.webhook_secret is None:
@@ -111,8 +113,8 @@ def submit_job(
             kwargs={"image_key": image_key, "params": params.to_dict()},
             job_id=job_id,
             timeout=settings.job_timeout_seconds,
-            result_ttl=settings.job_ttl_seconds,
-            failure_ttl=settings.job_ttl_seconds,
+            result_ttl=kept_for,
+            failure_ttl=kept_for,
             meta=meta,
             retry=Retry(max=settings.max_retries) if settings.max_retries else None,
             on_failure=Callback(ON_FAILURE),
@@ -162,19 +164,23 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     its owner's jobs)."""
     status = get_status(job)
     meta = job.meta
+    finished_at = job.ended_at
+    if status is JobStatus.CANCELED and finished_at is None:
+        finished_at = get_cancel_requested_at(redis, job.id)
+    if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        finished_at = None
+    expires_at = finished_at and finished_at + dt.timedelta(seconds=job.result_ttl)
     outputs = None
     if status is JobStatus.SUCCEEDED:
         stored = meta["result"]
         stored_outputs = stored.get("outputs", [stored])  # a job from before `outputs` has its one result
-        outputs = [_public_result(output, storage=storage, base_url=base_url) for output in stored_outputs]
+        outputs = [_public_result(output, storage=storage, base_url=base_url, not_after=expires_at)
+                   for output in stored_outputs]  # fmt: skip
     error = None
     if status is JobStatus.FAILED:
         error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
     elif status is JobStatus.CANCELED:
         error = JobError(**meta.get("error", {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
-    finished_at = job.ended_at
-    if status is JobStatus.CANCELED and finished_at is None:
-        finished_at = get_cancel_requested_at(redis, job.id)
     return JobPublic(
         id=job.id,
         status=status,
@@ -183,7 +189,8 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
         started_at=job.started_at,
-        finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
+        finished_at=finished_at,
+        expires_at=expires_at,
         params=GenerationRequest.from_dict(job.kwargs["params"]),
         result=outputs and outputs[0],
         outputs=outputs,
@@ -192,11 +199,13 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     )
 
 
-def _public_result(stored: dict, *, storage: Storage, base_url: str) -> JobResult:
-    """One stored clip as the API shows it, with fresh signed URLs."""
-    signed = storage.signed_url(stored["key"])
+def _public_result(stored: dict, *, storage: Storage, base_url: str, not_after: dt.datetime | None) -> JobResult:
+    """One stored clip as the API shows it, with fresh signed URLs (none outliving the job)."""
+    signed = storage.signed_url(stored["key"], not_after=not_after)
     fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
-    picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
+    picture = None
+    if "spectrogram_key" in stored:
+        picture = storage.signed_url(stored["spectrogram_key"], not_after=not_after).url
     return JobResult(
         url=urljoin(base_url, signed.url),
         spectrogram_url=picture and urljoin(base_url, picture),
@@ -222,7 +231,7 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
             job.cancel()
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
-        redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
+        redis.expire(job.key, job.result_ttl)  # RQ keeps canceled jobs forever otherwise
         if job.kwargs["image_key"] is not None:
             storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))

@@ -36,6 +36,10 @@ IMAGE_FIELD = "image"
 def job_options(settings: Settings) -> dict[str, Any]:
     """The form's fields that belong to the job rather than to the generation (pydantic field definitions)."""
     return {
+        "expires_in": (int | None, Field(
+            None, ge=1, le=settings.job_ttl_seconds, description="seconds the job and its files are kept once it "
+            f"ends (echoed as `expires_at`); default {settings.job_ttl_seconds}, the most MELFUSION_JOB_TTL_SECONDS",
+        )),
         "webhook_url": (str | None, Field(
             None, max_length=2048, description="POST the job JSON here, signed per Standard Webhooks "
             "(`webhook-id`, `webhook-timestamp`, `webhook-signature`); public http(s) addresses only",
@@ -55,6 +59,7 @@ class Submission:
     image: bytes | None
     image_type: ImageType | None
     webhook: WebhookSubscription | None
+    expires_in: int | None  # None: the settings' job_ttl_seconds
 
 
 @dataclass(frozen=True)
@@ -136,11 +141,11 @@ async def read_submission(request: Request) -> Submission:
     finally:
         await form.close()
     webhook_url, events = values.pop("webhook_url", None), values.pop("webhook_events", None)
+    expires_in = values.pop("expires_in", None)
     webhook = None
     if webhook_url is not None:
         webhook = WebhookSubscription(url=webhook_url, events=events or list(DEFAULT_WEBHOOK_EVENTS))
-    request_fields = {name: value for name, value in values.items() if name in GenerationRequest.field_names()}
-    return Submission(GenerationRequest(**request_fields), image, image_type, webhook)
+    return Submission(GenerationRequest(**values), image, image_type, webhook, expires_in)
 
 
 SubmissionDep = Annotated[Submission, Depends(read_submission)]
