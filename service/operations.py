@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 import logging
+import time
 from urllib.parse import urljoin
 
 from redis import Redis
@@ -16,6 +17,7 @@ from rq.job import Job
 
 from jobs.lifecycle import announce
 from jobs.queue import (
+    CANCEL_AT,
     KEY_PREFIX,
     ON_FAILURE,
     TASK,
@@ -69,6 +71,7 @@ def submit_job(
     owner: str,
     submission: Submission,
     idempotency_key: str | None,
+    cancel_after: float | None = None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
     The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
@@ -86,6 +89,8 @@ def submit_job(
     params.check_condition(has_image=image is not None)
     kept_for = submission.expires_in or settings.job_ttl_seconds  # RQ's result_ttl: the job's `expires_in`
     meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
+    if cancel_after is not None:
+        meta[CANCEL_AT] = time.time() + cancel_after
     if webhook is not None:
         if settings.webhook_secret is None:
             raise TargetRefused("webhooks are off: the server has no MELFUSION_WEBHOOK_SECRET", field="webhook_url")
@@ -181,6 +186,8 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
     elif status is JobStatus.CANCELED:
         error = JobError(**meta.get("error", {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
+    elif status is JobStatus.ABORTED:
+        error = JobError(**meta["error"])
     return JobPublic(
         id=job.id,
         status=status,
@@ -188,7 +195,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         attempts=get_attempts(job),
         queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
-        started_at=job.started_at,
+        started_at=None if status is JobStatus.ABORTED else job.started_at,  # a worker took it, but it never ran
         finished_at=finished_at,
         expires_at=expires_at,
         params=GenerationRequest.from_dict(job.kwargs["params"]),
@@ -223,7 +230,7 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
     status = get_status(job)
     if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise JobStateConflict(f"job {job.id} already {status.value}", field="id")
-    if status is JobStatus.CANCELED:
+    if status in (JobStatus.CANCELED, JobStatus.ABORTED):
         return
     raise_cancel_flag(redis, job.id, ttl_seconds=settings.job_ttl_seconds)
     if status is JobStatus.QUEUED:

@@ -8,6 +8,7 @@ and `read_submission`, a dependency, parses a request's form strictly through it
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -31,6 +32,35 @@ from .uploads import ImageType, read_image_upload
 
 FORM_SCHEMA_NAME = "JobCreate"
 IMAGE_FIELD = "image"
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")  # Go-style, as Replicate's Cancel-After: 90s, 1m30s, 1.5h
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+CANCEL_AFTER_DOC = (
+    "a deadline, as a duration (`30s`, `5m`, `1h30m`, or plain seconds): a job not started by then ends "
+    "`aborted` without running; a running one is canceled at the deadline"
+)
+
+
+def parse_cancel_after(value: str | None) -> float | None:
+    """Seconds from now of a `Cancel-After` header (Replicate's deadline semantics); None without one.
+
+    Raises:
+        FormFieldInvalid: not a positive duration (names the header).
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = DURATION.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            seconds = float("nan")
+        else:
+            seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    if not seconds > 0 or seconds == float("inf"):
+        message = f"must be a positive duration such as 30s, 5m or 1h30m, got {value!r}"
+        raise FormFieldInvalid(message, field="Cancel-After")
+    return seconds
 
 
 def job_options(settings: Settings) -> dict[str, Any]:

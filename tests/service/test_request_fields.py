@@ -1,5 +1,5 @@
 """The request fields through the real service (API, queue, worker, storage): caption-only and image-only
-jobs, negative_caption, num_outputs, expires_in."""
+jobs, negative_caption, num_outputs, expires_in, the Cancel-After header."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 import soundfile as sf
-from servers import ALICE
+from servers import ALICE, wait_for_job
 
 FAST = {"seconds": 0.5, "steps": 2, "guidance_scale": 3.0}
 PCM_STEP = 2 / 32768  # two 16-bit quantisation steps: batch rows agree within ~1e-7 before rounding
@@ -73,3 +73,24 @@ def test_expires_in_sets_when_the_job_and_its_links_end(local_stack):
     default = client.wait(client.submit(caption="kept", **FAST).id, timeout=180)
     kept = dt.datetime.fromisoformat(default.raw["expires_at"]) - dt.datetime.fromisoformat(default.raw["finished_at"])
     assert kept == dt.timedelta(seconds=86_400)  # MELFUSION_JOB_TTL_SECONDS
+
+
+def test_cancel_after_aborts_a_job_not_started_and_cancels_a_running_one(local_stack, sample_png):
+    client = local_stack.client(ALICE)
+    running = client.submit(sample_png, "a long one", seconds=1.0, steps=1000, cancel_after="6s")
+    wait_for_job(client, running.id, lambda j: j.status == "running" and j.progress > 0, what="running")
+    waiting = client.submit(caption="waits behind it", cancel_after=0.5, **FAST)
+    canceled = wait_for_job(client, running.id, lambda j: j.is_done, what="ended", timeout=60)
+    assert canceled.status == "canceled" and 0 < canceled.progress < 1, canceled.raw
+    assert "Cancel-After" in canceled.error["message"]
+    ran_for = dt.datetime.fromisoformat(canceled.raw["finished_at"]) - dt.datetime.fromisoformat(canceled.raw["created_at"])
+    assert dt.timedelta(seconds=6) <= ran_for < dt.timedelta(seconds=30)
+    aborted = client.wait(waiting.id, timeout=60)
+    assert aborted.status == "aborted" and aborted.error["code"] == "aborted", aborted.raw
+    assert aborted.raw["started_at"] is None and aborted.progress == 0 and aborted.result is None
+    in_time = client.wait(client.submit(caption="in time", cancel_after="10m", **FAST).id, timeout=180)
+    assert in_time.status == "succeeded"
+    with local_stack.http(ALICE) as http:
+        for bad in ("soon", "-5s", "0", "5x"):
+            answer = http.post("/jobs", files={"caption": (None, "x")}, headers={"Cancel-After": bad})
+            assert answer.status_code == 422 and answer.json()["error"]["field"] == "Cancel-After", bad
