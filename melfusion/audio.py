@@ -1,15 +1,16 @@
-"""Waveform helpers: clip length <-> latent length, WAV encoding, and writes that never leave a partial file."""
+"""Waveform helpers: clip length <-> latent length, WAV encoding and writing."""
 
 from __future__ import annotations
 
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from .files import write_atomically
 
 
 def latent_frames(seconds: float, *, sampling_rate: int, hop_length: int, vae_scale: int, unet_scale: int) -> int:
@@ -24,21 +25,6 @@ def encode_wav(waveform: np.ndarray, sampling_rate: int) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(waveform, -1.0, 1.0), sampling_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, then rename: readers see the whole file or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sampling_rate: int) -> Path:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 SCHEDULERS = ("ddim", "dpmpp", "ddpm")
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
+DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,18 @@ class GenerationLimits:
         return cls(**{name: kind(config[name]) for name, kind in numbers.items()})
 
 
+def check_device(device: str, dtype: str = "float32") -> None:
+    """Raise InputError for a device torch would not take, or half precision on the CPU, which runs float32
+    (its kernels are float32-exact; half precision there is slow and changes the clip); torch-free, so a
+    wrong flag or setting answers before anything loads. Whether the device exists is torch's to say."""
+    if not _DEVICE.fullmatch(device):
+        raise InputError("device", f"must be cpu, cuda, cuda:N, mps or xpu, got {device!r}")
+    if dtype not in DTYPES:
+        raise InputError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cpu" and dtype != "float32":
+        raise InputError("dtype", f"{dtype} needs a GPU: the CPU path runs float32")
+
+
 def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
     """The limits of a bundle on disk, without importing torch or loading weights."""
     directory = Path(bundle_dir)
@@ -59,3 +74,4 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
         return GenerationLimits.from_config(json.loads((directory / "model_index.json").read_text()))
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None
+
