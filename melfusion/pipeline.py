@@ -392,7 +392,7 @@ class MelFusionPipeline(DiffusionPipeline):
 
     # -- music side ---------------------------------------------------------------------------------
     def encode_captions(
-        self, captions: list[str], negative_captions: list[str] | None
+        self, captions: list[str], negative_captions: list[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG (`negative_captions` given), rows are
         negative_captions + captions ("" is TANGO's unconditional caption)."""
