@@ -6,7 +6,7 @@ without reading the worker. Torch-free: only names for type checkers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .limits import GenerationLimits
 from .request import GenerationRequest
@@ -25,6 +25,7 @@ class Clips(Protocol):
     seeds: list[int]
 
 
+@runtime_checkable
 class Engine(Protocol):
     @property
     def limits(self) -> GenerationLimits:
