@@ -5,7 +5,7 @@ without reading the worker. Torch-free: only names for type checkers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .limits import GenerationLimits
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+    from .shapes import ShapeBuckets
+
 
 class Clips(Protocol):
     """What `Engine.generate` returns: one waveform row per clip, in request order (each request's
@@ -23,6 +25,7 @@ class Clips(Protocol):
     audios: np.ndarray  # (clips, samples), float in [-1, 1]
     sampling_rate: int
     seeds: list[int]
+    errors: list[Exception | None] | None  # per clip: why it is unusable (NaN/inf), else None
 
 
 @runtime_checkable
@@ -46,8 +49,8 @@ class Engine(Protocol):
         with `step`, `total` and `fraction` after each step; `should_cancel()` True stops it
         (GenerationCancelled)."""
 
-    def warm_up(self, batch_sizes: Sequence[int], seconds: Sequence[float]) -> None:
-        """Run each (batch size, clip length) shape once, so that no job pays for compilation."""
+    def warm_up(self, buckets: ShapeBuckets) -> int:
+        """Run every shape of `buckets` once, so that no job pays for compilation; returns the calls made."""
 
     def spectrogram_png(self, audio: np.ndarray) -> bytes:
         """A picture of one clip, stored beside it."""
