@@ -110,7 +110,7 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
     """One UNet call of each side at the small size, and the music UNet's cost with image features mixed in
     (the mixers are always attached; caption only runs them at strength 0)."""
     pipe = MelFusionPipeline(**build_components("small"))
-    text_states, text_mask = pipe.encode_captions([CAPTION], with_unconditional=True)  # CFG rows [uncond, cond]
+    text_states, text_mask = pipe.encode_captions([CAPTION], [""])  # CFG rows [uncond, cond]
     music_latents = torch.randn(pipe.music_latent_shape(2, seconds))  # (2, 8, T, 16)
     side = pipe.image_unet.config.sample_size
     image_latents = torch.randn(1, 4, side, side)

@@ -26,6 +26,7 @@ from .settings import Settings
 TASK = "workers.tasks.generate_clip"  # by name, so the API never imports the worker
 ON_FAILURE = "workers.tasks.on_job_failure"  # RQ calls it when the janitor finds a job's worker lost
 KEY_PREFIX = "melfusion"
+CANCEL_AT = "cancel_at"  # job.meta: the Cancel-After deadline (Unix time), written by the API, obeyed by the worker
 
 
 class JobStatus(str, Enum):
@@ -34,10 +35,12 @@ class JobStatus(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    ABORTED = "aborted"  # its Cancel-After deadline passed before it started: it never ran
 
 
 class ErrorCode(str, Enum):
     CANCELED = "canceled"
+    ABORTED = "aborted"
     INVALID_INPUT = "invalid_input"
     INTERNAL = "internal_error"
     NON_FINITE_OUTPUT = "non_finite_output"  # NaN/inf in the clip; the message names the component
@@ -46,7 +49,7 @@ class ErrorCode(str, Enum):
     WORKER_LOST = "worker_lost"
 
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.ABORTED})
 
 _FROM_RQ = {
     RQStatus.CREATED: JobStatus.QUEUED,
@@ -121,8 +124,9 @@ def get_ending(job: Job) -> Ending | None:
     if status not in TERMINAL:
         return None
     meta = job.meta
-    if meta.get("error", {}).get("code") == ErrorCode.CANCELED:  # a cancel the worker honoured ends 'finished'
-        status = JobStatus.CANCELED
+    code = meta.get("error", {}).get("code")
+    if code in (ErrorCode.CANCELED, ErrorCode.ABORTED):  # a job the worker stopped or never ran ends 'finished'
+        status = JobStatus(code)
     return Ending(status, job.ended_at, meta.get("progress", 0.0), meta.get("result"), meta.get("error"))
 
 
@@ -167,11 +171,9 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:cancel:{job_id}"
 
 
-def request_cancel(redis: Redis, job_id: str, *, ttl_seconds: int) -> dt.datetime:
-    """Raise the job's cancel flag (first request wins) and return when it was first raised."""
-    now = dt.datetime.now(dt.UTC).isoformat()
-    redis.set(cancel_key(job_id), now, nx=True, ex=ttl_seconds)
-    return get_cancel_requested_at(redis, job_id) or dt.datetime.fromisoformat(now)
+def request_cancel(redis: Redis, job_id: str, *, ttl_seconds: int) -> None:
+    """Raise the job's cancel flag; the first request's time is the one kept (`get_cancel_requested_at`)."""
+    redis.set(cancel_key(job_id), dt.datetime.now(dt.UTC).isoformat(), nx=True, ex=ttl_seconds)
 
 
 def get_cancel_requested_at(redis: Redis, job_id: str) -> dt.datetime | None:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WAV = "audio/wav"
 PNG = "image/png"
-_SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|wav)$")
+_SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+(\.[0-9])?\.(png|jpg|webp|wav)$")
 
 
 class StorageUnavailable(Exception):
@@ -64,12 +64,22 @@ def input_key(job_id: str, extension: str) -> str:
     return f"inputs/{job_id}.{extension}"
 
 
-def output_key(job_id: str) -> str:
-    return f"outputs/{job_id}.wav"
+def output_key(job_id: str, index: int = 0) -> str:
+    """The WAV of a job's output `index` (the first keeps the name it had before jobs had several)."""
+    return f"outputs/{job_id}{_output_suffix(index)}.wav"
 
 
-def spectrogram_key(job_id: str) -> str:
-    return f"outputs/{job_id}.png"
+def spectrogram_key(job_id: str, index: int = 0) -> str:
+    return f"outputs/{job_id}{_output_suffix(index)}.png"
+
+
+def _output_suffix(index: int) -> str:
+    return f".{index}" if index else ""
+
+
+def job_id_of(key: str) -> str:
+    """The job a stored object belongs to."""
+    return key.split("/", 1)[1].split(".", 1)[0]
 
 
 def content_type_of(key: str) -> str:
@@ -83,6 +93,10 @@ def check_key(key: str) -> str:
 
 
 class Storage(Protocol):
+    # True when `signed_url` links to this API's /files route, which sends the bytes from `path(key)` after
+    # `is_valid_signature` (a store on this machine's disk); False when links point at the store itself.
+    serves_via_api: bool
+
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store `data`; raise StorageUnavailable if the store refuses or cannot be reached."""
 
@@ -95,18 +109,23 @@ class Storage(Protocol):
     def delete(self, key: str) -> None:
         """Remove `key`; a key that is already gone is fine."""
 
-    def signed_url(self, key: str) -> SignedUrl: ...
+    def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
+        """A time-limited download link: `url_ttl_seconds` from now, or until `not_after` if sooner (when the
+        object is deleted)."""
 
     def check(self) -> None:
         """Raise StorageUnavailable unless reads and writes can work."""
 
 
-def _expiry(ttl_seconds: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.UTC)
+def _expiry(ttl_seconds: int, not_after: dt.datetime | None) -> dt.datetime:
+    expiry = dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.UTC)
+    return expiry if not_after is None else max(min(expiry, not_after), dt.datetime.now(dt.UTC))
 
 
 class LocalStorage:
     """A directory shared by the API and the workers (the embedded default, one machine)."""
+
+    serves_via_api = True
 
     def __init__(self, root: Path, *, signing_key: bytes, url_ttl_seconds: int):
         self.root = root
@@ -146,8 +165,8 @@ class LocalStorage:
     def _signature(self, key: str, expires: int) -> str:
         return hmac.new(self.signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def signed_url(self, key: str) -> SignedUrl:
-        expires_at = _expiry(self.url_ttl_seconds)
+    def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
+        expires_at = _expiry(self.url_ttl_seconds, not_after)
         expires = int(expires_at.timestamp())
         query = urlencode({"expires": expires, "signature": self._signature(check_key(key), expires)})
         return SignedUrl(f"/files/{key}?{query}", expires_at)
@@ -160,6 +179,8 @@ class LocalStorage:
 
 class S3Storage:
     """Any S3-compatible store (SeaweedFS, AWS, R2...), path-style; URLs presigned for the public endpoint."""
+
+    serves_via_api = False
 
     def __init__(
         self,
@@ -236,13 +257,15 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageUnavailable(f"S3 at {self.endpoint_url}: {exc}") from None
 
-    def signed_url(self, key: str) -> SignedUrl:
+    def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
+        expires_at = _expiry(self.url_ttl_seconds, not_after)
+        lifetime = self.url_ttl_seconds if not_after is None else max(1, round(expires_at.timestamp() - time.time()))
         url = self.public_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": content_type_of(key)},
-            ExpiresIn=self.url_ttl_seconds,
+            ExpiresIn=lifetime,
         )
-        return SignedUrl(url, _expiry(self.url_ttl_seconds))
+        return SignedUrl(url, expires_at)
 
 
 def open_storage(settings: Settings) -> Storage:

@@ -1,4 +1,5 @@
-"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav`; train, distill, eval.
+"""`melfusion` console script: `melfusion generate [--image IMG] [--caption TEXT] --out OUT.wav`; train, eval,
+distill.
 
 Cheap checks (image, caption, ranges from the bundle's config, device and dtype) run before torch or any
 model is imported, so a bad request fails in well under a second; the WAV is written atomically, so a
@@ -17,7 +18,7 @@ from .cpus import let_idle_threads_sleep, set_torch_threads
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .images import load_image
-from .limits import DTYPES, IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, check_device, read_limits
+from .limits import DTYPES, check_device, read_limits
 from .manifest import default_tiny_bundle_dir
 from .quiet import silence_library_noise
 from .request import GenerationRequest
@@ -28,22 +29,11 @@ EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
 
 def add_generate_parser(commands) -> None:
-    parser = commands.add_parser("generate", help="image + caption -> WAV (or caption only, without --image)")
+    parser = commands.add_parser("generate", help="image and/or caption -> WAV")
     parser.add_argument("--image", help="JPEG, PNG or WebP file; without it the clip follows the caption only")
-    parser.add_argument("--caption", required=True, help="a short description of the music")
-    parser.add_argument("--out", required=True, type=Path, help="WAV file to write")
+    parser.add_argument("--out", required=True, type=Path, help="WAV file to write (output i > 1: NAME-i.wav)")
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
-    parser.add_argument("--seconds", type=float, help=_help("seconds", "bundle default if omitted"))
-    parser.add_argument("--steps", type=int, help=_help("steps", "bundle default if omitted"))
-    parser.add_argument("--guidance", dest="guidance_scale", type=float, help=_help("guidance_scale", "paper: 7"))
-    parser.add_argument("--guidance-start", type=float, help=_help("guidance_start"))
-    parser.add_argument("--guidance-end", type=float, help=_help("guidance_end"))
-    parser.add_argument("--seed", type=int, help=_help("seed", "printed so the clip can be reproduced"))
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help=_help("scheduler"))
-    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset", "default none"))
-    parser.add_argument("--image-strength", type=float, help=_help("image_strength"))
-    parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, help=_help("image_guidance"))
-    parser.add_argument("--image-steps", type=int, help=_help("image_steps"))
+    add_request_flags(parser)
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu; default cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="weights and activations; half precision needs a GPU; default float32")
@@ -52,8 +42,14 @@ def add_generate_parser(commands) -> None:
     parser.set_defaults(run=run_generate)
 
 
-def _help(name: str, note: str = "") -> str:
-    return GenerationRequest.describe(name) + (f"; {note}" if note else "")
+def add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerationRequest field (`--image-strength` for image_strength), its help and choices
+    from the declaration; ranges that depend on the bundle are checked once it is known."""
+    for described in GenerationRequest.interface():
+        parser.add_argument(
+            f"--{described.name.replace('_', '-')}", dest=described.name, type=described.kind,
+            choices=described.choices, help=described.help,
+        )  # fmt: skip
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -65,8 +61,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError("out", f"must end in .wav, got {args.out.name}")
     image = load_image(args.image) if args.image else None
     bundle = args.bundle or default_tiny_bundle_dir()
-    fields = {name: getattr(args, name) for name in GenerationRequest.field_names()}
-    request = GenerationRequest(**fields)
+    given = {name: getattr(args, name) for name in GenerationRequest.field_names()}
+    request = GenerationRequest(**{name: value for name, value in given.items() if value is not None})
+    request.check_condition(has_image=image is not None)
     with contextlib.suppress(BundleError):  # not there yet (the tiny bundle is built below) or broken (verified below)
         request = request.resolved(read_limits(bundle))
 
@@ -87,12 +84,13 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype))
     loaded = time.perf_counter()
     output = pipe.generate([request], [image])
-    path = write_wav(args.out, output.audios[0], output.sampling_rate)
-    print(
-        f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, "
-        f"{request.steps} {request.scheduler} steps, seed {output.seeds[0]}; "
-        f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s)"
-    )
+    generated = time.perf_counter()
+    for index, (audio, seed) in enumerate(zip(output.audios, output.seeds, strict=True), start=1):
+        out = args.out if index == 1 else args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")
+        path = write_wav(out, audio, output.sampling_rate)
+        print(f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, "
+              f"{request.steps} {request.scheduler} steps, seed {seed})")
+    print(f"load {loaded - started:.1f} s, generate {generated - loaded:.1f} s")
     return 0
 
 

@@ -1,11 +1,12 @@
-"""Request bounds and their checks, torch-free so the HTTP side can validate without loading models."""
+"""Request bounds of a bundle, torch-free so the HTTP side can validate without loading models."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import BundleError, InputError
@@ -57,14 +58,14 @@ SAMPLING_PRESETS: dict[str, SamplingPreset] = {
 
 @dataclass(frozen=True)
 class GenerationLimits:
-    """Bounds and defaults of one bundle (from its model_index.json), so every front end states the same."""
+    """Bounds and defaults of one bundle (from its model_index.json), so every front end states the same.
+    The ranges themselves are declared with the fields, in `melfusion.request`."""
 
     max_seconds: float
     default_seconds: float
     max_steps: int
     default_steps: int
     default_guidance_scale: float
-    sampling_rate: int
     schedulers: tuple[str, ...] = TEACHER_SCHEDULERS  # `bundle_schedulers` of the bundle's scheduler class
 
     @property
@@ -93,52 +94,13 @@ class GenerationLimits:
                              f"this bundle serves {', '.join(self.schedulers)}")
         return preset
 
-    def check(
-        self,
-        *,
-        captions: list[str],
-        seconds: float,
-        steps: int,
-        guidance_scale: float,
-        image_strength: float,
-        scheduler: str,
-        image_guidance: str = "conditional",
-        image_steps: int | None = None,
-        guidance_start: float = 0.0,
-        guidance_end: float = 1.0,
-    ) -> None:
-        """Raise InputError naming the first out-of-range field (`image_steps` None: one pass per step)."""
-        if not captions or any(not isinstance(c, str) or not c.strip() for c in captions):
-            raise InputError("caption", "must be a non-empty string")
-        if not 0 < seconds <= self.max_seconds:
-            raise InputError("seconds", f"must be in (0, {self.max_seconds}], got {seconds}")
-        if not 1 <= steps <= self.max_steps:
-            raise InputError("steps", f"must be in [1, {self.max_steps}], got {steps}")
-        if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
-            raise InputError("guidance_scale", f"must be in [0, {MAX_GUIDANCE_SCALE}], got {guidance_scale}")
-        if not 0 <= image_strength <= 1:
-            raise InputError("image_strength", f"must be in [0, 1], got {image_strength}")
-        if scheduler not in self.schedulers:
-            kind = "a distilled student" if self.is_student else "a teacher bundle"
-            raise InputError("scheduler", f"must be one of {self.schedulers} ({kind}), got {scheduler!r}")
-        if image_guidance not in IMAGE_GUIDANCE_MODES:
-            raise InputError("image_guidance", f"must be one of {IMAGE_GUIDANCE_MODES}, got {image_guidance!r}")
-        if image_steps is not None and not 1 <= image_steps <= steps:
-            raise InputError("image_steps", f"must be in [1, steps = {steps}], got {image_steps}")
-        if not 0 <= guidance_start < 1:
-            raise InputError("guidance_start", f"must be in [0, 1), got {guidance_start}")
-        if not guidance_start < guidance_end <= 1:
-            raise InputError("guidance_end", f"must be in (guidance_start = {guidance_start}, 1], got {guidance_end}")
-        if scheduler in STUDENT_SCHEDULERS:
-            # a student has no unconditional batch: guidance is an input, distilled with the image in the
-            # conditional branch (the default), and there is no CFG pass for an interval to skip
-            if image_guidance != "conditional":
-                raise InputError("image_guidance", "a distilled student takes guidance as an input, distilled as "
-                                 "'conditional' (guidance amplifies caption and image together)")
-            if (guidance_start, guidance_end) != (0.0, 1.0):
-                field = "guidance_start" if guidance_start != 0.0 else "guidance_end"
-                raise InputError(field, "a distilled student runs no CFG batch, so there is no guidance "
-                                 "interval to set (leave it at 0-1)")
+    @classmethod
+    def from_config(cls, config: Mapping) -> GenerationLimits:
+        """From a bundle's model_index.json, or the pipeline's config (which hold the same keys); the samplers
+        from its scheduler's class (`bundle_schedulers`)."""
+        numbers = {f.name: {"float": float, "int": int}[f.type] for f in fields(cls) if f.name != "schedulers"}
+        return cls(**{name: kind(config[name]) for name, kind in numbers.items()},
+                   schedulers=bundle_schedulers(config["scheduler"][1]))  # fmt: skip
 
 
 def check_device(device: str, dtype: str = "float32") -> None:
@@ -157,17 +119,7 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
     """The limits of a bundle on disk, without importing torch or loading weights."""
     directory = Path(bundle_dir)
     try:
-        index = json.loads((directory / "model_index.json").read_text())
-        vocoder = json.loads((directory / "vocoder" / "config.json").read_text())
-        return GenerationLimits(
-            max_seconds=float(index["max_seconds"]),
-            default_seconds=float(index["default_seconds"]),
-            max_steps=int(index["max_steps"]),
-            default_steps=int(index["default_steps"]),
-            default_guidance_scale=float(index["default_guidance_scale"]),
-            sampling_rate=int(vocoder["sampling_rate"]),
-            schedulers=bundle_schedulers(index["scheduler"][1]),
-        )
+        return GenerationLimits.from_config(json.loads((directory / "model_index.json").read_text()))
     except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None
 

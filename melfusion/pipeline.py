@@ -41,9 +41,9 @@ from .audio import latent_frames
 from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
 from .images import fit_square
-from .limits import SCHEDULERS, GenerationLimits, bundle_schedulers
+from .limits import SCHEDULERS, GenerationLimits
 from .precision import NonFiniteOutput, finite_rows, first_non_finite, keep_float32_modules
-from .request import DEFAULT_GUIDANCE_INTERVAL, GenerationRequest, random_seed
+from .request import GenerationRequest, random_seed
 from .schedulers import GridDDIMInverseScheduler, GridDDIMScheduler
 from .shapes import ShapeBuckets
 from .student import guidance_embedding
@@ -338,11 +338,7 @@ class MelFusionPipeline(DiffusionPipeline):
 
     @property
     def limits(self) -> GenerationLimits:
-        c = self.config
-        return GenerationLimits(
-            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate,
-            schedulers=bundle_schedulers(type(self.scheduler).__name__),
-        )
+        return GenerationLimits.from_config(self.config)
 
     @property
     def is_student(self) -> bool:
@@ -519,12 +515,15 @@ class MelFusionPipeline(DiffusionPipeline):
         return any(self._feature_key(image, num_inference_steps) not in self.feature_cache for image in images)
 
     # -- music side ---------------------------------------------------------------------------------
-    def encode_captions(self, captions: list[str], with_unconditional: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG, rows are [""]*B + captions (TANGO's uncond).
+    def encode_captions(
+        self, captions: list[str], negative_captions: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG (`negative_captions` given), rows are
+        negative_captions + captions ("" is TANGO's unconditional caption).
 
         Padded with masked tokens to a warmed caption length (`_caption_length`).
         """
-        texts = [""] * len(captions) * with_unconditional + captions
+        texts = (negative_captions or []) + captions
         tokens = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
         )
@@ -614,13 +613,14 @@ class MelFusionPipeline(DiffusionPipeline):
         seconds: float | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | list[float] | None = None,
-        image_strength: float | list[float] = 1.0,
-        image_guidance: ImageGuidance = "conditional",
+        image_strength: float | list[float] | None = None,
+        image_guidance: ImageGuidance | None = None,
         scheduler: str | None = None,
         seed: int | list[int] | None = None,
         image_steps: int | None = None,
-        guidance_start: float = DEFAULT_GUIDANCE_INTERVAL[0],
-        guidance_end: float = DEFAULT_GUIDANCE_INTERVAL[1],
+        negative_caption: str | list[str | None] | None = None,
+        guidance_start: float | None = None,
+        guidance_end: float | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_non_finite: NonFinitePolicy = "raise",
@@ -628,7 +628,7 @@ class MelFusionPipeline(DiffusionPipeline):
         """Generate one clip per caption.
 
         Args:
-            caption: text prompt(s), one clip each.
+            caption: text prompt(s), one clip each; None rows follow their image only.
             image: one image for all captions, one per caption (None rows: caption only), or None.
             image_features: features from `encode_image` on the image grid; skips the image side.
             seconds: clip length (bundle default if None), at most the bundle's `max_seconds`.
@@ -644,6 +644,7 @@ class MelFusionPipeline(DiffusionPipeline):
             seed: int (item i gets seed + i) or one per caption; random if None, echoed in the output.
             image_steps: image passes on a coarser grid (default: one per music step); each music step
                 then reads the recorded step nearest to its timestep.
+            negative_caption: replaces "" in the unconditional CFG branch, one for all or one per caption.
             guidance_start, guidance_end: the guidance interval, fractions of the trajectory: CFG runs on the
                 steps i with start <= i/steps < end, the others on the conditional rows alone (`guided_steps`).
             callback: called with a StepInfo after every UNet step of every phase.
@@ -651,40 +652,45 @@ class MelFusionPipeline(DiffusionPipeline):
             on_non_finite: "raise" NonFiniteOutput if any clip has NaN/inf; "report" it per row in
                 `errors` instead (the other rows are unaffected: a batch fails row by row).
         """
-        # 1. Check inputs
-        captions = [caption] if isinstance(caption, str) else list(caption)
+        # 1. Check inputs: every row a resolved GenerationRequest (its defaults and ranges)
+        captions = [caption] if isinstance(caption, str | None) else list(caption)
         batch = len(captions)
         images = self._per_row("image", image, batch)
-        seconds = self.config.default_seconds if seconds is None else seconds
-        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
-        image_steps = steps if image_steps is None else image_steps
-        scheduler = self.limits.default_scheduler if scheduler is None else scheduler
-        guidance = self._per_row("guidance_scale", self.config.default_guidance_scale if guidance_scale is None else guidance_scale, batch)
-        strength = self._per_row("image_strength", image_strength, batch)
-        for row_guidance, row_strength in zip(guidance, strength):
-            self.limits.check(
-                captions=captions,
-                seconds=seconds,
-                steps=steps,
-                guidance_scale=row_guidance,
-                image_strength=row_strength,
-                scheduler=scheduler,
-                image_guidance=image_guidance,
-                image_steps=image_steps,
-                guidance_start=guidance_start,
+        columns = zip(
+            captions, self._per_row("negative_caption", negative_caption, batch),
+            self._per_row("guidance_scale", guidance_scale, batch),
+            self._per_row("image_strength", image_strength, batch), self._seeds(seed, batch), strict=True,
+        )  # fmt: skip
+        requests = [
+            _request_of(
+                caption=row_caption, negative_caption=row_negative, seconds=seconds, steps=num_inference_steps,
+                guidance_scale=row_guidance, image_strength=row_strength, image_guidance=image_guidance,
+                scheduler=scheduler, seed=row_seed, image_steps=image_steps, guidance_start=guidance_start,
                 guidance_end=guidance_end,
-            )
-        seeds = self._seeds(seed, batch)
+            ).resolved(self.limits)
+            for row_caption, row_negative, row_guidance, row_strength, row_seed in columns
+        ]  # fmt: skip
+        first = requests[0]
+        seconds, steps, image_steps, scheduler = first.seconds, first.steps, first.image_steps, first.scheduler
+        guidance_start, guidance_end = first.guidance_start, first.guidance_end
+        guidance = [request.guidance_scale for request in requests]
+        strength = [request.image_strength for request in requests]
+        seeds = [request.seed for request in requests]
         if image_features is not None:
             images = [None] * batch
+        for request, img in zip(requests, images, strict=True):
+            request.check_condition(has_image=img is not None or image_features is not None)
         has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
         with_unconditional = max(guidance) > 1.0 and not self.is_student  # a student's guidance is an input
+        captions = [request.caption or "" for request in requests]  # image only: the empty caption
+        negatives = [request.negative_caption or "" for request in requests]
 
         # 1b. Static shapes (compiled pipelines): rows padded to a warmed batch (caption only, thrown away),
         #     the latent to its clip-length bucket (the clip is cut from it); captions are padded in step 4
         rows = self._padded_rows(batch, with_unconditional)
         pad = rows - batch
         captions, images, has_image = captions + captions[-1:] * pad, images + [None] * pad, has_image + [False] * pad
+        negatives = negatives + negatives[-1:] * pad
         strength, guidance, row_seeds = strength + [0.0] * pad, guidance + [1.0] * pad, seeds + seeds[-1:] * pad
         latent_seconds = self._latent_seconds(seconds)
 
@@ -704,7 +710,7 @@ class MelFusionPipeline(DiffusionPipeline):
             )
 
             # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
-            text_states, text_mask = self.encode_captions(captions, with_unconditional)
+            text_states, text_mask = self.encode_captions(captions, negatives if with_unconditional else None)
 
             # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row
             generators = [torch.Generator("cpu").manual_seed(row_seed) for row_seed in row_seeds]
@@ -719,7 +725,7 @@ class MelFusionPipeline(DiffusionPipeline):
                 """A step's UNet rows, [uncond…, cond…] with CFG, else cond only: caption states and mask, and
                 which image each row's mixers read at which strength."""
                 count = rows * (1 + cfg)
-                row_strength = self.image_rows(torch.tensor(strength), torch.tensor(has_image), cfg, image_guidance)
+                row_strength = self.image_rows(torch.tensor(strength), torch.tensor(has_image), cfg, first.image_guidance)
                 feature_steps = nearest_steps(timesteps, image_grid)
                 self.load_synapse(image_features, feature_rows, text_mask[-count:], row_strength, feature_steps)
                 return text_states[-count:], text_mask[-count:]
@@ -831,7 +837,8 @@ class MelFusionPipeline(DiffusionPipeline):
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> MelFusionOutput:
-        """One clip per resolved request, in one call: a batch is a list of requests (see `batch_key`).
+        """Every clip of the resolved requests, in one call: a batch is a list of requests (see `batch_key`),
+        each giving `num_outputs` rows (its `variations`), in order.
 
         Args:
             requests: resolved requests sharing one `batch_key`; each row keeps its guidance, strength, seed.
@@ -852,21 +859,23 @@ class MelFusionPipeline(DiffusionPipeline):
         features = [image for image in images if isinstance(image, ImageFeatures)]
         if features and len(features) != len(images):
             raise InputError("image_features", "give features for every row or for none")
+        rows = [(row, image) for request, image in zip(requests, images) for row in request.variations()]
         first = requests[0]
         return self(
-            [request.caption for request in requests],
-            None if features or all(image is None for image in images) else images,
-            image_features=ImageFeatures.concat(features) if features else None,
+            [row.caption for row, _ in rows],
+            None if features or all(image is None for image in images) else [image for _, image in rows],
+            image_features=ImageFeatures.concat([image for _, image in rows]) if features else None,
             seconds=first.seconds,
             num_inference_steps=first.steps,
-            guidance_scale=[request.guidance_scale for request in requests],
-            image_strength=[request.image_strength for request in requests],
+            guidance_scale=[row.guidance_scale for row, _ in rows],
+            image_strength=[row.image_strength for row, _ in rows],
             image_guidance=first.image_guidance,
             scheduler=first.scheduler,
-            seed=[request.seed for request in requests],
+            seed=[row.seed for row, _ in rows],
             image_steps=first.image_steps,
             guidance_start=first.guidance_start,
             guidance_end=first.guidance_end,
+            negative_caption=[row.negative_caption for row, _ in rows],
             callback=callback,
             should_cancel=should_cancel,
             on_non_finite="report",
@@ -876,6 +885,12 @@ class MelFusionPipeline(DiffusionPipeline):
         """(B, D) a student UNet's guidance input, one scale per row (`melfusion.student.guidance_embedding`)."""
         embedding = guidance_embedding(torch.tensor(guidance), self.music_unet.config.time_cond_proj_dim)
         return embedding.to(device=device, dtype=self.music_unet.dtype)
+
+    def spectrogram_png(self, audio: np.ndarray) -> bytes:
+        """The clip's log-mel spectrogram as a PNG (`melfusion.spectrogram`; needs matplotlib)."""
+        from .spectrogram import spectrogram_png
+
+        return spectrogram_png(self, audio)
 
     @staticmethod
     def _per_row(field: str, value, count: int) -> list:
@@ -904,6 +919,11 @@ class MelFusionPipeline(DiffusionPipeline):
             raise InputError("image_features", "captured on another timestep grid (different steps?)")
         if features.batch_size not in (1, batch_size):
             raise InputError("image_features", f"batch of {features.batch_size} for {batch_size} captions")
+
+
+def _request_of(**given) -> GenerationRequest:
+    """A request of the arguments given (None: the declared default)."""
+    return GenerationRequest(**{name: value for name, value in given.items() if value is not None})
 
 
 def nearest_steps(timesteps: torch.Tensor, image_grid: torch.Tensor) -> list[int]:

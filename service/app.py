@@ -18,8 +18,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from jobs.queue import open_queue, open_redis
 from jobs.settings import Settings, load_settings
-from jobs.storage import LocalStorage, open_storage
-from melfusion.limits import read_limits
+from jobs.storage import open_storage
+from melfusion.limits import GenerationLimits, read_limits
 
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
@@ -27,11 +27,11 @@ from .events import JobEvents
 from .headers import ProtectiveHeaders, content_security_policy
 from .metrics import JobMetricsCollector
 from .operations import describe_job
-from .rate_limit import OpenStreamLimit, SubmitRateLimit
+from .rate_limit import OpenStreamLimit, RateLimitHeaders, SubmitRateLimit
 from .readiness import ReadinessProbe
-from .routes import demo, docs, files, health
-from .routes.jobs import build_jobs_router
+from .routes import demo, docs, files, health, jobs
 from .store_guard import GuardedStore
+from .submission import FORM_SCHEMA_NAME, JobForm
 from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
@@ -42,7 +42,7 @@ ASYNC_REDIS_CONNECTIONS = 16  # the job-events subscription and short `Prefer: w
 def create_app(settings: Settings) -> FastAPI:
     # Every thread that may call Redis at once gets a connection; past that a call waits, never fails.
     redis = open_redis(settings, max_connections=REQUEST_THREADS + settings.webhook_senders + 1)
-    limits = read_limits(settings.resolve_bundle_dir())
+    limits = bundle_limits(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
                                            threads=REQUEST_THREADS)  # fmt: skip
     app.state.readiness_probe = ReadinessProbe(settings.readiness_timeout_seconds)
     app.state.limits = limits
+    app.state.job_form = JobForm.build(limits, settings)
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}/"
     describe = lambda job: describe_job(job, redis=redis, storage=app.state.storage, base_url=base_url)
     app.state.webhook_sender = WebhookSender(
@@ -90,16 +91,43 @@ def create_app(settings: Settings) -> FastAPI:
     ))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(ProtectiveHeaders, policy=content_security_policy(settings))
     install_error_handlers(app)
-    app.include_router(build_jobs_router(limits, settings))
+    document_job_form(app)
+    app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(demo.router)
     app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
-    if isinstance(app.state.storage, LocalStorage):
+    if app.state.storage.serves_via_api:
         app.include_router(files.router)
     return app
+
+
+def bundle_limits(settings: Settings) -> GenerationLimits:
+    """The configured bundle's limits, read without torch; with none configured, the embedded tiny bundle's
+    (built on first use, which imports torch: the quick start only)."""
+    if settings.bundle_dir is not None:
+        return read_limits(settings.bundle_dir)
+    from melfusion.bundle import ensure_tiny_bundle
+
+    return read_limits(ensure_tiny_bundle())
+
+
+def document_job_form(app: FastAPI) -> None:
+    """Put the POST /jobs form's schema (built from the bundle's bounds at start) into the OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            form = app.state.job_form.openapi_schema()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(form.pop("$defs", {}))
+            schema["components"]["schemas"][FORM_SCHEMA_NAME] = form
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def serve(argv: list[str] | None = None) -> None:

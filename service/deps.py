@@ -19,7 +19,6 @@ from rq import Queue
 
 from jobs.settings import Settings
 from jobs.storage import Storage
-from melfusion.limits import GenerationLimits
 
 from .errors import Unauthorized
 from .events import JobEvents
@@ -50,7 +49,6 @@ GuardedStoreDep = Annotated[GuardedStore, from_app_state("guarded_store")]
 ReadinessProbeDep = Annotated[ReadinessProbe, from_app_state("readiness_probe")]
 QueueDep = Annotated[Queue, from_app_state("queue")]
 StorageDep = Annotated[Storage, from_app_state("storage")]
-LimitsDep = Annotated[GenerationLimits, from_app_state("limits")]
 
 
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -109,9 +107,12 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 def enforce_rate_limit(request: Request, caller: CallerDep) -> None:
     """429 + Retry-After once the caller has submitted too much (see SubmitRateLimit), so one busy client
-    cannot spend everyone's budget."""
+    cannot spend everyone's budget; and the IETF draft's `RateLimit-Policy` and `RateLimit` headers on every
+    answer that counted (put there by RateLimitHeaders, whatever the answer)."""
     limit: SubmitRateLimit = request.app.state.submit_rate_limit
-    limit.hit(caller.key, described_as=caller.described_as)
+    budget = limit.hit(caller.key)
+    request.state.rate_limit_headers = budget.headers()
+    budget.raise_if_exhausted(described_as=caller.described_as)
 
 
 def client_network(host: str) -> str:

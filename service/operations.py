@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
-import uuid
 import logging
+import time
+import uuid
 from urllib.parse import urljoin
 
 from redis import Redis
@@ -15,6 +17,7 @@ from rq.job import Job
 
 from jobs.lifecycle import announce
 from jobs.queue import (
+    CANCEL_AT,
     KEY_PREFIX,
     ON_FAILURE,
     TASK,
@@ -33,13 +36,12 @@ from jobs.settings import Settings
 from jobs.storage import Storage, input_key
 from jobs.webhooks import get_subscription
 from melfusion.images import check_image
-from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
 from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded, TargetRefused
-from .schemas import JobError, JobPublic, JobResult, WebhookSubscription
+from .schemas import JobError, JobPublic, JobResult
 from .store_guard import GuardedStore
-from .uploads import ImageType
+from .submission import Submission
 from .webhooks import check_target
 
 
@@ -52,10 +54,10 @@ def _idempotency_record_key(owner: str, key: str) -> str:
     return f"{KEY_PREFIX}:idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def _fingerprint(image: bytes, request: GenerationRequest) -> str:
+def _fingerprint(image: bytes | None, request: GenerationRequest) -> str:
     """The photo and the fields the caller set (unset ones left out, so a field added by an upgrade does not
     turn a retry that spans it into a conflict)."""
-    digest = hashlib.sha256(image)
+    digest = hashlib.sha256(image if image is not None else b"no image")
     given = {name: value for name, value in request.to_dict().items() if value is not None}
     digest.update(json.dumps(given, sort_keys=True).encode())
     return digest.hexdigest()
@@ -67,13 +69,10 @@ def submit_job(
     queue: Queue,
     store: GuardedStore,
     settings: Settings,
-    limits: GenerationLimits,
     owner: str,
-    image: bytes,
-    image_type: ImageType,
-    request: GenerationRequest,
-    webhook: WebhookSubscription | None,
+    submission: Submission,
     idempotency_key: str | None,
+    cancel_after: float | None = None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
     The image is stored only once everything else accepted the job, and deleted again if enqueueing fails
@@ -85,9 +84,13 @@ def submit_job(
         Overloaded: more than `max_queue_depth` jobs are queued.
         IdempotencyConflict: the key was used before with a different request.
     """
-    check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
-    params = request.resolved(limits)
+    image, request, webhook = submission.image, submission.request, submission.webhook
+    if image is not None:
+        check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
+    kept_for = submission.expires_in or settings.job_ttl_seconds  # RQ's result_ttl: the job's `expires_in`
     meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
+    if cancel_after is not None:
+        meta[CANCEL_AT] = time.time() + cancel_after
     if webhook is not None:
         if settings.webhook_secret is None:
             raise TargetRefused("webhooks are off: the server has no MELFUSION_WEBHOOK_SECRET", field="webhook_url")
@@ -106,24 +109,26 @@ def submit_job(
         record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         if not redis.set(record_key, record, nx=True, ex=settings.job_ttl_seconds):
             return _replay(redis, record_key, fingerprint=fingerprint), True
-    image_key = input_key(job_id, image_type.extension)
+    image_key = input_key(job_id, submission.image_type.extension) if image is not None else None
     try:
-        store.put(image_key, image, content_type=image_type.mime)  # if it fails, the guard deletes what landed
+        if image_key is not None:  # if it fails, the guard deletes what landed
+            store.put(image_key, image, content_type=submission.image_type.mime)
         try:
             job = queue.enqueue_call(
                 TASK,
-                kwargs={"image_key": image_key, "params": params.to_dict()},
+                kwargs={"image_key": image_key, "params": submission.params.to_dict()},
                 job_id=job_id,
                 timeout=settings.job_timeout_seconds,
-                result_ttl=settings.job_ttl_seconds,
-                failure_ttl=settings.job_ttl_seconds,
+                result_ttl=kept_for,
+                failure_ttl=kept_for,
                 meta=meta,
                 retry=Retry(max=settings.max_retries) if settings.max_retries else None,
                 on_failure=Callback(ON_FAILURE),
                 description=f"melfusion job {job_id}",
             )
         except BaseException:
-            store.delete(image_key)  # a photo whose job was never queued
+            if image_key is not None:
+                store.delete(image_key)  # a photo whose job was never queued
             raise
     except BaseException:
         if record_key is not None:
@@ -160,26 +165,22 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     ending, so the view is final the moment anyone can hear of the end."""
     ending = get_ending(job)
     status = status_of(job, ending)
-    result = None
+    finished_at = None
+    if ending is not None:
+        finished_at = ending.at or get_cancel_requested_at(redis, job.id)
+    expires_at = finished_at and finished_at + dt.timedelta(seconds=job.result_ttl)
+    outputs = None
     if status is JobStatus.SUCCEEDED:
-        stored = ending.result
-        signed = storage.signed_url(stored["key"])
-        fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
-        picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
-        result = JobResult(
-            url=urljoin(base_url, signed.url),
-            spectrogram_url=picture and urljoin(base_url, picture),
-            expires_at=signed.expires_at,
-            **fields,
-        )
+        stored_outputs = ending.result.get("outputs", [ending.result])  # a job from before `outputs`: its one
+        outputs = [_public_result(output, storage=storage, base_url=base_url, not_after=expires_at)
+                   for output in stored_outputs]  # fmt: skip
     error = None
     if status is JobStatus.FAILED:
         error = JobError(**(ending.error or {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
     elif status is JobStatus.CANCELED:
         error = JobError(**(ending.error or {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
-    finished_at = None
-    if ending is not None:
-        finished_at = ending.at or get_cancel_requested_at(redis, job.id)
+    elif status is JobStatus.ABORTED:
+        error = JobError(**ending.error)
     return JobPublic(
         id=job.id,
         status=status,
@@ -187,17 +188,34 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         attempts=get_attempts(job, status),
         queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
-        started_at=job.started_at,
+        started_at=None if status is JobStatus.ABORTED else job.started_at,  # a worker took it, but it never ran
         finished_at=finished_at,
+        expires_at=expires_at,
         params=GenerationRequest.from_dict(job.kwargs["params"]),
-        result=result,
+        result=outputs and outputs[0],
+        outputs=outputs,
         error=error,
         webhook=get_subscription(job.meta),
     )
 
 
+def _public_result(stored: dict, *, storage: Storage, base_url: str, not_after: dt.datetime | None) -> JobResult:
+    """One stored clip as the API shows it, with fresh signed URLs (none outliving the job)."""
+    signed = storage.signed_url(stored["key"], not_after=not_after)
+    fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
+    picture = None
+    if "spectrogram_key" in stored:
+        picture = storage.signed_url(stored["spectrogram_key"], not_after=not_after).url
+    return JobResult(
+        url=urljoin(base_url, signed.url),
+        spectrogram_url=picture and urljoin(base_url, picture),
+        expires_at=signed.expires_at,
+        **fields,
+    )
+
+
 def result_key(job: Job) -> str:
-    """Where a succeeded job's WAV is stored."""
+    """Where a succeeded job's (first) WAV is stored."""
     return get_ending(job).result["key"]
 
 
@@ -210,7 +228,7 @@ def cancel_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Setting
     status = get_status(job)
     if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise JobStateConflict(f"job {job.id} already {status.value}", field="id")
-    if status is JobStatus.CANCELED:
+    if status in (JobStatus.CANCELED, JobStatus.ABORTED):
         return
     raise_cancel_flag(redis, job.id, ttl_seconds=settings.job_ttl_seconds)
     if status is JobStatus.QUEUED:
@@ -218,8 +236,9 @@ def cancel_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Setting
             job.cancel()
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
-        redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
-        store.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+        redis.expire(job.key, job.result_ttl)  # RQ keeps canceled jobs forever otherwise
+        if job.kwargs["image_key"] is not None:
+            store.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))
 
 

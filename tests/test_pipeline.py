@@ -285,3 +285,13 @@ def test_generate_takes_features_or_images_and_refuses_mixed_batches(pipe, image
         pipe.generate([request, request], [features, image])
     with pytest.raises(InputError, match="requests"):
         pipe.generate([request, _request(seed=5, steps=2).resolved(pipe.limits)], [image, image])
+
+
+def test_the_pipeline_is_an_engine_and_warms_up(pipe):
+    from melfusion.engine import Engine
+    from melfusion.shapes import ShapeBuckets
+
+    assert isinstance(pipe, Engine)  # every member the worker uses (melfusion.engine) is there
+    assert pipe.warm_up(ShapeBuckets((2,), (0.5,), (32,))) == 1
+    png = pipe.spectrogram_png(np.zeros(8000, dtype=np.float32))
+    assert png.startswith(b"\x89PNG")

@@ -31,14 +31,13 @@ from rq.utils import now
 
 from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
-from jobs.queue import ErrorCode, JobStatus, cancel_key
+from jobs.queue import CANCEL_AT, ErrorCode, JobStatus, cancel_key
 from jobs.storage import PNG, WAV, StorageUnavailable, output_key, retry_storage, spectrogram_key
 from melfusion.audio import encode_wav
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.precision import NonFiniteOutput
 from melfusion.request import GenerationRequest
-from melfusion.spectrogram import spectrogram_png
 
 from .warm import Runtime, get_runtime
 
@@ -48,13 +47,17 @@ REDIS_RETRY_SECONDS = 30.0  # how long an outcome write waits out a Redis outage
 PROGRESS_INTERVAL_SECONDS = 0.25  # at most 4 progress writes a second per job, not one per UNet step
 CANCELED = {"canceled": True}  # the return value of a canceled job (RQ: finished; API: canceled)
 
+class Aborted(Exception):
+    """A job that must not start any more (its Cancel-After deadline passed while it waited)."""
+
+
 # How a job ended, handed to the caller that records it in RQ: a return value or the exception it failed with.
 Outcome = dict | BaseException
 FinishJob = Callable[[Job, Outcome], None]
 WriteResult = Callable[[str, Callable[[], None]], None]  # (job id, task): run the task off the generating thread
 
 
-def generate_clip(*, image_key: str, params: dict) -> dict:
+def generate_clip(*, image_key: str | None, params: dict) -> dict:
     """The function every job names. `MelFusionWorker` runs each job inside a batch (`run_batch`, a lone job
     being a batch of one), never through this; a plain RQ worker that picks the job up fails it here."""
     raise RuntimeError("MelFusion jobs run on `python -m workers` (MelFusionWorker), not on a plain RQ worker")
@@ -65,12 +68,17 @@ class _Row:
     """One job's place in a batch."""
 
     job: Job
-    request: GenerationRequest
-    image_key: str
+    request: GenerationRequest  # resolved against the worker's bundle (a payload of an older API gets defaults)
+    image_key: str | None  # None: caption only
     started: float = field(default_factory=time.perf_counter)
     saved_progress_at: float = float("-inf")
     progress: float = 0.0
     ended: bool = False  # ended, or handed to the writer thread: no longer this thread's to end
+
+    def deadline_passed(self) -> bool:
+        """Whether the job's Cancel-After deadline (`meta.cancel_at`, set by the API) is behind us."""
+        deadline = self.job.meta.get(CANCEL_AT)
+        return deadline is not None and time.time() >= deadline
 
     def report_progress(self, fraction: float) -> None:
         """Announce progress; never backwards (the halves of a batch split for memory start again at 0)."""
@@ -87,7 +95,7 @@ class _Row:
 
 
 def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: WriteResult) -> None:
-    """Generate one clip per job in one pipeline call; every job ends through `finish` exactly once.
+    """Generate every job's clips (`num_outputs` each) in one pipeline call; every job ends through `finish` once.
 
     Args:
         jobs: started jobs whose requests share one `batch_key`; the oldest first.
@@ -95,19 +103,19 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
         finish: records a job's outcome in RQ (called as soon as the job ends, mid-batch for a cancel).
         write: runs a generated job's last steps (store the clip, end the job) on the writer thread.
     """
-    rows = [_Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"]) for job in jobs]
     redis = jobs[0].connection
-    for row in rows:
-        if row.job.enqueued_at and row.job.started_at:
+    limits = runtime.get_pipeline().limits
+    for job in jobs:
+        if job.enqueued_at and job.started_at:
             with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
-                observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
+                observe(redis, QUEUE_WAIT, (job.started_at - job.enqueued_at).total_seconds())
 
     def end(row: _Row, outcome: Outcome) -> None:
         row.ended = True
         retry_redis(lambda: record_outcome(row.job, outcome), what=f"job {row.job.id}: recording its outcome")
         discard_input(runtime, row.image_key, job_id=row.job.id)
         retry_redis(
-            lambda: finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome),
+            lambda: finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled | Aborted) else outcome),
             what=f"job {row.job.id}: finishing it in RQ",
         )
         try:
@@ -129,12 +137,28 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
             if canceled:
                 log.info("job %s canceled: %s", row.job.id, reason)
                 end(row, GenerationCancelled(reason))
+            elif row.deadline_passed():
+                log.info("job %s canceled at its Cancel-After deadline: %s", row.job.id, reason)
+                end(row, GenerationCancelled(f"Cancel-After deadline passed; {reason}"))
 
+    rows = []
+    for job in jobs:
+        row = _Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"])
+        rows.append(row)
+        try:
+            row.request = row.request.resolved(limits)
+        except InputError as exc:  # a payload this worker's bundle cannot serve
+            end(row, exc)
+    for row in rows:
+        if not row.ended and row.deadline_passed():  # Replicate's Cancel-After: not started in time, never runs
+            end(row, Aborted("not started before its Cancel-After deadline"))
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
     resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
     for row in rows:
-        if not row.ended:
+        if not row.ended and row.image_key is None:
+            images[row.job.id] = None
+        elif not row.ended:
             try:
                 data = retry_storage(
                     lambda key=row.image_key: runtime.storage.get(key),
@@ -152,10 +176,17 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
     for row in batch:
         announce(row.job, JobStatus.RUNNING)
 
-    def finish_row(row: _Row, audio, sampling_rate: int, error: NonFiniteOutput | None) -> None:
-        """On the writer thread: store the clip (unless its row came out non-finite) and end the job."""
+    def finish_row(row: _Row, audios, sampling_rate: int, errors: list[NonFiniteOutput | None]) -> None:
+        """On the writer thread: store the job's clips (unless one came out non-finite) and end the job; the
+        result is the first clip's record plus `outputs`, every clip's."""
+        error = next((error for error in errors if error is not None), None)
         try:
-            outcome = error or store_clip(runtime, row.job.id, audio, sampling_rate)
+            if error is not None:
+                outcome = error
+            else:
+                outputs = [store_clip(runtime, row.job.id, index, audio, sampling_rate)
+                           for index, audio in enumerate(audios)]  # fmt: skip
+                outcome = {**outputs[0], "outputs": outputs}
         except Exception as exc:
             outcome = exc
         end(row, outcome)
@@ -193,10 +224,14 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
                     end(row, exc)
             return
         else:
-            for row, audio, error in zip(part, output.audios, output.errors, strict=True):
+            first = 0
+            for row in part:  # a job's `num_outputs` clips are consecutive rows
+                clips = slice(first, first + row.request.num_outputs)
+                first = clips.stop
                 if not row.ended:
                     row.ended = True  # the writer ends it from here on
-                    write(row.job.id, partial(finish_row, row, audio, output.sampling_rate, error))
+                    write(row.job.id, partial(finish_row, row, output.audios[clips], output.sampling_rate,
+                                              output.errors[clips]))  # fmt: skip
             return
         # Out of memory: the exception (and the frames holding the failed call's tensors) is gone by now.
         if torch.cuda.is_available():
@@ -208,12 +243,12 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
     generate_part(batch)
 
 
-def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict:
-    """Write the WAV, then its spectrogram PNG, to storage; returns the result record the API reads."""
+def store_clip(runtime: Runtime, job_id: str, index: int, audio, sampling_rate: int) -> dict:
+    """Write output `index`'s WAV, then its spectrogram PNG, to storage; returns the record the API reads."""
     wav = encode_wav(audio, sampling_rate)
-    key = output_key(job_id)
-    picture = spectrogram_key(job_id)
-    png = spectrogram_png(runtime.get_pipeline(), audio)
+    key = output_key(job_id, index)
+    picture = spectrogram_key(job_id, index)
+    png = runtime.get_pipeline().spectrogram_png(audio)
     for stored_key, data, content_type in ((key, wav, WAV), (picture, png, PNG)):
         retry_storage(
             lambda: runtime.storage.put(stored_key, data, content_type=content_type),
@@ -231,9 +266,11 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
     }
 
 
-def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
+def discard_input(runtime: Runtime, image_key: str | None, *, job_id: str) -> None:
     """The uploaded photo is needed only while its job runs; keep storage from filling with them (a delete
     that fails now is the sweep's to repeat)."""
+    if image_key is None:
+        return
     try:
         runtime.storage.delete(image_key)
     except StorageUnavailable as exc:
@@ -280,6 +317,8 @@ def record_outcome(job: Job, outcome: Outcome) -> None:
     """Announce how the job ended: its result, or `{code, message}` for the API (tracebacks go to the log)."""
     if isinstance(outcome, GenerationCancelled):
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, str(outcome)))
+    elif isinstance(outcome, Aborted):
+        announce(job, JobStatus.ABORTED, error=(ErrorCode.ABORTED, str(outcome)))
     elif isinstance(outcome, InputError):
         log.info("job %s rejected: %s", job.id, outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.INVALID_INPUT, str(outcome)))

@@ -1,5 +1,6 @@
 """The process-wide state a job needs: the pipeline (loaded, compiled and warmed up once, then reused), the
-storage, the settings.
+storage, the settings. Jobs ask of the pipeline only what `melfusion.engine.Engine` declares; loading,
+compiling and shape buckets are MelFusionPipeline's, here.
 
 A compiled pipeline is warmed on every shape of its `ShapeBuckets` and pads each call up to one of them,
 so serving never compiles; a graph compiled after warm-up is a miss the worker reports (log and
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from jobs.settings import Settings
 from jobs.storage import Storage
+from melfusion.engine import Engine
 from melfusion.shapes import ShapeBuckets
 
 log = logging.getLogger(__name__)
@@ -31,14 +33,14 @@ class Runtime:
     _pipeline: object = field(default=None, repr=False)
     _graphs_seen: int = 0  # graphs dynamo had compiled when last looked at (`take_new_graphs`)
 
-    def get_pipeline(self):
+    def get_pipeline(self) -> Engine:
         """The loaded MelFusionPipeline; loads it on first use only."""
         if self._pipeline is None:
             import torch
 
-            from melfusion.bundle import load_pipeline
+            from melfusion.bundle import ensure_tiny_bundle, load_pipeline
 
-            bundle = self.settings.resolve_bundle_dir()
+            bundle = self.settings.bundle_dir or ensure_tiny_bundle()
             started = time.perf_counter()
             pipe = load_pipeline(bundle, device=self.settings.device, dtype=getattr(torch, self.settings.dtype))
             pipe.set_progress_bar_config(disable=True)

@@ -120,7 +120,7 @@ class ConsistencyTargets:
         t, u, s = t.to(device), u.to(device), s.to(device)
         with torch.no_grad():
             # ["", …] + captions
-            text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=True)
+            text_states, text_mask = pipe.encode_captions(batch.captions, [""] * rows)
             states, mask = text_states[rows:], text_mask[rows:]
             # the image K/V at every timestep of the path, in one SD batch: path[j] is rows j·B … (j+1)·B − 1
             features = self.image_key_values(drawn.path_segments, drawn.path.flatten())

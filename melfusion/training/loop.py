@@ -228,7 +228,7 @@ def diffusion_loss(
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)  # z_t^M
     target = training_target(noise_scheduler, batch.latents, batch.noise, batch.timesteps)
     with torch.no_grad():
-        text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=False)  # c (line 4)
+        text_states, text_mask = pipe.encode_captions(batch.captions)  # c (line 4)
     features = image_key_values(batch.image_segments, batch.timesteps)  # K_l^I, V_l^I at each row's t (line 7)
     prediction = model(
         noisy.to(device), batch.timesteps.to(device), text_states, text_mask, features, batch.image_strength.to(device)

@@ -1,4 +1,5 @@
-"""/files: the local store's downloads, behind expiring HMAC-signed URLs (mounted only for that store)."""
+"""/files: the local store's downloads, behind expiring HMAC-signed URLs (mounted only for a store whose
+links lead here: `Storage.serves_via_api`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from jobs.storage import PNG, WAV, LocalStorage, StorageKeyInvalid, check_key, content_type_of
+from jobs.storage import PNG, WAV, StorageKeyInvalid, check_key, content_type_of
 
 from ..deps import StorageDep
 from ..errors import ErrorResponse, JobNotFound, LinkInvalid
@@ -21,7 +22,6 @@ router = APIRouter(tags=["files"])
     responses={200: {"content": {WAV: {}, PNG: {}}}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
 )
 def download_file(key: str, expires: Annotated[int, Query()], signature: Annotated[str, Query()], storage: StorageDep):
-    assert isinstance(storage, LocalStorage)
     try:
         check_key(key)
     except StorageKeyInvalid:

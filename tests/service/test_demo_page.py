@@ -126,3 +126,21 @@ def test_the_api_key_stays_with_the_tab_unless_remembered(live_stack, browser):
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == "tab-only-key"
     assert browser.find_element(By.ID, "remember-key").is_selected()
     browser.execute_script("localStorage.removeItem('melfusion.apiKey')")
+
+
+def test_caption_only_with_variations_and_a_negative_caption(live_stack, browser):
+    browser.get(f"{live_stack.base_url}/")
+    browser.find_element(By.ID, "caption").send_keys("soft rain on a tin roof")
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    for name, value in (("negative_caption", "drums"), ("num_outputs", "2"), ("steps", "2"), ("seed", "7"),
+                        ("seconds", "")):  # fmt: skip
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 300).until(lambda b: b.find_element(By.ID, "audio").get_attribute("src"))
+    extra = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#more-outputs audio"))
+    first = browser.find_element(By.ID, "audio").get_attribute("src")
+    assert len(extra) == 1 and extra[0].get_attribute("src") != first
+    assert "seed 8" in browser.find_element(By.ID, "more-outputs").text
+    assert "kept until" in browser.find_element(By.ID, "expires").text
