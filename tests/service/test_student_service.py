@@ -54,7 +54,7 @@ def test_a_worker_serves_and_batches_a_students_few_step_jobs(student_stack, sam
 
 def test_the_api_states_and_checks_a_students_samplers_and_bounds(student_stack, sample_png):
     with student_stack.http() as http:
-        form = http.get("/openapi.json").json()["components"]["schemas"]["Body_create_job_jobs_post"]["properties"]
+        form = http.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["properties"]
         assert form["scheduler"]["anyOf"][0]["enum"] == ["tcd", "lcm"]
         assert form["steps"]["anyOf"][0]["maximum"] == 8
         refusals = [({"preset": "paper"}, "preset", "needs a teacher bundle"),
