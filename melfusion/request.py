@@ -96,6 +96,17 @@ class GenerationRequest:
         "(diffusers' negative prompt); needs guidance_scale > 1",
         text=True,
     )
+    seconds: float | None = declare(
+        "clip length in seconds", gt=0, le=lambda limits: limits.max_seconds,
+        bundle_default=lambda limits: limits.default_seconds,
+    )  # fmt: skip
+    steps: int | None = declare(
+        "denoising steps", ge=1, le=lambda limits: limits.max_steps, bundle_default=lambda limits: limits.default_steps
+    )
+    guidance_scale: float | None = declare(
+        "classifier-free guidance scale; <= 1 turns CFG off", ge=0, le=MAX_GUIDANCE_SCALE,
+        bundle_default=lambda limits: limits.default_guidance_scale,
+    )  # fmt: skip
     guidance_start: float = declare(
         "guidance interval: CFG runs on the steps from this fraction of the trajectory (0 = pure noise) "
         "until `guidance_end`; the other steps run the conditional branch alone, half the UNet work "
@@ -110,17 +121,6 @@ class GenerationRequest:
         gt=0,
         le=1,
     )
-    seconds: float | None = declare(
-        "clip length in seconds", gt=0, le=lambda limits: limits.max_seconds,
-        bundle_default=lambda limits: limits.default_seconds,
-    )  # fmt: skip
-    steps: int | None = declare(
-        "denoising steps", ge=1, le=lambda limits: limits.max_steps, bundle_default=lambda limits: limits.default_steps
-    )
-    guidance_scale: float | None = declare(
-        "classifier-free guidance scale; <= 1 turns CFG off", ge=0, le=MAX_GUIDANCE_SCALE,
-        bundle_default=lambda limits: limits.default_guidance_scale,
-    )  # fmt: skip
     image_strength: float = declare("scales every α: 0 = caption only, 1 = learned α", default=1.0, ge=0, le=1)
     image_guidance: str = declare(
         "CFG branch that sees the image: conditional (guidance amplifies image and caption) "
@@ -202,7 +202,8 @@ class GenerationRequest:
         if request.image_steps > request.steps:
             raise InputError("image_steps", f"must be in [1, steps = {request.steps}], got {request.image_steps}")
         if request.negative_caption is not None and not request.uses_cfg:
-            raise InputError("negative_caption", f"needs guidance_scale > 1, got {request.guidance_scale}")
+            raise InputError("negative_caption", f"needs guidance_scale > 1 and a teacher's sampler (a CFG batch), "
+                             f"got {request.guidance_scale} with {request.scheduler}")  # fmt: skip
         if request.guidance_end <= request.guidance_start:
             raise InputError("guidance_end", f"must be in (guidance_start = {request.guidance_start}, 1], "
                              f"got {request.guidance_end}")  # fmt: skip
