@@ -1,4 +1,5 @@
-"""Waveform helpers: clip length <-> latent length, WAV encoding, and writes that never leave a partial file."""
+"""Waveform helpers: clip length <-> latent length, encoding (WAV, FLAC, Ogg Vorbis, Ogg Opus, MP3, all
+through libsndfile), and writes that never leave a partial file."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 import soundfile as sf
+
+from .errors import InputError
 
 
 def latent_frames(seconds: float, *, sampling_rate: int, hop_length: int, vae_scale: int, unet_scale: int) -> int:
@@ -19,11 +24,65 @@ def latent_frames(seconds: float, *, sampling_rate: int, hop_length: int, vae_sc
     return math.ceil(frames / unet_scale) * unet_scale
 
 
+@dataclass(frozen=True)
+class AudioFormat:
+    """A file format a clip can be delivered in: libsndfile's container and codec, and what HTTP calls it."""
+
+    name: str
+    extension: str
+    content_type: str
+    container: str  # libsndfile's major format
+    subtype: str  # libsndfile's codec
+    sampling_rates: tuple[int, ...] = ()  # the rates the codec takes (empty: any); others are resampled
+
+
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+AUDIO_FORMATS: dict[str, AudioFormat] = {
+    f.name: f
+    for f in (
+        AudioFormat("wav", "wav", "audio/wav", "WAV", "PCM_16"),
+        AudioFormat("flac", "flac", "audio/flac", "FLAC", "PCM_16"),
+        AudioFormat("ogg", "ogg", "audio/ogg", "OGG", "VORBIS"),
+        AudioFormat("opus", "opus", "audio/ogg; codecs=opus", "OGG", "OPUS", OPUS_RATES),
+        AudioFormat("mp3", "mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III"),
+    )
+}
+DEFAULT_FORMAT = "wav"
+
+
+def audio_format(name: str) -> AudioFormat:
+    """The format called `name`; InputError naming `format` otherwise."""
+    if name not in AUDIO_FORMATS:
+        raise InputError("format", f"must be one of {tuple(AUDIO_FORMATS)}, got {name!r}")
+    return AUDIO_FORMATS[name]
+
+
+def format_of_extension(extension: str) -> AudioFormat | None:
+    return next((f for f in AUDIO_FORMATS.values() if f.extension == extension.lower().lstrip(".")), None)
+
+
+def encode_audio(waveform: np.ndarray, sampling_rate: int, format: str = DEFAULT_FORMAT) -> bytes:
+    """Mono float waveform in [-1, 1] -> file bytes in `format` (16-bit for the lossless ones).
+
+    Opus takes five rates only: a clip at another rate is resampled to 48 kHz (scipy, the engine's).
+    """
+    spec = audio_format(format)
+    waveform = np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0)
+    if spec.sampling_rates and sampling_rate not in spec.sampling_rates:
+        from scipy.signal import resample_poly
+
+        target = max(spec.sampling_rates)
+        divisor = math.gcd(target, sampling_rate)
+        waveform = np.clip(resample_poly(waveform, target // divisor, sampling_rate // divisor), -1.0, 1.0)
+        sampling_rate = target
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, sampling_rate, format=spec.container, subtype=spec.subtype)
+    return buffer.getvalue()
+
+
 def encode_wav(waveform: np.ndarray, sampling_rate: int) -> bytes:
     """Mono float waveform in [-1, 1] -> 16-bit PCM WAV bytes (deterministic for equal input)."""
-    buffer = io.BytesIO()
-    sf.write(buffer, np.clip(waveform, -1.0, 1.0), sampling_rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
+    return encode_audio(waveform, sampling_rate, "wav")
 
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
