@@ -206,6 +206,7 @@ class SynapseState:
         self.token_matching = torch.zeros(1, 1, 1)
         self.features: ImageFeatures | None = None
         self.feature_steps: list[int] = []  # music step i reads feature step feature_steps[i]
+        self.call_rows = (self.image_row, self.row_strength, self.token_matching)  # every row of the call
 
     def load(
         self,
@@ -231,9 +232,18 @@ class SynapseState:
                 store[site] = _reuse(store.get(site), (batch, num_tokens, width), dtype, device)
                 if features is None:
                     store[site].zero_()
-        self.image_row = _assign(self.image_row, image_row.to(device))
-        self.row_strength = _assign(self.row_strength, row_strength.to(device=device, dtype=torch.float32))
-        self.token_matching = _assign(self.token_matching, token_matching)
+        self.call_rows = (image_row.to(device), row_strength.to(device=device, dtype=torch.float32), token_matching)
+        self.image_row, self.row_strength, self.token_matching = (
+            _assign(buffer, value) for buffer, value in zip((self.image_row, self.row_strength, self.token_matching), self.call_rows)
+        )
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Point the UNet's rows at rows `rows` of the call's (the windows of a long clip run `batch` at a
+        time, each reading its own clip's image, strength and caption), copying into the same buffers."""
+        index = rows.to(self.image_row.device)
+        self.image_row, self.row_strength, self.token_matching = (
+            _assign(buffer, value[index]) for buffer, value in zip((self.image_row, self.row_strength, self.token_matching), self.call_rows)
+        )
 
     def select_step(self, step: int) -> None:
         """Copy the image K/V that music step `step` meets into the buffers the mixers read (lines 7-9)."""

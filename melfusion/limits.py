@@ -12,6 +12,8 @@ from .errors import BundleError, InputError
 SCHEDULERS = ("ddim", "dpmpp", "ddpm")
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
+DEFAULT_WINDOW_SECONDS = 10.0  # TANGO's training clips (256 latent frames); bundles may say otherwise
+LOUDNESS_RANGE_LUFS = (-40.0, -5.0)  # quieter is inaudible on a phone, louder cannot keep 1 dB of true-peak headroom
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class GenerationLimits:
     default_guidance_scale: float
     sampling_rate: int
     schedulers: tuple[str, ...] = SCHEDULERS
+    window_seconds: float = DEFAULT_WINDOW_SECONDS  # the trained clip length: longer clips run in windows of it
 
     def check(
         self,
@@ -55,6 +58,7 @@ class GenerationLimits:
         scheduler: str,
         image_guidance: str = "conditional",
         image_steps: int | None = None,
+        loudness_lufs: float | None = None,
     ) -> None:
         """Raise InputError naming the first out-of-range field (`image_steps` None: one pass per step)."""
         if not captions or any(not isinstance(c, str) or not c.strip() for c in captions):
@@ -73,6 +77,9 @@ class GenerationLimits:
             raise InputError("image_guidance", f"must be one of {IMAGE_GUIDANCE_MODES}, got {image_guidance!r}")
         if image_steps is not None and not 1 <= image_steps <= steps:
             raise InputError("image_steps", f"must be in [1, steps = {steps}], got {image_steps}")
+        low, high = LOUDNESS_RANGE_LUFS
+        if loudness_lufs is not None and not low <= loudness_lufs <= high:
+            raise InputError("loudness_lufs", f"must be in [{low}, {high}] LUFS or null (off), got {loudness_lufs}")
 
 
 def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
@@ -88,6 +95,7 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
             default_steps=int(index["default_steps"]),
             default_guidance_scale=float(index["default_guidance_scale"]),
             sampling_rate=int(vocoder["sampling_rate"]),
+            window_seconds=float(index.get("window_seconds", DEFAULT_WINDOW_SECONDS)),
         )
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None

@@ -35,11 +35,12 @@ from .audio import latent_frames
 from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
 from .images import fit_square
-from .limits import SCHEDULERS, GenerationLimits
+from .limits import DEFAULT_WINDOW_SECONDS, SCHEDULERS, GenerationLimits
 from .precision import keep_float32_modules, raise_if_non_finite
 from .request import GenerationRequest, random_seed
 from .schedulers import GridDDIMInverseScheduler, GridDDIMScheduler
 from .synapse import VisualSynapse
+from .windows import TimeWindows, plan_windows
 
 ImageGuidance = Literal["conditional", "both"]
 Phase = Literal["image_inversion", "image_denoise", "music_denoise"]
@@ -51,6 +52,7 @@ ImageFeatureSource = Literal["inversion", "redenoise"]
 # Captions are padded (masked) to a multiple of this many tokens, so a compiled UNet sees a handful of
 # caption shapes (one for every caption up to 32 tokens) instead of one per caption length.
 TEXT_PAD_MULTIPLE = 32
+LOOP_DECODE_CONTEXT = 16  # latent frames (0.64 s at 16 kHz) decoded on each side of a loop's seam
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,14 @@ class StepInfo:
 
 @dataclass
 class MelFusionOutput(BaseOutput):
-    audios: np.ndarray  # (B, samples) float32 in [-1, 1]-ish, at `sampling_rate`
+    audios: np.ndarray  # (B, samples) float32 in [-1, 1]-ish, at `sampling_rate`; shorter clips end in zeros
     sampling_rate: int
     seeds: list[int]
+    lengths: list[int]  # samples of each clip
+
+    def clip(self, row: int) -> np.ndarray:
+        """Row `row`'s waveform at its own length."""
+        return self.audios[row, : self.lengths[row]]
 
 
 class _StepTracker:
@@ -135,6 +142,7 @@ class MelFusionPipeline(DiffusionPipeline):
         default_guidance_scale: float = 7.0,
         timestep_spacing: str = "trailing",
         image_features_from: str = "inversion",  # an ImageFeatureSource (a plain str for diffusers' config)
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
     ):
         super().__init__()
         if image_features_from not in get_args(ImageFeatureSource):
@@ -171,6 +179,7 @@ class MelFusionPipeline(DiffusionPipeline):
             default_guidance_scale=default_guidance_scale,
             timestep_spacing=timestep_spacing,
             image_features_from=image_features_from,
+            window_seconds=window_seconds,
         )
         # The synapse's processors are attached once, here; per-call and per-step state lives in tensors.
         attach_recorders(self.image_unet, self.synapse)
@@ -241,12 +250,34 @@ class MelFusionPipeline(DiffusionPipeline):
     def limits(self) -> GenerationLimits:
         c = self.config
         return GenerationLimits(
-            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate
-        )
+            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate,
+            window_seconds=c.window_seconds,
+        )  # fmt: skip
+
+    @property
+    def samples_per_latent_frame(self) -> int:
+        return self.config.hop_length * self.mel_vae_scale
+
+    @property
+    def mel_vae_scale(self) -> int:
+        return 2 ** (len(self.mel_vae.config.block_out_channels) - 1)
+
+    @property
+    def window_frames(self) -> int:
+        """The latent length the music UNet was trained on (`window_seconds`): longer clips and loops are
+        denoised in overlapping windows of it (`melfusion.windows`)."""
+        return self.music_latent_shape(1, self.config.window_seconds)[2]
+
+    def clip_frames(self, seconds: float, loop: bool) -> int:
+        """A clip's latent length: rounded up to what the UNet can halve, or for a loop the nearest whole
+        number of frames (its windows wrap, so any length works, and the loop lasts exactly that long)."""
+        if loop:
+            return max(1, round(seconds * self.sampling_rate / self.samples_per_latent_frame))
+        return self.music_latent_shape(1, seconds)[2]
 
     def music_latent_shape(self, batch_size: int, seconds: float) -> tuple[int, int, int, int]:
         """(B, C, T, F): the mel VAE shrinks time and mel axes by its scale; T must halve through the UNet."""
-        vae_scale = 2 ** (len(self.mel_vae.config.block_out_channels) - 1)
+        vae_scale = self.mel_vae_scale
         unet_scale = 2 ** (len(self.music_unet.config.block_out_channels) - 1)
         frames = latent_frames(
             seconds,
@@ -408,11 +439,16 @@ class MelFusionPipeline(DiffusionPipeline):
         return states.to(self.music_unet.dtype), tokens.attention_mask
 
     def prepare_music_latents(
-        self, shape: tuple[int, ...], generators: list[torch.Generator], scheduler
+        self, shape: tuple[int, ...], generators: list[torch.Generator], scheduler, frames: list[int] | None = None
     ) -> torch.Tensor:
         """z_T^M ~ N(0, I) (line 2). Drawn on the CPU, one generator per item, so a seed gives the same
-        clip on any device and whether or not the item shares a batch."""
-        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+        clip on any device and whether or not the item shares a batch; row r has `frames[r]` frames (the
+        rest of the row, up to the batch's longest clip, stays 0 and is never read)."""
+        frames = frames or [shape[2]] * shape[0]
+        latents = torch.zeros(shape, dtype=torch.float32)
+        for row, (generator, length) in enumerate(zip(generators, frames, strict=True)):
+            one = (1, shape[1], length, *shape[3:])
+            latents[row, :, :length] = randn_tensor(one, generator=generator, device=torch.device("cpu"), dtype=torch.float32)[0]
         latents = latents.to(device=self._execution_device, dtype=self.music_unet.dtype)
         return latents * scheduler.init_noise_sigma
 
@@ -428,6 +464,16 @@ class MelFusionPipeline(DiffusionPipeline):
         audio = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))[:, :num_samples]  # (B, samples)
         raise_if_non_finite((*earlier_outputs, ("music_unet", latents), ("mel_vae", mel), ("vocoder", audio)))
         return audio.float().cpu().numpy()
+
+    def decode_loop(self, latents: torch.Tensor, earlier_outputs: tuple[tuple[str, torch.Tensor], ...] = ()) -> np.ndarray:
+        """A loop's (1, C, T, F) latent -> exactly T frames of audio that wrap: decoded with
+        LOOP_DECODE_CONTEXT frames of its own end before it and of its start after it, then cut to one
+        period, so the decoders see the seam as they see any other frame."""
+        length = latents.shape[2]
+        wrapped = torch.arange(-LOOP_DECODE_CONTEXT, length + LOOP_DECODE_CONTEXT, device=latents.device) % length
+        audio = self.decode_latents(latents[:, :, wrapped], (length + 2 * LOOP_DECODE_CONTEXT) * self.samples_per_latent_frame, earlier_outputs)
+        start = LOOP_DECODE_CONTEXT * self.samples_per_latent_frame
+        return audio[:, start : start + length * self.samples_per_latent_frame]
 
     def image_rows(
         self, strength: torch.Tensor, has_image: torch.Tensor, with_unconditional: bool, image_guidance: str
@@ -474,7 +520,8 @@ class MelFusionPipeline(DiffusionPipeline):
         image: Image.Image | list[Image.Image | None] | None = None,
         *,
         image_features: ImageFeatures | None = None,
-        seconds: float | None = None,
+        seconds: float | list[float] | None = None,
+        loop: bool | list[bool] = False,
         num_inference_steps: int | None = None,
         guidance_scale: float | list[float] | None = None,
         image_strength: float | list[float] = 1.0,
@@ -491,7 +538,11 @@ class MelFusionPipeline(DiffusionPipeline):
             caption: text prompt(s), one clip each.
             image: one image for all captions, one per caption (None rows: caption only), or None.
             image_features: features from `encode_image` on the image grid; skips the image side.
-            seconds: clip length (bundle default if None), at most the bundle's `max_seconds`.
+            seconds: clip length (bundle default if None), at most the bundle's `max_seconds`; one for all
+                or one per caption. Clips of `window_seconds` or longer are denoised in windows of that
+                length (`melfusion.windows`); shorter ones share a call only with clips of their length.
+            loop: make the clip a seamless loop (circular windows, wrapped decoding), one for all or per
+                caption; it lasts `seconds` rounded to a whole latent frame (40 ms at 16 kHz, hop 160).
             num_inference_steps: denoising steps of the music loop.
             guidance_scale: CFG scale, one for all or one per caption (bundle default, the paper's 7);
                 <= 1 disables CFG (in a batch where others use CFG, such a row is its conditional branch).
@@ -508,15 +559,16 @@ class MelFusionPipeline(DiffusionPipeline):
         captions = [caption] if isinstance(caption, str) else list(caption)
         batch = len(captions)
         images = self._per_row("image", image, batch)
-        seconds = self.config.default_seconds if seconds is None else seconds
+        seconds = self._per_row("seconds", self.config.default_seconds if seconds is None else seconds, batch)
+        loops = self._per_row("loop", loop, batch)
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         image_steps = steps if image_steps is None else image_steps
         guidance = self._per_row("guidance_scale", self.config.default_guidance_scale if guidance_scale is None else guidance_scale, batch)
         strength = self._per_row("image_strength", image_strength, batch)
-        for row_guidance, row_strength in zip(guidance, strength):
+        for row_guidance, row_strength, row_seconds in zip(guidance, strength, seconds):
             self.limits.check(
                 captions=captions,
-                seconds=seconds,
+                seconds=row_seconds,
                 steps=steps,
                 guidance_scale=row_guidance,
                 image_strength=row_strength,
@@ -552,13 +604,19 @@ class MelFusionPipeline(DiffusionPipeline):
             # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
             text_states, text_mask = self.encode_captions(captions, with_unconditional)
 
-            # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row
+            # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row, and its time windows
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-            shape = self.music_latent_shape(batch, seconds)
-            latents = self.prepare_music_latents(shape, generators, music_scheduler)
+            frames = [self.clip_frames(row_seconds, row_loop) for row_seconds, row_loop in zip(seconds, loops)]
+            try:
+                windows = plan_windows(frames, loops, self.window_frames)
+            except ValueError as exc:
+                raise InputError("seconds", str(exc)) from None
+            shape = self.music_latent_shape(batch, 1.0)[:2] + (max(frames), self.music_latent_shape(1, 1.0)[3])
+            latents = self.prepare_music_latents(shape, generators, music_scheduler, frames)
             step_options = {"generator": generators} if isinstance(music_scheduler, DDPMScheduler) else {}
 
-            # 6. Denoising loop with the visual synapse (lines 4-10)
+            # 6. Denoising loop with the visual synapse (lines 4-10), over windows of at most the trained
+            # length, `batch` at a time: the UNet sees the shapes a batch of this size at that length has
             device = latents.device
             rows = self.image_rows(torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance)
             self.load_synapse(
@@ -569,20 +627,29 @@ class MelFusionPipeline(DiffusionPipeline):
                 nearest_steps(timesteps, image_grid),
             )
             scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
-            scale = scale.view(-1, *[1] * (latents.dim() - 1))  # (B, 1, 1, 1): each row its own guidance
+            chunks = window_chunks(windows, batch, with_unconditional)
             unet_timesteps = music_scheduler.timesteps.to(device)  # on the device: no copy per step
             for i, t in enumerate(music_scheduler.timesteps):
                 tracker.check_cancel()
                 self.synapse_state.select_step(i)  # K_l^I, V_l^I met by music step i (lines 7-9)
-                model_input = torch.cat([latents] * 2) if with_unconditional else latents
-                model_input = music_scheduler.scale_model_input(model_input, t)
-                noise_pred = self.music_unet(
-                    model_input, unet_timesteps[i], encoder_hidden_states=text_states,
-                    encoder_attention_mask=text_mask, return_dict=False,
-                )[0]  # fmt: skip
-                if with_unconditional:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + scale * (cond - uncond)
+                window_latents = windows.gather(latents)
+                predictions = torch.empty_like(window_latents)
+                for chunk, unet_rows in chunks:
+                    if len(chunks) > 1:
+                        self.synapse_state.select_rows(unet_rows)  # each window reads its clip's image and strength
+                    chunk_latents = window_latents[chunk]
+                    model_input = torch.cat([chunk_latents] * 2) if with_unconditional else chunk_latents
+                    model_input = music_scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.music_unet(
+                        model_input, unet_timesteps[i], encoder_hidden_states=text_states[unet_rows],
+                        encoder_attention_mask=text_mask[unet_rows], return_dict=False,
+                    )[0]  # fmt: skip
+                    if with_unconditional:
+                        uncond, cond = noise_pred.chunk(2)
+                        row_scale = scale[windows.rows[chunk]].view(-1, 1, 1, 1)  # each row its own guidance
+                        noise_pred = uncond + row_scale * (cond - uncond)
+                    predictions[chunk] = noise_pred
+                noise_pred = windows.blend(predictions, latents)  # the cross-faded mean where windows overlap
                 latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
                 tracker.advance("music_denoise", t)
         finally:
@@ -591,8 +658,19 @@ class MelFusionPipeline(DiffusionPipeline):
 
         # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12)
         checked = (("text_encoder", text_states),)
-        audios = self.decode_latents(latents, round(seconds * self.sampling_rate), earlier_outputs=checked)
-        return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds)
+        lengths = [
+            length * self.samples_per_latent_frame if row_loop else round(row_seconds * self.sampling_rate)
+            for length, row_loop, row_seconds in zip(frames, loops, seconds)
+        ]
+        if len(set(frames)) == 1 and not any(loops):
+            audios = self.decode_latents(latents, lengths[0], earlier_outputs=checked)
+        else:  # one clip at a time, each at its own length
+            audios = np.zeros((batch, max(lengths)), dtype=np.float32)
+            for row, (length, row_loop) in enumerate(zip(frames, loops)):
+                latent = latents[row : row + 1, :, :length]
+                decoded = self.decode_loop(latent, checked) if row_loop else self.decode_latents(latent, lengths[row], checked)
+                audios[row, : lengths[row]] = decoded[0]
+        return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds, lengths=lengths)
 
     def generate(
         self,
@@ -609,9 +687,11 @@ class MelFusionPipeline(DiffusionPipeline):
                 Features are accepted only for every row at once.
             callback, should_cancel: as in `__call__`.
         """
-        if len({request.batch_key for request in requests}) != 1:
+        if len({request.batch_key(self.limits) for request in requests}) != 1:
             raise InputError(
-                "requests", "rows of one batch must share seconds, steps, image steps, scheduler, image guidance, CFG"
+                "requests",
+                "rows of one batch must share the UNet's clip length (see batch_key), steps, image steps, "
+                "scheduler, image guidance, CFG",
             )
         if len(images) != len(requests):
             raise InputError("image", f"give one image (or None) per request ({len(requests)})")
@@ -623,7 +703,8 @@ class MelFusionPipeline(DiffusionPipeline):
             [request.caption for request in requests],
             None if features or all(image is None for image in images) else images,
             image_features=ImageFeatures.concat(features) if features else None,
-            seconds=first.seconds,
+            seconds=[request.seconds for request in requests],
+            loop=[bool(request.loop) for request in requests],
             num_inference_steps=first.steps,
             guidance_scale=[request.guidance_scale for request in requests],
             image_strength=[request.image_strength for request in requests],
@@ -662,6 +743,18 @@ class MelFusionPipeline(DiffusionPipeline):
             raise InputError("image_features", "captured on another timestep grid (different steps?)")
         if features.batch_size not in (1, batch_size):
             raise InputError("image_features", f"batch of {features.batch_size} for {batch_size} captions")
+
+
+def window_chunks(windows: TimeWindows, batch: int, with_unconditional: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows in groups of `batch` (the last one topped up by repeating its last window), each with the
+    rows of the CFG batch [uncond…, cond…] its windows read: text states, mask and synapse rows."""
+    count = len(windows)
+    chunks = []
+    for start in range(0, count, batch):
+        chunk = torch.arange(start, start + batch).clamp(max=count - 1)
+        rows = windows.rows[chunk]
+        chunks.append((chunk, torch.cat([rows, rows + batch]) if with_unconditional else rows))
+    return chunks
 
 
 def nearest_steps(timesteps: torch.Tensor, image_grid: torch.Tensor) -> list[int]:

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .audio import AUDIO_FORMATS, DEFAULT_FORMAT, audio_format
 from .errors import InputError
 from .limits import SAMPLING_PRESETS, GenerationLimits
 
@@ -17,6 +18,7 @@ MAX_SEED = 2**32 - 1  # seeds are drawn from [0, MAX_SEED] and accepted in it: a
 DEFAULT_SCHEDULER = "ddim"  # the paper's sampler, when neither the request nor a preset names one
 DEFAULT_IMAGE_STRENGTH = 1.0  # the learned α as trained
 DEFAULT_IMAGE_GUIDANCE = "conditional"  # see MelFusionPipeline.image_rows
+DEFAULT_LOUDNESS_LUFS = -14.0  # the level streaming and social platforms normalise to
 
 
 def random_seed() -> int:
@@ -51,6 +53,18 @@ class GenerationRequest:
     preset: str | None = _doc(
         "sampler, steps and guidance of: " + "; ".join(f"{k}: {p.source}" for k, p in SAMPLING_PRESETS.items())
     )
+    loop: bool | None = _doc(
+        "a seamless loop: the end flows into the start (circular windows; no fades); its length is `seconds` "
+        "rounded to a whole latent frame (40 ms at 16 kHz)"
+    )
+    format: str | None = _doc(f"file format of the clip: {', '.join(AUDIO_FORMATS)} (default {DEFAULT_FORMAT})")
+    loudness_lufs: float | None = field(
+        default=DEFAULT_LOUDNESS_LUFS,
+        metadata={
+            "doc": f"integrated loudness of the clip in LUFS (default {DEFAULT_LOUDNESS_LUFS:g}); null/off = as "
+            "generated; a true-peak limiter keeps it under -1 dBTP either way"
+        },
+    )
 
     @staticmethod
     def field_names() -> tuple[str, ...]:
@@ -80,6 +94,8 @@ class GenerationRequest:
             image_guidance=_first(self.image_guidance, DEFAULT_IMAGE_GUIDANCE),
             scheduler=_first(self.scheduler, preset and preset.scheduler, DEFAULT_SCHEDULER),
             seed=_first(self.seed, random_seed()),
+            loop=_first(self.loop, False),
+            format=_first(self.format, DEFAULT_FORMAT),
         )
         request = replace(request, image_steps=_first(self.image_steps, request.steps))
         if not 0 <= request.seed <= MAX_SEED:
@@ -93,17 +109,21 @@ class GenerationRequest:
             scheduler=request.scheduler,
             image_guidance=request.image_guidance,
             image_steps=request.image_steps,
+            loudness_lufs=request.loudness_lufs,
         )
+        audio_format(request.format)
         return request
 
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (same latent shape, grids, sampler, CFG rows)."""
-        return (self.seconds, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg)
+    def batch_key(self, limits: GenerationLimits) -> tuple:
+        """Requests with equal keys can share one pipeline call (same UNet shape, grids, sampler, CFG rows):
+        clips of the trained length or longer, and loops, all run in windows of the trained length, so
+        they batch together whatever their length; shorter clips batch with clips of their length."""
+        shape = "windows" if self.loop or self.seconds >= limits.window_seconds else self.seconds
+        return (shape, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the queue payload)."""
@@ -112,10 +132,14 @@ class GenerationRequest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         """From a queue payload, across versions: keys this version does not know are left out (a payload
-        from a newer API), and a resolved payload from before `image_steps` existed gets its default."""
+        from a newer API), and a resolved payload from before `image_steps`, `loop`, `format` or
+        `loudness_lufs` existed gets their defaults."""
         known = {name: value for name, value in data.items() if name in cls.field_names()}
-        if known.get("image_steps") is None and known.get("steps") is not None:
-            known["image_steps"] = known["steps"]
+        if known.get("steps") is not None:  # resolved: fields added since take their defaults
+            known.setdefault("loop", False)
+            known.setdefault("format", DEFAULT_FORMAT)
+            if known.get("image_steps") is None:
+                known["image_steps"] = known["steps"]
         return cls(**known)
 
 

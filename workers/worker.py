@@ -141,7 +141,8 @@ class MelFusionWorker(SimpleWorker):
         claimed: dict[Job, Execution] = {}
         if wanted == 0:
             return claimed
-        key = GenerationRequest.from_dict(leader.kwargs["params"]).batch_key
+        limits = self.runtime.get_pipeline().limits
+        key = GenerationRequest.from_dict(leader.kwargs["params"]).batch_key(limits)
         judged: set[str] = {leader.id}
         deadline = time.monotonic() + settings.batch_wait_ms / 1000
         while True:
@@ -152,7 +153,7 @@ class MelFusionWorker(SimpleWorker):
                 if candidate is None:
                     continue
                 judged.add(candidate.id)
-                if GenerationRequest.from_dict(candidate.kwargs["params"]).batch_key == key:
+                if GenerationRequest.from_dict(candidate.kwargs["params"]).batch_key(limits) == key:
                     execution = self._claim(candidate, queue)
                     if execution is not None:
                         claimed[candidate] = execution
