@@ -1,7 +1,8 @@
 """`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav`.
 
 Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
-request fails in well under a second; the WAV is written atomically, so a failure leaves no file.
+request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3, by --format or the file's
+extension) is written atomically, so a failure leaves no file.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
+from .audio import AUDIO_FORMATS, format_of_extension
 from .images import load_image
 from .limits import IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, read_limits
 from .quiet import silence_library_noise
-from .request import GenerationRequest
+from .request import DEFAULT_LOUDNESS_LUFS, GenerationRequest, parse_loudness
 from .training.cli import add_train_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
@@ -26,7 +28,12 @@ def add_generate_parser(commands) -> None:
     parser = commands.add_parser("generate", help="image + caption -> WAV (or caption only, without --image)")
     parser.add_argument("--image", help="JPEG, PNG or WebP file; without it the clip follows the caption only")
     parser.add_argument("--caption", required=True, help="a short description of the music")
-    parser.add_argument("--out", required=True, type=Path, help="WAV file to write")
+    parser.add_argument("--out", required=True, type=Path,
+                        help=f"file to write; its extension ({', '.join(f.extension for f in AUDIO_FORMATS.values())}) "
+                        "gives the format unless --format does")
+    parser.add_argument("--format", choices=tuple(AUDIO_FORMATS), help=_help("format", "default: --out's extension"))
+    parser.add_argument("--loudness-lufs", type=str, help=_help("loudness_lufs"))
+    parser.add_argument("--loop", action="store_true", default=None, help=_help("loop"))
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
     parser.add_argument("--seconds", type=float, help=_help("seconds", "bundle default if omitted"))
     parser.add_argument("--steps", type=int, help=_help("steps", "bundle default if omitted"))
@@ -55,23 +62,32 @@ def run_generate(args: argparse.Namespace) -> int:
     bundle = args.bundle or ensure_tiny_bundle()
     verify_bundle(bundle, hashes=False)
     fields = {name: getattr(args, name) for name in GenerationRequest.field_names()}
+    fields["loudness_lufs"] = DEFAULT_LOUDNESS_LUFS if args.loudness_lufs is None else parse_loudness(args.loudness_lufs)
+    by_extension = format_of_extension(args.out.suffix)
+    if by_extension is None:
+        extensions = ", ".join(f".{f.extension}" for f in AUDIO_FORMATS.values())
+        raise InputError("out", f"must end in one of {extensions}, got {args.out.name}")
+    if args.format and args.format != by_extension.name:
+        raise InputError("out", f"--format {args.format} writes .{AUDIO_FORMATS[args.format].extension} files, got {args.out.name}")
+    fields["format"] = by_extension.name
     request = GenerationRequest(**fields).resolved(read_limits(bundle))
-    if args.out.suffix.lower() != ".wav":
-        raise InputError("out", f"must end in .wav, got {args.out.name}")
 
     # 2. Load and generate
     import torch
 
-    from .audio import write_wav
+    from .audio import write_atomically
     from .bundle import load_pipeline
+    from .mastering import deliver
 
     started = time.perf_counter()
     pipe = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype))
     loaded = time.perf_counter()
     output = pipe.generate([request], [image])
-    path = write_wav(args.out, output.audios[0], output.sampling_rate)
+    _, encoded = deliver(output.clip(0), output.sampling_rate, request)
+    path = write_atomically(args.out, encoded)
+    seconds = output.lengths[0] / output.sampling_rate
     print(
-        f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
+        f"wrote {path.resolve()} ({request.format}, {seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
         f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s)"
     )
     return 0

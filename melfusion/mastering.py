@@ -17,6 +17,8 @@ import pyloudnorm
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
+from .audio import encode_audio
+
 TRUE_PEAK_CEILING_DBTP = -1.0  # EBU R 128 / streaming platforms' delivery ceiling
 TRUE_PEAK_RATE = 192_000  # oversample to at least this rate to find inter-sample peaks (BS.1770-4: 4x at 48 kHz)
 FADE_SECONDS = 0.01  # long enough to hide a step at the ends, short enough not to be heard as a fade
@@ -104,3 +106,10 @@ def master(
         gain_db = min(gain_db + loudness_lufs - measured, MAX_GAIN_DB)
         result = limit_true_peak(audio * 10 ** (gain_db / 20), sampling_rate, ceiling_dbtp, loop=loop)
     return limit_true_peak(result, sampling_rate, ceiling_dbtp, loop=loop).astype(np.float32)
+
+
+def deliver(waveform: np.ndarray, sampling_rate: int, request) -> tuple[np.ndarray, bytes]:
+    """A resolved GenerationRequest's clip as delivered: mastered (its `loudness_lufs`, `loop`) and
+    encoded (its `format`); returns the mastered waveform too (for the spectrogram)."""
+    mastered = master(waveform, sampling_rate, loudness_lufs=request.loudness_lufs, loop=bool(request.loop))
+    return mastered, encode_audio(mastered, sampling_rate, request.format)

@@ -143,6 +143,19 @@ class GenerationRequest:
         return cls(**known)
 
 
+LOUDNESS_OFF = ("off", "null", "none")  # how a form or a command line says `loudness_lufs: null`
+
+
+def parse_loudness(text: str) -> float | None:
+    """`loudness_lufs` as a form field or flag spells it: a number, or off/null/none (no normalisation)."""
+    if text.strip().lower() in LOUDNESS_OFF:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError("loudness_lufs", f"must be a number of LUFS or one of {LOUDNESS_OFF}, got {text!r}") from None
+
+
 def _first(*values):
     """The first value that is not None (a preset's missing value reads as None)."""
     return next(value for value in values if value is not None)

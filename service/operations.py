@@ -165,6 +165,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         stored = meta["result"]
         signed = storage.signed_url(stored["key"])
         fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
+        fields["format"] = stored.get("format", "wav")  # a result stored before formats existed is a WAV
         picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
         result = JobResult(
             url=urljoin(base_url, signed.url),

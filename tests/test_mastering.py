@@ -33,8 +33,8 @@ def test_every_format_decodes_back_at_its_rate_and_length(name):
     spec = AUDIO_FORMATS[name]
     assert (info.format, info.subtype) == (spec.container, spec.subtype)
     decoded, rate = sf.read(io.BytesIO(data), dtype="float32")
-    assert rate == RATE  # 16 kHz is one of Opus's rates: no resampling
-    assert abs(decoded.size - clip.size) <= 0.05 * RATE  # lossy codecs may pad a frame or two
+    assert rate == (32000 if name == "mp3" else RATE)  # MP3 at 16 kHz would lose everything above ~5.5 kHz
+    assert abs(decoded.size / rate - clip.size / RATE) <= 0.06  # lossy codecs may pad a frame or two
     assert np.abs(decoded).max() > 0.01  # sound, not silence
 
 
@@ -45,9 +45,9 @@ def test_lossless_formats_round_trip_to_16_bit_precision():
         assert np.abs(decoded - clip).max() <= 1 / 32767 + 1e-6
 
 
-def test_opus_at_a_rate_it_does_not_take_is_resampled_to_48k():
+def test_opus_at_a_rate_it_does_not_take_is_resampled_to_the_next_it_takes():
     data = encode_audio(music_like(1.0)[:22050], 22050, "opus")
-    assert sf.info(io.BytesIO(data)).samplerate == 48000
+    assert sf.info(io.BytesIO(data)).samplerate == 24000
 
 
 def test_unknown_format_names_the_field():
@@ -61,11 +61,11 @@ def test_loudness_lands_on_the_target_and_true_peak_under_the_ceiling(target, na
     raw = music_like()
     assert mastering.true_peak_dbtp(raw * 10 ** ((target - mastering.integrated_loudness(raw, RATE)) / 20), RATE) > -1
     mastered = mastering.master(raw, RATE, loudness_lufs=target)
-    decoded, _ = sf.read(io.BytesIO(encode_audio(mastered, RATE, name)), dtype="float64")
-    assert abs(mastering.integrated_loudness(decoded, RATE) - target) <= 1.0
+    decoded, rate = sf.read(io.BytesIO(encode_audio(mastered, RATE, name)), dtype="float64")
+    assert abs(mastering.integrated_loudness(decoded, rate) - target) <= 1.0
     assert mastering.true_peak_dbtp(mastered, RATE) <= mastering.TRUE_PEAK_CEILING_DBTP + 1e-6
     if name in ("wav", "flac"):  # lossy decoders may overshoot a little: the reason for the 1 dB of headroom
-        assert mastering.true_peak_dbtp(decoded, RATE) <= mastering.TRUE_PEAK_CEILING_DBTP + 0.05
+        assert mastering.true_peak_dbtp(decoded, rate) <= mastering.TRUE_PEAK_CEILING_DBTP + 0.05
 
 
 def test_true_peak_sees_between_samples():

@@ -28,10 +28,11 @@ from rq.utils import now
 from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
 from jobs.queue import ErrorCode, JobStatus, cancel_key
-from jobs.storage import PNG, WAV, StorageUnavailable, output_key, retry_storage, spectrogram_key
-from melfusion.audio import encode_wav
+from jobs.storage import PNG, StorageUnavailable, output_key, retry_storage, spectrogram_key
+from melfusion.audio import audio_format
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
+from melfusion.mastering import deliver
 from melfusion.request import GenerationRequest
 from melfusion.spectrogram import spectrogram_png
 
@@ -168,23 +169,25 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             if not row.ended:
                 end(row, exc)
         return
-    for row, audio in zip(batch, output.audios, strict=True):
+    for index, row in enumerate(batch):
         if not row.ended:
             try:
-                result = store_clip(runtime, row.job.id, audio, output.sampling_rate)
+                result = store_clip(runtime, row.job.id, row.request, output.clip(index), output.sampling_rate)
             except Exception as exc:
                 end(row, exc)
             else:
                 end(row, result)
 
 
-def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict:
-    """Write the WAV, then its spectrogram PNG, to storage; returns the result record the API reads."""
-    wav = encode_wav(audio, sampling_rate)
-    key = output_key(job_id)
+def store_clip(runtime: Runtime, job_id: str, request: GenerationRequest, audio, sampling_rate: int) -> dict:
+    """Master and encode the clip as the request asks, write it, then its spectrogram PNG, to storage;
+    returns the result record the API reads."""
+    audio, encoded = deliver(audio, sampling_rate, request)
+    kind = audio_format(request.format)
+    key = output_key(job_id, request.format)
     picture = spectrogram_key(job_id)
     png = spectrogram_png(runtime.get_pipeline(), audio)
-    for stored_key, data, content_type in ((key, wav, WAV), (picture, png, PNG)):
+    for stored_key, data, content_type in ((key, encoded, kind.content_type), (picture, png, PNG)):
         retry_storage(
             lambda: runtime.storage.put(stored_key, data, content_type=content_type),
             for_seconds=runtime.settings.storage_retry_seconds,
@@ -193,11 +196,12 @@ def store_clip(runtime: Runtime, job_id: str, audio, sampling_rate: int) -> dict
     return {
         "key": key,
         "spectrogram_key": picture,
-        "content_type": WAV,
+        "content_type": kind.content_type,
+        "format": kind.name,
         "seconds": audio.shape[-1] / sampling_rate,
         "sample_rate": sampling_rate,
-        "bytes": len(wav),
-        "sha256": hashlib.sha256(wav).hexdigest(),
+        "bytes": len(encoded),
+        "sha256": hashlib.sha256(encoded).hexdigest(),
     }
 
 

@@ -17,7 +17,8 @@ from jobs.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
 from jobs.webhooks import EVENTS as WEBHOOK_EVENTS
 from jobs.webhooks import read_attempts
 from melfusion.limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
-from melfusion.request import MAX_SEED, GenerationRequest
+from melfusion.audio import AUDIO_FORMATS
+from melfusion.request import DEFAULT_LOUDNESS_LUFS, LOUDNESS_OFF, MAX_SEED, GenerationRequest, parse_loudness
 
 from ..deps import AsyncRedisDep, BaseUrlDep, OwnerDep, QueueDep, RedisDep, SettingsDep, StorageDep, enforce_rate_limit
 from ..errors import ErrorResponse, JobStateConflict
@@ -29,6 +30,7 @@ from ..uploads import read_image_upload
 
 ImageGuidance = Literal[IMAGE_GUIDANCE_MODES]  # type: ignore[valid-type]
 Preset = Literal[tuple(SAMPLING_PRESETS)]  # type: ignore[valid-type]
+AudioFormatName = Literal[tuple(AUDIO_FORMATS)]  # type: ignore[valid-type]
 WebhookEvent = Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
@@ -89,6 +91,13 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         image_steps: Annotated[
             int | None, Form(ge=1, le=limits.max_steps, description=describe("image_steps"))
         ] = None,
+        loop: Annotated[bool | None, Form(description=describe("loop"))] = None,
+        format: Annotated[AudioFormatName | None, Form(description=describe("format"))] = None,
+        loudness_lufs: Annotated[
+            str | None,
+            Form(max_length=16, pattern=rf"^(-?[0-9]+(\.[0-9]+)?|{'|'.join(LOUDNESS_OFF)})$",
+                 description=describe("loudness_lufs"), examples=[str(DEFAULT_LOUDNESS_LUFS), "off"]),
+        ] = None,
         webhook_url: Annotated[
             str | None,
             Form(max_length=2048, description="POST the job JSON here, signed per Standard Webhooks "
@@ -114,7 +123,8 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         request = GenerationRequest(
             caption=caption, seconds=seconds, steps=steps, guidance_scale=guidance_scale,
             image_strength=image_strength, image_guidance=image_guidance, scheduler=scheduler, seed=seed, preset=preset,
-            image_steps=image_steps,
+            image_steps=image_steps, loop=loop, format=format,
+            loudness_lufs=DEFAULT_LOUDNESS_LUFS if loudness_lufs is None else parse_loudness(loudness_lufs),
         )  # fmt: skip
         webhook = None
         if webhook_url is not None:
