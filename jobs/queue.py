@@ -110,11 +110,9 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:cancel:{job_id}"
 
 
-def request_cancel(redis: Redis, job_id: str, *, ttl_seconds: int) -> dt.datetime:
-    """Raise the job's cancel flag (first request wins) and return when it was first raised."""
-    now = dt.datetime.now(dt.UTC).isoformat()
-    redis.set(cancel_key(job_id), now, nx=True, ex=ttl_seconds)
-    return get_cancel_requested_at(redis, job_id) or dt.datetime.fromisoformat(now)
+def request_cancel(redis: Redis, job_id: str, *, ttl_seconds: int) -> None:
+    """Raise the job's cancel flag; the first request's time is the one kept (`get_cancel_requested_at`)."""
+    redis.set(cancel_key(job_id), dt.datetime.now(dt.UTC).isoformat(), nx=True, ex=ttl_seconds)
 
 
 def get_cancel_requested_at(redis: Redis, job_id: str) -> dt.datetime | None:

@@ -154,15 +154,6 @@ class Settings(BaseSettings):
         secret = self.signing_secret.get_secret_value() if self.signing_secret else secrets.token_hex(32)
         return secret.encode()
 
-    def resolve_bundle_dir(self) -> Path:
-        """The configured bundle, or the embedded tiny one (imports torch only in that case)."""
-        if self.bundle_dir is not None:
-            return self.bundle_dir
-        from melfusion.bundle import ensure_tiny_bundle
-
-        return ensure_tiny_bundle()
-
-
 def load_settings(**overrides) -> Settings:
     """Settings from the environment (overrides win), or exit with one line per bad variable."""
     try:

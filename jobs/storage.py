@@ -29,7 +29,7 @@ WAV = AUDIO_FORMATS["wav"].content_type
 PNG = "image/png"
 AUDIO_CONTENT_TYPES = tuple(dict.fromkeys(f.content_type for f in AUDIO_FORMATS.values()))
 _AUDIO_EXTENSIONS = "|".join(f.extension for f in AUDIO_FORMATS.values())
-_SAFE_KEY = re.compile(rf"^(inputs|outputs)/[A-Za-z0-9-]+\.(png|jpg|webp|{_AUDIO_EXTENSIONS})$")
+_SAFE_KEY = re.compile(rf"^(inputs|outputs)/[A-Za-z0-9-]+(\.[0-9])?\.(png|jpg|webp|{_AUDIO_EXTENSIONS})$")
 
 
 class StorageUnavailable(Exception):
@@ -66,12 +66,22 @@ def input_key(job_id: str, extension: str) -> str:
     return f"inputs/{job_id}.{extension}"
 
 
-def output_key(job_id: str, format: str = DEFAULT_FORMAT) -> str:
-    return f"outputs/{job_id}.{AUDIO_FORMATS[format].extension}"
+def output_key(job_id: str, index: int = 0, format: str = DEFAULT_FORMAT) -> str:
+    """The clip of a job's output `index` (the first keeps the name it had before jobs had several)."""
+    return f"outputs/{job_id}{_output_suffix(index)}.{AUDIO_FORMATS[format].extension}"
 
 
-def spectrogram_key(job_id: str) -> str:
-    return f"outputs/{job_id}.png"
+def spectrogram_key(job_id: str, index: int = 0) -> str:
+    return f"outputs/{job_id}{_output_suffix(index)}.png"
+
+
+def _output_suffix(index: int) -> str:
+    return f".{index}" if index else ""
+
+
+def job_id_of(key: str) -> str:
+    """The job a stored object belongs to."""
+    return key.split("/", 1)[1].split(".", 1)[0]
 
 
 def content_type_of(key: str) -> str:
@@ -86,6 +96,10 @@ def check_key(key: str) -> str:
 
 
 class Storage(Protocol):
+    # True when `signed_url` links to this API's /files route, which sends the bytes from `path(key)` after
+    # `is_valid_signature` (a store on this machine's disk); False when links point at the store itself.
+    serves_via_api: bool
+
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
         """Store `data`; raise StorageUnavailable if the store refuses or cannot be reached."""
 
@@ -110,6 +124,8 @@ def _expiry(ttl_seconds: int) -> dt.datetime:
 
 class LocalStorage:
     """A directory shared by the API and the workers (the embedded default, one machine)."""
+
+    serves_via_api = True
 
     def __init__(self, root: Path, *, signing_key: bytes, url_ttl_seconds: int):
         self.root = root
@@ -163,6 +179,8 @@ class LocalStorage:
 
 class S3Storage:
     """Any S3-compatible store (SeaweedFS, AWS, R2...), path-style; URLs presigned for the public endpoint."""
+
+    serves_via_api = False
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
-"""`melfusion` console script: `melfusion generate [--image IMG] --caption TEXT --out OUT.wav`.
+"""`melfusion` console script: `melfusion generate [--image IMG] [--caption TEXT] --out OUT.wav`.
 
 Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
-request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3, by --format or the file's
+request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3: --format, else --out's
 extension) is written atomically, so a failure leaves no file.
 """
 
@@ -16,42 +16,36 @@ from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .audio import AUDIO_FORMATS, format_of_extension
 from .images import load_image
-from .limits import IMAGE_GUIDANCE_MODES, SAMPLING_PRESETS, SCHEDULERS, read_limits
+from .limits import read_limits
 from .quiet import silence_library_noise
-from .request import DEFAULT_LOUDNESS_LUFS, GenerationRequest, parse_loudness
+from .request import GenerationRequest
 from .training.cli import add_train_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
 
 def add_generate_parser(commands) -> None:
-    parser = commands.add_parser("generate", help="image + caption -> WAV (or caption only, without --image)")
+    parser = commands.add_parser("generate", help="image and/or caption -> WAV (or FLAC, Ogg, Opus, MP3)")
     parser.add_argument("--image", help="JPEG, PNG or WebP file; without it the clip follows the caption only")
-    parser.add_argument("--caption", required=True, help="a short description of the music")
-    parser.add_argument("--out", required=True, type=Path,
-                        help=f"file to write; its extension ({', '.join(f.extension for f in AUDIO_FORMATS.values())}) "
-                        "gives the format unless --format does")
-    parser.add_argument("--format", choices=tuple(AUDIO_FORMATS), help=_help("format", "default: --out's extension"))
-    parser.add_argument("--loudness-lufs", type=str, help=_help("loudness_lufs"))
-    parser.add_argument("--loop", action="store_true", default=None, help=_help("loop"))
+    parser.add_argument("--out", required=True, type=Path, help="file to write, .wav .flac .ogg .opus or .mp3 (output i > 1: NAME-i.EXT)")
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
-    parser.add_argument("--seconds", type=float, help=_help("seconds", "bundle default if omitted"))
-    parser.add_argument("--steps", type=int, help=_help("steps", "bundle default if omitted"))
-    parser.add_argument("--guidance", dest="guidance_scale", type=float, help=_help("guidance_scale", "paper: 7"))
-    parser.add_argument("--seed", type=int, help=_help("seed", "printed so the clip can be reproduced"))
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help=_help("scheduler"))
-    parser.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), help=_help("preset", "default none"))
-    parser.add_argument("--image-strength", type=float, help=_help("image_strength"))
-    parser.add_argument("--image-guidance", choices=IMAGE_GUIDANCE_MODES, help=_help("image_guidance"))
-    parser.add_argument("--image-steps", type=int, help=_help("image_steps"))
+    add_request_flags(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1; default cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="weights and activations; half precision needs a GPU; default float32")
     parser.set_defaults(run=run_generate)
 
 
-def _help(name: str, note: str = "") -> str:
-    return GenerationRequest.describe(name) + (f"; {note}" if note else "")
+def add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerationRequest field (`--image-strength` for image_strength), its help and choices
+    from the declaration; ranges that depend on the bundle are checked once it is known. A flag not given
+    is absent from the namespace (so `--loudness-lufs off`, null, differs from leaving the default)."""
+    for described in GenerationRequest.interface():
+        switch = {"nargs": "?", "const": True} if described.kind is bool else {}  # `--loop` = `--loop true`
+        parser.add_argument(
+            f"--{described.name.replace('_', '-')}", dest=described.name, type=described.from_text,
+            choices=described.choices, help=described.help, default=argparse.SUPPRESS, **switch,
+        )  # fmt: skip
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -61,16 +55,16 @@ def run_generate(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     bundle = args.bundle or ensure_tiny_bundle()
     verify_bundle(bundle, hashes=False)
-    fields = {name: getattr(args, name) for name in GenerationRequest.field_names()}
-    fields["loudness_lufs"] = DEFAULT_LOUDNESS_LUFS if args.loudness_lufs is None else parse_loudness(args.loudness_lufs)
+    given = {name: getattr(args, name) for name in GenerationRequest.field_names() if hasattr(args, name)}
     by_extension = format_of_extension(args.out.suffix)
     if by_extension is None:
         extensions = ", ".join(f".{f.extension}" for f in AUDIO_FORMATS.values())
         raise InputError("out", f"must end in one of {extensions}, got {args.out.name}")
-    if args.format and args.format != by_extension.name:
-        raise InputError("out", f"--format {args.format} writes .{AUDIO_FORMATS[args.format].extension} files, got {args.out.name}")
-    fields["format"] = by_extension.name
-    request = GenerationRequest(**fields).resolved(read_limits(bundle))
+    given.setdefault("format", by_extension.name)
+    if given["format"] != by_extension.name:
+        raise InputError("out", f"format {given['format']} is written to .{AUDIO_FORMATS[given['format']].extension} files, got {args.out.name}")
+    request = GenerationRequest(**given).resolved(read_limits(bundle))
+    request.check_condition(has_image=image is not None)
 
     # 2. Load and generate
     import torch
@@ -83,13 +77,14 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype))
     loaded = time.perf_counter()
     output = pipe.generate([request], [image])
-    _, encoded = deliver(output.clip(0), output.sampling_rate, request)
-    path = write_atomically(args.out, encoded)
-    seconds = output.lengths[0] / output.sampling_rate
-    print(
-        f"wrote {path.resolve()} ({request.format}, {seconds:g} s at {output.sampling_rate} Hz, seed {output.seeds[0]}; "
-        f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s)"
-    )
+    generated = time.perf_counter()
+    for index, seed in enumerate(output.seeds, start=1):
+        out = args.out if index == 1 else args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")
+        audio, encoded = deliver(output.clip(index - 1), output.sampling_rate, request)
+        path = write_atomically(out, encoded)
+        seconds = audio.size / output.sampling_rate
+        print(f"wrote {path.resolve()} ({request.format}, {seconds:g} s at {output.sampling_rate} Hz, seed {seed})")
+    print(f"load {loaded - started:.1f} s, generate {generated - loaded:.1f} s")
     return 0
 
 

@@ -44,6 +44,7 @@ from .windows import TimeWindows, plan_windows
 
 ImageGuidance = Literal["conditional", "both"]
 Phase = Literal["image_inversion", "image_denoise", "music_denoise"]
+WARMUP_STEPS = 2  # compiled graphs depend on shapes, not on the number of steps
 # Where the synapse's image K/V come from. "inversion" (default): recorded during DDIM inversion itself,
 # i.e. ε_ψ(z_t^I, ∅, t) on the inverted latents, which is what Algorithm 2's line 6 evaluates; one SD pass
 # per step. "redenoise": a second SD pass denoising z_T^I back down the grid, recording there; twice the
@@ -248,11 +249,7 @@ class MelFusionPipeline(DiffusionPipeline):
 
     @property
     def limits(self) -> GenerationLimits:
-        c = self.config
-        return GenerationLimits(
-            c.max_seconds, c.default_seconds, c.max_steps, c.default_steps, c.default_guidance_scale, self.sampling_rate,
-            window_seconds=c.window_seconds,
-        )  # fmt: skip
+        return GenerationLimits.from_config(self.config)
 
     @property
     def samples_per_latent_frame(self) -> int:
@@ -424,9 +421,12 @@ class MelFusionPipeline(DiffusionPipeline):
         return len(keys - set(filter(self.feature_cache.__contains__, keys)))
 
     # -- music side ---------------------------------------------------------------------------------
-    def encode_captions(self, captions: list[str], with_unconditional: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG, rows are [""]*B + captions (TANGO's uncond)."""
-        texts = [""] * len(captions) * with_unconditional + captions
+    def encode_captions(
+        self, captions: list[str], negative_captions: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG (`negative_captions` given), rows are
+        negative_captions + captions ("" is TANGO's unconditional caption)."""
+        texts = (negative_captions or []) + captions
         tokens = self.tokenizer(
             texts,
             padding=True,
@@ -524,18 +524,19 @@ class MelFusionPipeline(DiffusionPipeline):
         loop: bool | list[bool] = False,
         num_inference_steps: int | None = None,
         guidance_scale: float | list[float] | None = None,
-        image_strength: float | list[float] = 1.0,
-        image_guidance: ImageGuidance = "conditional",
-        scheduler: str = "ddim",
+        image_strength: float | list[float] | None = None,
+        image_guidance: ImageGuidance | None = None,
+        scheduler: str | None = None,
         seed: int | list[int] | None = None,
         image_steps: int | None = None,
+        negative_caption: str | list[str | None] | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> MelFusionOutput:
         """Generate one clip per caption.
 
         Args:
-            caption: text prompt(s), one clip each.
+            caption: text prompt(s), one clip each; None rows follow their image only.
             image: one image for all captions, one per caption (None rows: caption only), or None.
             image_features: features from `encode_image` on the image grid; skips the image side.
             seconds: clip length (bundle default if None), at most the bundle's `max_seconds`; one for all
@@ -552,35 +553,42 @@ class MelFusionPipeline(DiffusionPipeline):
             seed: int (item i gets seed + i) or one per caption; random if None, echoed in the output.
             image_steps: image passes on a coarser grid (default: one per music step); each music step
                 then reads the recorded step nearest to its timestep.
+            negative_caption: replaces "" in the unconditional CFG branch, one for all or one per caption.
             callback: called with a StepInfo after every UNet step of every phase.
             should_cancel: polled before every step; True raises GenerationCancelled.
         """
-        # 1. Check inputs
-        captions = [caption] if isinstance(caption, str) else list(caption)
+        # 1. Check inputs: every row a resolved GenerationRequest (its defaults and ranges)
+        captions = [caption] if isinstance(caption, str | None) else list(caption)
         batch = len(captions)
         images = self._per_row("image", image, batch)
-        seconds = self._per_row("seconds", self.config.default_seconds if seconds is None else seconds, batch)
-        loops = self._per_row("loop", loop, batch)
-        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
-        image_steps = steps if image_steps is None else image_steps
-        guidance = self._per_row("guidance_scale", self.config.default_guidance_scale if guidance_scale is None else guidance_scale, batch)
-        strength = self._per_row("image_strength", image_strength, batch)
-        for row_guidance, row_strength, row_seconds in zip(guidance, strength, seconds):
-            self.limits.check(
-                captions=captions,
-                seconds=row_seconds,
-                steps=steps,
-                guidance_scale=row_guidance,
-                image_strength=row_strength,
-                scheduler=scheduler,
-                image_guidance=image_guidance,
-                image_steps=image_steps,
-            )
-        seeds = self._seeds(seed, batch)
+        columns = zip(
+            captions, self._per_row("negative_caption", negative_caption, batch),
+            self._per_row("seconds", seconds, batch), self._per_row("loop", loop, batch),
+            self._per_row("guidance_scale", guidance_scale, batch),
+            self._per_row("image_strength", image_strength, batch), self._seeds(seed, batch), strict=True,
+        )  # fmt: skip
+        requests = [
+            _request_of(
+                caption=row_caption, negative_caption=row_negative, seconds=row_seconds, loop=row_loop, steps=num_inference_steps,
+                guidance_scale=row_guidance, image_strength=row_strength, image_guidance=image_guidance,
+                scheduler=scheduler, seed=row_seed, image_steps=image_steps,
+            ).resolved(self.limits)
+            for row_caption, row_negative, row_seconds, row_loop, row_guidance, row_strength, row_seed in columns
+        ]  # fmt: skip
+        first = requests[0]
+        steps, image_steps, scheduler = first.steps, first.image_steps, first.scheduler
+        seconds = [request.seconds for request in requests]
+        loops = [request.loop for request in requests]
+        guidance = [request.guidance_scale for request in requests]
+        strength = [request.image_strength for request in requests]
+        seeds = [request.seed for request in requests]
         if image_features is not None:
             images = [None] * batch
+        for request, img in zip(requests, images, strict=True):
+            request.check_condition(has_image=img is not None or image_features is not None)
         has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
         with_unconditional = max(guidance) > 1.0
+        negatives = [request.negative_caption or "" for request in requests] if with_unconditional else None
 
         # 2. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
         timesteps = self.timestep_grid(steps)
@@ -602,7 +610,7 @@ class MelFusionPipeline(DiffusionPipeline):
                 image_features, feature_rows = None, [0] * batch
 
             # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
-            text_states, text_mask = self.encode_captions(captions, with_unconditional)
+            text_states, text_mask = self.encode_captions([request.caption or "" for request in requests], negatives)
 
             # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row, and its time windows
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -618,7 +626,9 @@ class MelFusionPipeline(DiffusionPipeline):
             # 6. Denoising loop with the visual synapse (lines 4-10), over windows of at most the trained
             # length, `batch` at a time: the UNet sees the shapes a batch of this size at that length has
             device = latents.device
-            rows = self.image_rows(torch.tensor(strength), torch.tensor(has_image), with_unconditional, image_guidance)
+            rows = self.image_rows(
+                torch.tensor(strength), torch.tensor(has_image), with_unconditional, first.image_guidance
+            )
             self.load_synapse(
                 image_features,
                 feature_rows * (1 + with_unconditional),
@@ -679,7 +689,8 @@ class MelFusionPipeline(DiffusionPipeline):
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> MelFusionOutput:
-        """One clip per resolved request, in one call: a batch is a list of requests (see `batch_key`).
+        """Every clip of the resolved requests, in one call: a batch is a list of requests (see `batch_key`),
+        each giving `num_outputs` rows (its `variations`), in order.
 
         Args:
             requests: resolved requests sharing one `batch_key`; each row keeps its guidance, strength, seed.
@@ -698,23 +709,40 @@ class MelFusionPipeline(DiffusionPipeline):
         features = [image for image in images if isinstance(image, ImageFeatures)]
         if features and len(features) != len(images):
             raise InputError("image_features", "give features for every row or for none")
+        rows = [(row, image) for request, image in zip(requests, images) for row in request.variations()]
         first = requests[0]
         return self(
-            [request.caption for request in requests],
-            None if features or all(image is None for image in images) else images,
-            image_features=ImageFeatures.concat(features) if features else None,
-            seconds=[request.seconds for request in requests],
-            loop=[bool(request.loop) for request in requests],
+            [row.caption for row, _ in rows],
+            None if features or all(image is None for image in images) else [image for _, image in rows],
+            image_features=ImageFeatures.concat([image for _, image in rows]) if features else None,
+            seconds=[row.seconds for row, _ in rows],
+            loop=[row.loop for row, _ in rows],
             num_inference_steps=first.steps,
-            guidance_scale=[request.guidance_scale for request in requests],
-            image_strength=[request.image_strength for request in requests],
+            guidance_scale=[row.guidance_scale for row, _ in rows],
+            image_strength=[row.image_strength for row, _ in rows],
             image_guidance=first.image_guidance,
             scheduler=first.scheduler,
-            seed=[request.seed for request in requests],
+            seed=[row.seed for row, _ in rows],
             image_steps=first.image_steps,
+            negative_caption=[row.negative_caption for row, _ in rows],
             callback=callback,
             should_cancel=should_cancel,
         )
+
+    def warm_up(self, batch_sizes: list[int], seconds: list[float]) -> None:
+        """Run every (batch size, seconds) shape once on a grey image, so no request pays for compilation
+        (torch.compile compiles on first call) or first-call allocation (the `Engine` protocol)."""
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        for length in seconds:
+            request = GenerationRequest("warm-up", seconds=length, steps=WARMUP_STEPS, seed=0).resolved(self.limits)
+            for batch_size in batch_sizes:
+                self.generate([request] * batch_size, [image] * batch_size)
+
+    def spectrogram_png(self, audio: np.ndarray) -> bytes:
+        """The clip's log-mel spectrogram as a PNG (`melfusion.spectrogram`; needs matplotlib)."""
+        from .spectrogram import spectrogram_png
+
+        return spectrogram_png(self, audio)
 
     @staticmethod
     def _per_row(field: str, value, count: int) -> list:
@@ -755,6 +783,11 @@ def window_chunks(windows: TimeWindows, batch: int, with_unconditional: bool) ->
         rows = windows.rows[chunk]
         chunks.append((chunk, torch.cat([rows, rows + batch]) if with_unconditional else rows))
     return chunks
+
+
+def _request_of(**given) -> GenerationRequest:
+    """A request of the arguments given (None: the declared default)."""
+    return GenerationRequest(**{name: value for name, value in given.items() if value is not None})
 
 
 def nearest_steps(timesteps: torch.Tensor, image_grid: torch.Tensor) -> list[int]:

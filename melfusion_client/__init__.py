@@ -5,7 +5,9 @@
     job = client.wait(job.id, on_progress=lambda j: print(f"{j.status} {j.progress:.0%}"))  # live events
     client.download(job, "clip.wav")  # checks the sha256 the service reported
 
-Depends only on httpx, so an app can vendor it.
+The generation's fields are `melfusion.request.GenerationRequest`'s, checked by name and type before
+anything is sent: `submit(caption=..., seconds=..., num_outputs=...)` or `submit(request=GenerationRequest(...))`.
+Depends on httpx and the torch-free `melfusion.request`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from dataclasses import fields as dataclass_fields
 from typing import Any, Self
 
 import httpx
+
+from melfusion.request import OFF, GenerationRequest
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -39,14 +44,15 @@ class Job:
     progress: float
     queue_position: int | None
     params: dict[str, Any]
-    result: dict[str, Any] | None
+    result: dict[str, Any] | None  # the first of `outputs`
     error: dict[str, str] | None
+    outputs: list[dict[str, Any]]  # one per `num_outputs`, in seed order
     raw: dict[str, Any]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
-        fields = ("id", "status", "progress", "queue_position", "params", "result", "error")
-        return cls(**{name: data[name] for name in fields}, raw=data)
+        names = ("id", "status", "progress", "queue_position", "params", "result", "error")
+        return cls(**{name: data[name] for name in names}, outputs=data.get("outputs") or [], raw=data)
 
     @property
     def is_done(self) -> bool:
@@ -75,26 +81,32 @@ class MelFusionClient:
 
     def submit(
         self,
-        image: str | os.PathLike | bytes,
-        caption: str,
+        image: str | os.PathLike | bytes | None = None,
+        caption: str | None = None,
         *,
+        request: GenerationRequest | None = None,
         idempotency_key: str | None = None,
-        **params: float | int | str | list[str] | None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
+        **fields: Any,
     ) -> Job:
-        """POST /jobs. `params` are the form's other fields (seconds, steps, guidance_scale, image_strength,
-        image_guidance, scheduler, seed, preset, image_steps, webhook_url, webhook_events as a list; their
-        ranges are in /openapi.json); None means the service's default. Retrying with the same
-        `idempotency_key` can never create a second job."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        form = {"caption": caption, **params}
+        """POST /jobs: a photo, a caption, or both. The other generation fields are GenerationRequest's, as
+        keywords (`seconds=10`) or as `request`; an unknown name raises TypeError here, a value out of the
+        service's range comes back as a 422 ServiceError naming it (ranges are in /openapi.json). Unset
+        means the service's default. Retrying with the same `idempotency_key` can never create a second job.
+        """
+        request = request or GenerationRequest(caption=caption, **fields)
+        defaults = {f.name: f.default for f in dataclass_fields(GenerationRequest)}
+        form = {name: value for name, value in request.to_dict().items() if value != defaults[name]}
+        form |= {name: OFF for name, value in form.items() if value is None}  # null where the default is not
+        form |= {"webhook_url": webhook_url, "webhook_events": webhook_events}
+        parts = [(name, (None, str(item))) for name, value in form.items() if value is not None
+                 for item in (value if isinstance(value, list) else [value])]  # fmt: skip
+        if image is not None:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            parts.append(("image", ("image", data, "application/octet-stream")))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        response = self.http.post(
-            "/jobs",
-            data={name: value if isinstance(value, list) else str(value) for name, value in form.items()
-                  if value is not None},
-            files={"image": ("image", data, "application/octet-stream")},
-            headers=headers,
-        )
+        response = self.http.post("/jobs", files=parts, headers=headers)  # multipart, with or without a photo
         return self._job(response)
 
     def get(self, job_id: str) -> Job:
@@ -175,15 +187,17 @@ class MelFusionClient:
                     raise TimeoutError(f"job {job_id} still {current and current['status']} at the deadline")
         return None
 
-    def download(self, job: Job, path: str | os.PathLike) -> Path:
-        """Fetch the WAV from the job's result URL and check it against the sha256 the service reported."""
+    def download(self, job: Job, path: str | os.PathLike, *, output: int = 0) -> Path:
+        """Fetch output `output`'s clip (0: `result`; in the job's `format`, see `result["content_type"]`) from
+        its URL and check it against the sha256 the service reported."""
         if job.result is None:
             raise ValueError(f"job {job.id} is {job.status}; it has no result")
+        result = (job.outputs or [job.result])[output]
         # A plain GET: the URL carries its own signature, and S3 refuses a second one in an Authorization header.
-        url = self.http.base_url.join(job.result["url"])  # relative when the service has no public URL set
+        url = self.http.base_url.join(result["url"])  # relative when the service has no public URL set
         response = httpx.get(url, follow_redirects=True, timeout=self.http.timeout)
         response.raise_for_status()
-        if hashlib.sha256(response.content).hexdigest() != job.result["sha256"]:
+        if hashlib.sha256(response.content).hexdigest() != result["sha256"]:
             raise ServiceError(response.status_code, "checksum_mismatch", "downloaded bytes differ", "result")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

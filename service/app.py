@@ -12,8 +12,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from jobs.queue import open_queue, open_redis
 from jobs.settings import Settings, load_settings
-from jobs.storage import LocalStorage, open_storage
-from melfusion.limits import read_limits
+from jobs.storage import open_storage
+from melfusion.limits import GenerationLimits, read_limits
 
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
@@ -22,6 +22,7 @@ from .operations import describe_job
 from .rate_limit import SubmitRateLimit
 from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
+from .submission import FORM_SCHEMA_NAME, JobForm
 from .webhooks import WebhookSender
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries around the image
@@ -29,7 +30,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # caption, numbers and multipart boundaries aro
 
 def create_app(settings: Settings) -> FastAPI:
     redis = open_redis(settings)
-    limits = read_limits(settings.resolve_bundle_dir())
+    limits = bundle_limits(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.queue = open_queue(redis, settings)
     app.state.storage = open_storage(settings)
     app.state.limits = limits
+    app.state.job_form = JobForm.build(limits, settings)
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}/"
     describe = lambda job: describe_job(job, redis=redis, storage=app.state.storage, base_url=base_url)
     app.state.webhook_sender = WebhookSender(
@@ -64,13 +66,39 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     install_error_handlers(app)
+    document_job_form(app)
     app.include_router(build_jobs_router(limits, settings))
     app.include_router(health.router)
     app.include_router(demo.router)
     app.mount("/static", StaticFiles(directory=demo.STATIC_DIR), name="static")
-    if isinstance(app.state.storage, LocalStorage):
+    if app.state.storage.serves_via_api:
         app.include_router(files.router)
     return app
+
+
+def bundle_limits(settings: Settings) -> GenerationLimits:
+    """The configured bundle's limits, read without torch; with none configured, the embedded tiny bundle's
+    (built on first use, which imports torch: the quick start only)."""
+    if settings.bundle_dir is not None:
+        return read_limits(settings.bundle_dir)
+    from melfusion.bundle import ensure_tiny_bundle
+
+    return read_limits(ensure_tiny_bundle())
+
+
+def document_job_form(app: FastAPI) -> None:
+    """Put the POST /jobs form's schema (built from the bundle's bounds at start) into the OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            form = app.state.job_form.openapi_schema()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(form.pop("$defs", {}))
+            schema["components"]["schemas"][FORM_SCHEMA_NAME] = form
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def serve() -> None:

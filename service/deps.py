@@ -15,7 +15,6 @@ from rq import Queue
 
 from jobs.settings import Settings
 from jobs.storage import Storage
-from melfusion.limits import GenerationLimits
 
 from .errors import Unauthorized
 from .rate_limit import SubmitRateLimit
@@ -44,16 +43,11 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_limits(request: Request) -> GenerationLimits:
-    return request.app.state.limits
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-LimitsDep = Annotated[GenerationLimits, Depends(get_limits)]
 
 
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]

@@ -4,16 +4,13 @@ refuses a 1 MB field with an anonymous 400 and keeps only the first of two `imag
 
 from __future__ import annotations
 
-import typing
-
 from fastapi import Request
-from fastapi.routing import APIRoute
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from jobs.settings import Settings
 
-from .errors import ApiError
+from .errors import ApiError, UnsupportedMediaType
 
 TEXT_FIELD_BYTES_PER_CHAR = 4  # the most a UTF-8 character takes
 
@@ -46,6 +43,8 @@ class StrictMultiPartParser(MultiPartParser):
 async def parse_strict_form(request: Request, settings: Settings, *, repeatable: frozenset[str] = frozenset()) -> FormData:
     """The request's multipart form, parsed strictly (see the module docstring); only the `repeatable`
     fields (declared as lists) may come more than once."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UnsupportedMediaType("send the form as multipart/form-data", field="Content-Type")
     max_part_size = max(1024, TEXT_FIELD_BYTES_PER_CHAR * settings.max_caption_chars)
     parser = StrictMultiPartParser(request.headers, request.stream(), max_part_size=max_part_size)
     try:
@@ -59,29 +58,3 @@ async def parse_strict_form(request: Request, settings: Settings, *, repeatable:
             await form.close()
             raise FormFieldInvalid(f"send one {name} part, not {len(form.getlist(name))}", field=name)
     return form
-
-
-def list_fields(route: APIRoute) -> frozenset[str]:
-    """The route's form fields declared as lists (one part per value, e.g. `webhook_events`)."""
-    names = set()
-    for param in route.dependant.body_params:
-        annotation = param.field_info.annotation
-        if any(typing.get_origin(kind) is list for kind in (annotation, *typing.get_args(annotation))):
-            names.add(param.alias)
-    return frozenset(names)
-
-
-class StrictFormRoute(APIRoute):
-    """An APIRoute whose multipart bodies go through `parse_strict_form` before FastAPI reads them."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-        repeatable = list_fields(self)
-
-        async def strict_handler(request: Request):
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                # FastAPI then reads the same parsed form: Request caches it in `_form`.
-                request._form = await parse_strict_form(request, request.app.state.settings, repeatable=repeatable)
-            return await handler(request)
-
-        return strict_handler

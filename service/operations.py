@@ -35,8 +35,8 @@ from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
 from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded, TargetRefused
-from .schemas import JobError, JobPublic, JobResult, WebhookSubscription
-from .uploads import ImageType
+from .schemas import JobError, JobPublic, JobResult
+from .submission import Submission
 from .webhooks import check_target
 
 
@@ -49,10 +49,10 @@ def _idempotency_record_key(owner: str, key: str) -> str:
     return f"{KEY_PREFIX}:idempotency:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def _fingerprint(image: bytes, request: GenerationRequest) -> str:
+def _fingerprint(image: bytes | None, request: GenerationRequest) -> str:
     """The photo and the fields the caller set (unset ones left out, so a field added by an upgrade does not
     turn a retry that spans it into a conflict)."""
-    digest = hashlib.sha256(image)
+    digest = hashlib.sha256(image if image is not None else b"no image")
     given = {name: value for name, value in request.to_dict().items() if value is not None}
     digest.update(json.dumps(given, sort_keys=True).encode())
     return digest.hexdigest()
@@ -66,10 +66,7 @@ def submit_job(
     settings: Settings,
     limits: GenerationLimits,
     owner: str,
-    image: bytes,
-    image_type: ImageType,
-    request: GenerationRequest,
-    webhook: WebhookSubscription | None,
+    submission: Submission,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
@@ -81,8 +78,11 @@ def submit_job(
         Overloaded: more than `max_queue_depth` jobs are queued.
         IdempotencyConflict: the key was used before with a different request.
     """
-    check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
+    image, request, webhook = submission.image, submission.request, submission.webhook
+    if image is not None:
+        check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
     params = request.resolved(limits)
+    params.check_condition(has_image=image is not None)
     meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
     if webhook is not None:
         if settings.webhook_secret is None:
@@ -102,9 +102,10 @@ def submit_job(
         record = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         if not redis.set(record_key, record, nx=True, ex=settings.job_ttl_seconds):
             return _replay(redis, record_key, fingerprint=fingerprint), True
-    image_key = input_key(job_id, image_type.extension)
+    image_key = input_key(job_id, submission.image_type.extension) if image is not None else None
     try:
-        storage.put(image_key, image, content_type=image_type.mime)
+        if image_key is not None:
+            storage.put(image_key, image, content_type=submission.image_type.mime)
         job = queue.enqueue_call(
             TASK,
             kwargs={"image_key": image_key, "params": params.to_dict()},
@@ -118,7 +119,8 @@ def submit_job(
             description=f"melfusion job {job_id}",
         )
     except BaseException:
-        _discard_upload(storage, image_key)
+        if image_key is not None:
+            _discard_upload(storage, image_key)
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise
@@ -160,19 +162,11 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     its owner's jobs)."""
     status = get_status(job)
     meta = job.meta
-    result = None
+    outputs = None
     if status is JobStatus.SUCCEEDED:
         stored = meta["result"]
-        signed = storage.signed_url(stored["key"])
-        fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
-        fields["format"] = stored.get("format", "wav")  # a result stored before formats existed is a WAV
-        picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
-        result = JobResult(
-            url=urljoin(base_url, signed.url),
-            spectrogram_url=picture and urljoin(base_url, picture),
-            expires_at=signed.expires_at,
-            **fields,
-        )
+        stored_outputs = stored.get("outputs", [stored])  # a job from before `outputs` has its one result
+        outputs = [_public_result(output, storage=storage, base_url=base_url) for output in stored_outputs]
     error = None
     if status is JobStatus.FAILED:
         error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
@@ -191,9 +185,24 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         started_at=job.started_at,
         finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
         params=GenerationRequest.from_dict(job.kwargs["params"]),
-        result=result,
+        result=outputs and outputs[0],
+        outputs=outputs,
         error=error,
         webhook=get_subscription(meta),
+    )
+
+
+def _public_result(stored: dict, *, storage: Storage, base_url: str) -> JobResult:
+    """One stored clip as the API shows it, with fresh signed URLs."""
+    signed = storage.signed_url(stored["key"])
+    fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
+    fields["format"] = stored.get("format", "wav")  # a clip stored before formats existed is a WAV
+    picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
+    return JobResult(
+        url=urljoin(base_url, signed.url),
+        spectrogram_url=picture and urljoin(base_url, picture),
+        expires_at=signed.expires_at,
+        **fields,
     )
 
 
@@ -215,5 +224,6 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
         redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
-        storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+        if job.kwargs["image_key"] is not None:
+            storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))

@@ -71,7 +71,8 @@ class JobPublic(BaseModel):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     params: GenerationRequest = Field(description="every value resolved (defaults applied, seed chosen)")
-    result: JobResult | None
+    result: JobResult | None = Field(description="the first of `outputs` (what clients before `num_outputs` read)")
+    outputs: list[JobResult] | None = Field(None, description="one clip per output (`num_outputs`), in seed order")
     error: JobError | None
     webhook: WebhookSubscription | None = None
 

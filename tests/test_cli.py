@@ -88,9 +88,9 @@ def _bad_image_files(directory: Path, png: Path) -> dict[str, Path]:
         ("zero steps", {"--steps": "0"}, "steps"),
         ("negative strength", {"--image-strength": "-0.1"}, "image_strength"),
         ("more image passes than steps", {"--image-steps": "3"}, "image_steps"),
-        ("loudness not a number", {"--loudness-lufs": "loud"}, "loudness_lufs"),
         ("loudness out of range", {"--loudness-lufs": "0"}, "loudness_lufs"),
         ("format other than the file's", {"--format": "mp3"}, "out"),
+        ("unknown extension", {"--out": "clip.aiff"}, "out"),
     ],
 )
 def test_bad_input_fails_clearly_and_leaves_no_file(tmp_path, png, tiny_bundle, capsys, case, overrides, field):

@@ -12,7 +12,6 @@ from melfusion.request import MAX_SEED, GenerationRequest
 
 LIMITS = GenerationLimits(
     max_seconds=30.0, default_seconds=10.0, max_steps=1000, default_steps=100, default_guidance_scale=7.0,
-    sampling_rate=16000,
 )  # fmt: skip
 
 
@@ -40,6 +39,9 @@ def test_a_seed_is_chosen_in_the_one_range_and_kept_once_resolved():
     "fields, field",
     [
         ({"caption": " "}, "caption"),
+        ({"negative_caption": ""}, "negative_caption"),
+        ({"steps": 2.5}, "steps"),
+        ({"seconds": "long"}, "seconds"),
         ({"seconds": 31.0}, "seconds"),
         ({"steps": 0}, "steps"),
         ({"image_strength": 1.5}, "image_strength"),
@@ -64,10 +66,48 @@ def test_queue_payload_round_trips_through_json():
 
 def test_queue_payloads_of_other_versions_still_load():
     current = GenerationRequest("calm piano", steps=30).resolved(LIMITS).to_dict()
-    older = {name: value for name, value in current.items() if name != "image_steps"}  # before image_steps
-    assert GenerationRequest.from_dict(older) == GenerationRequest.from_dict(current)  # image_steps = steps
+    # A payload from before image_steps, negative_caption and num_outputs existed: each takes its default.
+    later = ("image_steps", "negative_caption", "num_outputs")
+    older = {name: value for name, value in current.items() if name not in later}
+    loaded = GenerationRequest.from_dict(older)
+    assert loaded.num_outputs == 1 and loaded.negative_caption is None
+    assert loaded.resolved(LIMITS) == GenerationRequest.from_dict(current)  # image_steps = steps
     newer = {**current, "a_later_field": 1}
     assert GenerationRequest.from_dict(newer) == GenerationRequest.from_dict(current)
+
+
+def test_caption_or_image_at_least_one():
+    GenerationRequest().check_condition(has_image=True)  # image only: the paper's image-only setting
+    GenerationRequest("calm piano").check_condition(has_image=False)  # caption only: TANGO
+    with pytest.raises(InputError) as error:
+        GenerationRequest().resolved(LIMITS).check_condition(has_image=False)
+    assert error.value.field == "caption"
+
+
+def test_variations_take_consecutive_seeds_and_one_output_each():
+    request = GenerationRequest("x", num_outputs=3, seed=MAX_SEED - 1).resolved(LIMITS)
+    variations = request.variations()
+    assert [v.seed for v in variations] == [MAX_SEED - 1, MAX_SEED, 0]  # wraps within the seed range
+    assert {v.num_outputs for v in variations} == {1} and {v.batch_key(LIMITS) for v in variations} == {request.batch_key(LIMITS)}
+    for bad in (0, 9):
+        with pytest.raises(InputError, match="num_outputs"):
+            GenerationRequest("x", num_outputs=bad).resolved(LIMITS)
+
+
+def test_negative_caption_needs_cfg():
+    assert GenerationRequest("x", negative_caption="noise").resolved(LIMITS).negative_caption == "noise"
+    with pytest.raises(InputError) as error:
+        GenerationRequest("x", negative_caption="noise", guidance_scale=1.0).resolved(LIMITS)
+    assert error.value.field == "negative_caption"
+
+
+def test_interface_states_the_bundle_bounds_and_defaults():
+    described = {field.name: field for field in GenerationRequest.interface(LIMITS)}
+    assert set(described) == set(GenerationRequest.field_names())
+    assert (described["seconds"].gt, described["seconds"].le) == (0, LIMITS.max_seconds)
+    assert "default 10.0" in described["seconds"].help and described["num_outputs"].le == 8
+    unbound = {field.name: field for field in GenerationRequest.interface()}
+    assert unbound["seconds"].le is None and unbound["scheduler"].choices is None  # checked once the bundle is known
 
 
 def test_batch_key_groups_what_can_share_one_pipeline_call():

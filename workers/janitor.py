@@ -22,7 +22,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from jobs.queue import KEY_PREFIX, JobStatus, fetch_job, get_status
 from jobs.settings import Settings
-from jobs.storage import Storage
+from jobs.storage import Storage, job_id_of
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def sweep_orphans(*, redis: Redis, storage: Storage, grace_seconds: float) -> in
         for key, modified in list(storage.list_keys(prefix)):
             if modified > cutoff:
                 continue
-            job = fetch_job(redis, key.removeprefix(prefix).rsplit(".", 1)[0])
+            job = fetch_job(redis, job_id_of(key))
             if job is None or (prefix == "inputs/" and get_status(job) not in LIVE):
                 storage.delete(key)
                 removed += 1

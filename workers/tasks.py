@@ -34,7 +34,6 @@ from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.mastering import deliver
 from melfusion.request import GenerationRequest
-from melfusion.spectrogram import spectrogram_png
 
 from .warm import Runtime, get_runtime
 
@@ -49,7 +48,7 @@ Outcome = dict | BaseException
 FinishJob = Callable[[Job, Outcome], None]
 
 
-def generate_clip(*, image_key: str, params: dict) -> dict:
+def generate_clip(*, image_key: str | None, params: dict) -> dict:
     """Run one job inside a worker (a batch of one); returns the result record also in `job.meta["result"]`.
 
     The arguments are the queue payload; `run_batch` reads them from the job, as it does for batch partners.
@@ -68,8 +67,8 @@ class _Row:
     """One job's place in a batch."""
 
     job: Job
-    request: GenerationRequest
-    image_key: str
+    request: GenerationRequest  # resolved against the worker's bundle (a payload of an older API gets defaults)
+    image_key: str | None  # None: caption only
     started: float = field(default_factory=time.perf_counter)
     saved_progress_at: float = float("-inf")
     ended: bool = False
@@ -92,12 +91,12 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
         runtime: the worker's pipeline, storage and settings.
         finish: records a job's outcome in RQ (called as soon as the job ends, mid-batch for a cancel).
     """
-    rows = [_Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"]) for job in jobs]
     redis = jobs[0].connection
-    for row in rows:
-        if row.job.enqueued_at and row.job.started_at:
+    limits = runtime.get_engine().limits
+    for job in jobs:
+        if job.enqueued_at and job.started_at:
             with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
-                observe(redis, QUEUE_WAIT, (row.job.started_at - row.job.enqueued_at).total_seconds())
+                observe(redis, QUEUE_WAIT, (job.started_at - job.enqueued_at).total_seconds())
 
     def end(row: _Row, outcome: Outcome) -> None:
         row.ended = True
@@ -127,11 +126,21 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
                 log.info("job %s canceled: %s", row.job.id, reason)
                 end(row, GenerationCancelled(reason))
 
+    rows = []
+    for job in jobs:
+        row = _Row(job, GenerationRequest.from_dict(job.kwargs["params"]), job.kwargs["image_key"])
+        rows.append(row)
+        try:
+            row.request = row.request.resolved(limits)
+        except InputError as exc:  # a payload this worker's bundle cannot serve
+            end(row, exc)
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
-    resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
+    resolution = runtime.get_engine().image_resolution  # decoded images shrink to about this at once
     for row in rows:
-        if not row.ended:
+        if not row.ended and row.image_key is None:
+            images[row.job.id] = None
+        elif not row.ended:
             try:
                 data = retry_storage(
                     lambda key=row.image_key: runtime.storage.get(key),
@@ -156,7 +165,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
                 row.report_progress(step.fraction)
 
     try:
-        output = runtime.get_pipeline().generate(
+        output = runtime.get_engine().generate(
             [row.request for row in batch],
             [images[row.job.id] for row in batch],
             callback=on_step,
@@ -169,24 +178,30 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             if not row.ended:
                 end(row, exc)
         return
-    for index, row in enumerate(batch):
+    first_row = 0
+    for row in batch:
+        clips = [output.clip(first_row + index) for index in range(row.request.num_outputs)]  # its variations
+        first_row += row.request.num_outputs
         if not row.ended:
             try:
-                result = store_clip(runtime, row.job.id, row.request, output.clip(index), output.sampling_rate)
+                outputs = [
+                    store_clip(runtime, row.job.id, index, row.request, audio, output.sampling_rate)
+                    for index, audio in enumerate(clips)
+                ]
             except Exception as exc:
                 end(row, exc)
             else:
-                end(row, result)
+                end(row, {**outputs[0], "outputs": outputs})
 
 
-def store_clip(runtime: Runtime, job_id: str, request: GenerationRequest, audio, sampling_rate: int) -> dict:
-    """Master and encode the clip as the request asks, write it, then its spectrogram PNG, to storage;
-    returns the result record the API reads."""
+def store_clip(runtime: Runtime, job_id: str, index: int, request: GenerationRequest, audio, sampling_rate: int) -> dict:
+    """Master and encode output `index` as the request asks (format, loudness, loop), write it, then its
+    spectrogram PNG, to storage; returns the record the API reads."""
     audio, encoded = deliver(audio, sampling_rate, request)
     kind = audio_format(request.format)
-    key = output_key(job_id, request.format)
-    picture = spectrogram_key(job_id)
-    png = spectrogram_png(runtime.get_pipeline(), audio)
+    key = output_key(job_id, index, request.format)
+    picture = spectrogram_key(job_id, index)
+    png = runtime.get_engine().spectrogram_png(audio)
     for stored_key, data, content_type in ((key, encoded, kind.content_type), (picture, png, PNG)):
         retry_storage(
             lambda: runtime.storage.put(stored_key, data, content_type=content_type),
@@ -205,9 +220,11 @@ def store_clip(runtime: Runtime, job_id: str, request: GenerationRequest, audio,
     }
 
 
-def discard_input(runtime: Runtime, image_key: str, *, job_id: str) -> None:
+def discard_input(runtime: Runtime, image_key: str | None, *, job_id: str) -> None:
     """The uploaded photo is needed only while its job runs; keep storage from filling with them (a delete
     that fails now is the sweep's to repeat)."""
+    if image_key is None:
+        return
     try:
         runtime.storage.delete(image_key)
     except StorageUnavailable as exc:

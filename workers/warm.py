@@ -1,5 +1,5 @@
-"""The process-wide state a job needs: the pipeline (loaded, compiled and warmed up once, then reused), the
-storage, the settings.
+"""The process-wide state a job needs: the engine (loaded, compiled and warmed up once, then reused), the
+storage, the settings. The worker asks of its engine only what `melfusion.engine.Engine` declares.
 
 RQ calls job functions by name with only their arguments, so the worker installs this state before it
 starts working and `generate_clip` picks it up with `get_runtime()`.
@@ -11,15 +11,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image
-
 from jobs.settings import Settings
 from jobs.storage import Storage
-from melfusion.request import GenerationRequest
+from melfusion.engine import Engine
 
 log = logging.getLogger(__name__)
-
-WARMUP_STEPS = 2  # compiled graphs depend on shapes, not on the number of steps
 
 
 @dataclass
@@ -30,14 +26,14 @@ class Runtime:
     warming_up: bool = True  # until `warm_up` ends; /readyz does not count the worker before that
     _pipeline: object = field(default=None, repr=False)
 
-    def get_pipeline(self):
-        """The loaded MelFusionPipeline; loads it on first use only."""
+    def get_engine(self) -> Engine:
+        """The loaded engine (a MelFusionPipeline); loads it on first use only."""
         if self._pipeline is None:
             import torch
 
-            from melfusion.bundle import load_pipeline
+            from melfusion.bundle import ensure_tiny_bundle, load_pipeline
 
-            bundle = self.settings.resolve_bundle_dir()
+            bundle = self.settings.bundle_dir or ensure_tiny_bundle()
             started = time.perf_counter()
             pipe = load_pipeline(bundle, device=self.settings.device, dtype=getattr(torch, self.settings.dtype))
             pipe.set_progress_bar_config(disable=True)
@@ -61,13 +57,8 @@ class Runtime:
         """Run every configured (batch size, seconds) shape once, so that no job pays for compilation
         (torch.compile compiles on first call); the worker takes jobs only after this."""
         started = time.perf_counter()
-        pipe = self.get_pipeline()
         sizes, lengths = self.settings.warmup_batch_sizes, self.settings.warmup_seconds
-        image = Image.new("RGB", (64, 64), (128, 128, 128))
-        for seconds in lengths:
-            request = GenerationRequest("warm-up", seconds=seconds, steps=WARMUP_STEPS, seed=0).resolved(pipe.limits)
-            for batch_size in sizes:
-                pipe.generate([request] * batch_size, [image] * batch_size)
+        self.get_engine().warm_up(sizes, lengths)
         self.warming_up = False
         log.info(
             "warmed up over %d shapes (batch sizes %s x seconds %s) in %.1f s",

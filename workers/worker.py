@@ -135,29 +135,33 @@ class MelFusionWorker(SimpleWorker):
         self.batches_done += 1
 
     def claim_partners(self, leader: Job, queue: Queue) -> dict[Job, Execution]:
-        """Up to max_batch - 1 queued jobs sharing the leader's batch key, each claimed with its execution."""
+        """Queued jobs sharing the leader's batch key, each claimed with its execution, while all their clips
+        (a job makes `num_outputs`) fit in max_batch rows."""
         settings = self.runtime.settings
-        wanted = settings.max_batch - 1
+        leading = GenerationRequest.from_dict(leader.kwargs["params"])
+        wanted = settings.max_batch - leading.num_outputs  # rows left for partners
         claimed: dict[Job, Execution] = {}
-        if wanted == 0:
+        if wanted <= 0:
             return claimed
-        limits = self.runtime.get_pipeline().limits
-        key = GenerationRequest.from_dict(leader.kwargs["params"]).batch_key(limits)
+        limits = self.runtime.get_engine().limits
+        key = leading.batch_key(limits)
         judged: set[str] = {leader.id}
         deadline = time.monotonic() + settings.batch_wait_ms / 1000
         while True:
             ids = [i for i in queue.get_job_ids(0, LOOKAHEAD * settings.max_batch) if i not in judged]
             for candidate in Job.fetch_many(ids, connection=self.connection, serializer=self.serializer):
-                if len(claimed) == wanted:
+                if wanted == 0:
                     break
                 if candidate is None:
                     continue
                 judged.add(candidate.id)
-                if GenerationRequest.from_dict(candidate.kwargs["params"]).batch_key(limits) == key:
+                request = GenerationRequest.from_dict(candidate.kwargs["params"])
+                if request.batch_key(limits) == key and request.num_outputs <= wanted:
                     execution = self._claim(candidate, queue)
                     if execution is not None:
                         claimed[candidate] = execution
-            if len(claimed) == wanted or time.monotonic() >= deadline:
+                        wanted -= request.num_outputs
+            if wanted == 0 or time.monotonic() >= deadline:
                 return claimed
             time.sleep(min(PARTNER_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 

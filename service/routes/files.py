@@ -1,4 +1,5 @@
-"""/files: the local store's downloads, behind expiring HMAC-signed URLs (mounted only for that store)."""
+"""/files: the local store's downloads, behind expiring HMAC-signed URLs (mounted only for a store whose
+links lead here: `Storage.serves_via_api`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from jobs.storage import AUDIO_CONTENT_TYPES, PNG, LocalStorage, StorageKeyInvalid, check_key, content_type_of
+from jobs.storage import AUDIO_CONTENT_TYPES, PNG, StorageKeyInvalid, check_key, content_type_of
 
 from ..deps import StorageDep
 from ..errors import ErrorResponse, JobNotFound, LinkInvalid
@@ -18,10 +19,13 @@ router = APIRouter(tags=["files"])
 @router.get(
     "/files/{key:path}",
     response_class=FileResponse,
-    responses={200: {"content": {**{kind: {} for kind in AUDIO_CONTENT_TYPES}, PNG: {}}}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    responses={
+        200: {"content": {**{kind: {} for kind in AUDIO_CONTENT_TYPES}, PNG: {}}},
+        403: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+    },
 )
 def download_file(key: str, expires: Annotated[int, Query()], signature: Annotated[str, Query()], storage: StorageDep):
-    assert isinstance(storage, LocalStorage)
     try:
         check_key(key)
     except StorageKeyInvalid:

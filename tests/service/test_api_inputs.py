@@ -61,8 +61,10 @@ def test_bad_image(local_stack, name, image, content_type, status):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("caption", ""),
         ("caption", "   "),
+        ("negative_caption", "   "),
+        ("num_outputs", "0"),
+        ("num_outputs", "9"),
         ("caption", "x" * 1001),
         ("seconds", "0"),
         ("seconds", "31"),
@@ -91,9 +93,22 @@ def test_more_image_passes_than_steps_names_image_steps(local_stack, sample_png)
     assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, form), 422, "image_steps")
 
 
-def test_missing_fields(local_stack, sample_png):
-    assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, {}), 422, "caption")
-    assert_error(post_job(local_stack, None, GOOD_FORM), 422, "image")
+def test_a_caption_or_an_image_is_needed(local_stack, sample_png):
+    image = {"image": ("s.png", sample_png, "image/png")}
+    form = {name: (None, value) for name, value in GOOD_FORM.items() if name != "caption"}
+    assert_error(post_job(local_stack, form, {}), 422, "caption")  # neither
+    assert_error(post_job(local_stack, {**form, "caption": (None, "")}, {}), 422, "caption")  # "" is not given
+    image_only = post_job(local_stack, {**form, **image}, {})
+    assert image_only.status_code == 202 and image_only.json()["params"]["caption"] is None
+    caption_only = post_job(local_stack, {**form, "caption": (None, "calm piano")}, {})  # multipart, no photo
+    assert caption_only.status_code == 202 and caption_only.json()["params"]["caption"] == "calm piano"
+    assert_error(post_job(local_stack, None, GOOD_FORM), 415, "Content-Type")  # urlencoded: not the strict parser
+
+
+def test_unknown_form_fields_are_named(local_stack, sample_png):
+    form = {**GOOD_FORM, "negative_prompt": "noise", "cfg": "3"}
+    error = assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, form), 422, "cfg")
+    assert "cfg, negative_prompt" in error["message"] and "negative_caption" in error["message"]
 
 
 def test_image_over_size_limit_is_413(local_stack, sample_png):
@@ -144,12 +159,19 @@ def test_streamed_oversized_body_is_cut_off(local_stack):
 
 def test_openapi_states_the_bundle_ranges(local_stack):
     with local_stack.http() as http:
-        form = http.get("/openapi.json").json()["components"]["schemas"]["Body_create_job_jobs_post"]["properties"]
+        document = http.get("/openapi.json").json()
+    body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobCreate"}
+    schema = document["components"]["schemas"]["JobCreate"]
+    form = schema["properties"]
+    assert schema["additionalProperties"] is False and form["image"]["format"] == "binary"
     assert form["seconds"]["anyOf"][0]["maximum"] == 30.0
     assert form["steps"]["anyOf"][0]["maximum"] == 1000
     assert form["scheduler"]["anyOf"][0]["enum"] == ["ddim", "dpmpp", "ddpm"]
     assert form["image_guidance"]["anyOf"][0]["enum"] == ["conditional", "both"]
     assert form["preset"]["anyOf"][0]["enum"] == ["tango", "paper"]
+    assert form["num_outputs"]["anyOf"][0]["maximum"] == 8 and form["num_outputs"]["default"] == 1
+    assert form["caption"]["anyOf"][0]["maxLength"] == 1000 and "negative_caption" in form
     assert "TANGO" in form["preset"]["description"]  # the help text comes from GenerationRequest
 
 
