@@ -150,7 +150,7 @@ class GenerationRequest:
         ge=1,
         le=MAX_OUTPUTS,
     )
-    format: str = declare("file format of the clip (MP3 is written at 32 kHz)", default=DEFAULT_FORMAT,
+    format: str = declare("file format of the clip (16-bit WAV and FLAC; Ogg Vorbis; Opus at 48 kHz; MP3 at 32 kHz)", default=DEFAULT_FORMAT,
                           choices=tuple(AUDIO_FORMATS))  # fmt: skip
     loudness_lufs: float | None = declare(
         f"integrated loudness of the clip in LUFS (ITU-R BS.1770-4); {OFF} (null) = the level as generated; "

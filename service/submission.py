@@ -70,12 +70,12 @@ class JobForm:
         definitions = {}
         for described in GenerationRequest.interface(limits):
             kind = Literal[described.choices] if described.choices else described.kind  # type: ignore[valid-type]
-            if described.nullable:
-                kind = kind | Literal[OFF]  # the form's spelling of null
             promises = {"ge": described.ge, "gt": described.gt, "le": described.le}
             if described.text:
                 promises |= {"min_length": 1, "max_length": settings.max_caption_chars}
             promises = {name: value for name, value in promises.items() if value is not None}
+            if described.nullable:  # the bounds hold for the value; OFF is the form's spelling of null
+                kind, promises = Annotated[kind, Field(**promises)] | Literal[OFF], {}
             field_info = Field(described.default, description=described.help, **promises)
             definitions[described.name] = (kind | None, field_info)
         definitions |= job_options(settings)
@@ -120,7 +120,8 @@ class JobForm:
         try:
             return self.model.model_validate(values).model_dump(exclude_unset=True)
         except ValidationError as exc:
-            raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()])
+            # named by the form field alone: a union's branch ("constrained-float") is no field of the form
+            raise RequestValidationError([{**error, "loc": ("body", error["loc"][0])} for error in exc.errors()])
 
 
 async def read_submission(request: Request) -> Submission:
