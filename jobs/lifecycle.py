@@ -23,7 +23,7 @@ from .metrics import count_outcome
 from .queue import KEY_PREFIX, ErrorCode, JobStatus
 from .webhooks import queue_delivery
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.ABORTED})
 EVENT_STREAM_LENGTH = 256  # recent changes kept per job: a reader that falls further behind reads the job instead
 DEFAULT_TTL_SECONDS = 86_400
 

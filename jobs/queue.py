@@ -21,6 +21,7 @@ from .settings import Settings
 TASK = "workers.tasks.generate_clip"  # by name, so the API never imports the worker
 ON_FAILURE = "workers.tasks.on_job_failure"  # RQ calls it when the janitor finds a job's worker lost
 KEY_PREFIX = "melfusion"
+CANCEL_AT = "cancel_at"  # job.meta: the Cancel-After deadline (Unix time), written by the API, obeyed by the worker
 
 
 class JobStatus(str, Enum):
@@ -29,10 +30,12 @@ class JobStatus(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    ABORTED = "aborted"  # its Cancel-After deadline passed before it started: it never ran
 
 
 class ErrorCode(str, Enum):
     CANCELED = "canceled"
+    ABORTED = "aborted"
     INVALID_INPUT = "invalid_input"
     INTERNAL = "internal_error"
     STORAGE_UNAVAILABLE = "storage_unavailable"
@@ -74,8 +77,9 @@ def get_status(job: Job) -> JobStatus:
     """The public status; a job the worker stopped on a cancel request ends 'finished' in RQ, 'canceled' here."""
     status = _FROM_RQ.get(job.get_status(refresh=False), JobStatus.QUEUED)
     ended = status in (JobStatus.SUCCEEDED, JobStatus.FAILED)  # failed: canceled while its worker was lost
-    if ended and job.meta.get("error", {}).get("code") == ErrorCode.CANCELED:
-        return JobStatus.CANCELED
+    code = job.meta.get("error", {}).get("code")
+    if ended and code in (ErrorCode.CANCELED, ErrorCode.ABORTED):
+        return JobStatus(code)
     return status
 
 

@@ -112,14 +112,17 @@ class Storage(Protocol):
     def delete(self, key: str) -> None:
         """Remove `key`; a key that is already gone is fine."""
 
-    def signed_url(self, key: str) -> SignedUrl: ...
+    def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
+        """A time-limited download link: `url_ttl_seconds` from now, or until `not_after` if sooner (when the
+        object is deleted)."""
 
     def check(self) -> None:
         """Raise StorageUnavailable unless reads and writes can work."""
 
 
-def _expiry(ttl_seconds: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.UTC)
+def _expiry(ttl_seconds: int, not_after: dt.datetime | None) -> dt.datetime:
+    expiry = dt.datetime.fromtimestamp(int(time.time()) + ttl_seconds, dt.UTC)
+    return expiry if not_after is None else max(min(expiry, not_after), dt.datetime.now(dt.UTC))
 
 
 class LocalStorage:
@@ -165,8 +168,8 @@ class LocalStorage:
     def _signature(self, key: str, expires: int) -> str:
         return hmac.new(self.signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def signed_url(self, key: str) -> SignedUrl:
-        expires_at = _expiry(self.url_ttl_seconds)
+    def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
+        expires_at = _expiry(self.url_ttl_seconds, not_after)
         expires = int(expires_at.timestamp())
         query = urlencode({"expires": expires, "signature": self._signature(check_key(key), expires)})
         return SignedUrl(f"/files/{key}?{query}", expires_at)
@@ -257,13 +260,14 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageUnavailable(f"S3 at {self.endpoint_url}: {exc}") from None
 
-    def signed_url(self, key: str) -> SignedUrl:
+    def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
+        expires_at = _expiry(self.url_ttl_seconds, not_after)
         url = self.public_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": content_type_of(key)},
-            ExpiresIn=self.url_ttl_seconds,
+            ExpiresIn=max(1, int(expires_at.timestamp() - time.time())),
         )
-        return SignedUrl(url, _expiry(self.url_ttl_seconds))
+        return SignedUrl(url, expires_at)
 
 
 def open_storage(settings: Settings) -> Storage:

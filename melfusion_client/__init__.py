@@ -26,7 +26,7 @@ import httpx
 
 from melfusion.request import OFF, GenerationRequest
 
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 
 
 class ServiceError(Exception):
@@ -88,24 +88,31 @@ class MelFusionClient:
         idempotency_key: str | None = None,
         webhook_url: str | None = None,
         webhook_events: list[str] | None = None,
+        expires_in: int | None = None,
+        cancel_after: float | str | None = None,
         **fields: Any,
     ) -> Job:
         """POST /jobs: a photo, a caption, or both. The other generation fields are GenerationRequest's, as
         keywords (`seconds=10`) or as `request`; an unknown name raises TypeError here, a value out of the
         service's range comes back as a 422 ServiceError naming it (ranges are in /openapi.json). Unset
-        means the service's default. Retrying with the same `idempotency_key` can never create a second job.
+        means the service's default. `expires_in`: seconds the job and its files are kept once it ends.
+        `cancel_after` (seconds, or a duration like "5m"): a deadline; not started by then, the job ends
+        `aborted`; still running, it is canceled.
+        Retrying with the same `idempotency_key` can never create a second job.
         """
         request = request or GenerationRequest(caption=caption, **fields)
         defaults = {f.name: f.default for f in dataclass_fields(GenerationRequest)}
         form = {name: value for name, value in request.to_dict().items() if value != defaults[name]}
         form |= {name: OFF for name, value in form.items() if value is None}  # null where the default is not
-        form |= {"webhook_url": webhook_url, "webhook_events": webhook_events}
+        form |= {"webhook_url": webhook_url, "webhook_events": webhook_events, "expires_in": expires_in}
         parts = [(name, (None, str(item))) for name, value in form.items() if value is not None
                  for item in (value if isinstance(value, list) else [value])]  # fmt: skip
         if image is not None:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             parts.append(("image", ("image", data, "application/octet-stream")))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if cancel_after is not None:
+            headers["Cancel-After"] = str(cancel_after)
         response = self.http.post("/jobs", files=parts, headers=headers)  # multipart, with or without a photo
         return self._job(response)
 

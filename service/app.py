@@ -19,7 +19,7 @@ from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
 from .metrics import JobMetricsCollector
 from .operations import describe_job
-from .rate_limit import SubmitRateLimit
+from .rate_limit import RateLimitHeaders, SubmitRateLimit
 from .routes import demo, files, health
 from .routes.jobs import build_jobs_router
 from .submission import FORM_SCHEMA_NAME, JobForm
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     ))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(RateLimitHeaders)
     install_error_handlers(app)
     document_job_form(app)
     app.include_router(build_jobs_router(limits, settings))

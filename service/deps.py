@@ -85,15 +85,19 @@ BaseUrlDep = Annotated[str, Depends(get_base_url)]
 
 
 def enforce_rate_limit(request: Request, owner: OwnerDep) -> None:
-    """429 + Retry-After once the caller has submitted too much (see SubmitRateLimit): counted per API key,
+    """429 + Retry-After once the caller has submitted too much (see SubmitRateLimit), and the IETF draft's
+    `RateLimit-Policy` and `RateLimit` headers on every answer that counted: counted per API key,
     or, with keys off, per client address, so one busy client cannot spend everyone's budget. Behind a
     proxy the address is the one uvicorn reads from X-Forwarded-For when the proxy is in FORWARDED_ALLOW_IPS."""
     limit: SubmitRateLimit = request.app.state.submit_rate_limit
     if owner != PUBLIC_OWNER:
-        limit.hit(owner, described_as="this API key")
+        caller, described_as = owner, "this API key"
     else:
         client = client_network(request.client.host if request.client else "unknown")
-        limit.hit(f"address:{client}", described_as=f"address {client}")
+        caller, described_as = f"address:{client}", f"address {client}"
+    budget = limit.hit(caller)
+    request.state.rate_limit_headers = budget.headers()  # on the answer, whatever it is (RateLimitHeaders)
+    budget.raise_if_exhausted(described_as=described_as)
 
 
 def client_network(host: str) -> str:

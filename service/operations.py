@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import uuid
 import logging
+import time
 from urllib.parse import urljoin
 
 from redis import Redis
@@ -15,6 +17,7 @@ from rq.job import Job
 
 from jobs.lifecycle import announce
 from jobs.queue import (
+    CANCEL_AT,
     KEY_PREFIX,
     ON_FAILURE,
     TASK,
@@ -68,6 +71,7 @@ def submit_job(
     owner: str,
     submission: Submission,
     idempotency_key: str | None,
+    cancel_after: float | None = None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
     The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
@@ -83,7 +87,10 @@ def submit_job(
         check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
     params = request.resolved(limits)
     params.check_condition(has_image=image is not None)
+    kept_for = submission.expires_in or settings.job_ttl_seconds  # RQ's result_ttl: the job's `expires_in`
     meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
+    if cancel_after is not None:
+        meta[CANCEL_AT] = time.time() + cancel_after
     if webhook is not None:
         if settings.webhook_secret is None:
             raise TargetRefused("webhooks are off: the server has no MELFUSION_WEBHOOK_SECRET", field="webhook_url")
@@ -111,8 +118,8 @@ def submit_job(
             kwargs={"image_key": image_key, "params": params.to_dict()},
             job_id=job_id,
             timeout=settings.job_timeout_seconds,
-            result_ttl=settings.job_ttl_seconds,
-            failure_ttl=settings.job_ttl_seconds,
+            result_ttl=kept_for,
+            failure_ttl=kept_for,
             meta=meta,
             retry=Retry(max=settings.max_retries) if settings.max_retries else None,
             on_failure=Callback(ON_FAILURE),
@@ -162,19 +169,25 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     its owner's jobs)."""
     status = get_status(job)
     meta = job.meta
+    finished_at = job.ended_at
+    if status is JobStatus.CANCELED and finished_at is None:
+        finished_at = get_cancel_requested_at(redis, job.id)
+    if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        finished_at = None
+    expires_at = finished_at and finished_at + dt.timedelta(seconds=job.result_ttl)
     outputs = None
     if status is JobStatus.SUCCEEDED:
         stored = meta["result"]
         stored_outputs = stored.get("outputs", [stored])  # a job from before `outputs` has its one result
-        outputs = [_public_result(output, storage=storage, base_url=base_url) for output in stored_outputs]
+        outputs = [_public_result(output, storage=storage, base_url=base_url, not_after=expires_at)
+                   for output in stored_outputs]  # fmt: skip
     error = None
     if status is JobStatus.FAILED:
         error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
     elif status is JobStatus.CANCELED:
         error = JobError(**meta.get("error", {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
-    finished_at = job.ended_at
-    if status is JobStatus.CANCELED and finished_at is None:
-        finished_at = get_cancel_requested_at(redis, job.id)
+    elif status is JobStatus.ABORTED:
+        error = JobError(**meta["error"])
     return JobPublic(
         id=job.id,
         status=status,
@@ -182,8 +195,9 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         attempts=get_attempts(job),
         queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
+        started_at=None if status is JobStatus.ABORTED else job.started_at,  # a worker took it, but it never ran
+        finished_at=finished_at,
+        expires_at=expires_at,
         params=GenerationRequest.from_dict(job.kwargs["params"]),
         result=outputs and outputs[0],
         outputs=outputs,
@@ -192,12 +206,14 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
     )
 
 
-def _public_result(stored: dict, *, storage: Storage, base_url: str) -> JobResult:
-    """One stored clip as the API shows it, with fresh signed URLs."""
-    signed = storage.signed_url(stored["key"])
+def _public_result(stored: dict, *, storage: Storage, base_url: str, not_after: dt.datetime | None) -> JobResult:
+    """One stored clip as the API shows it, with fresh signed URLs (none outliving the job)."""
+    signed = storage.signed_url(stored["key"], not_after=not_after)
     fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
     fields["format"] = stored.get("format", "wav")  # a clip stored before formats existed is a WAV
-    picture = storage.signed_url(stored["spectrogram_key"]).url if "spectrogram_key" in stored else None
+    picture = None
+    if "spectrogram_key" in stored:
+        picture = storage.signed_url(stored["spectrogram_key"], not_after=not_after).url
     return JobResult(
         url=urljoin(base_url, signed.url),
         spectrogram_url=picture and urljoin(base_url, picture),
@@ -215,7 +231,7 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
     status = get_status(job)
     if status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise JobStateConflict(f"job {job.id} already {status.value}", field="id")
-    if status is JobStatus.CANCELED:
+    if status in (JobStatus.CANCELED, JobStatus.ABORTED):
         return
     raise_cancel_flag(redis, job.id, ttl_seconds=settings.job_ttl_seconds)
     if status is JobStatus.QUEUED:
@@ -223,7 +239,7 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
             job.cancel()
         except InvalidJobOperation:  # canceled by a concurrent request
             pass
-        redis.expire(job.key, settings.job_ttl_seconds)  # RQ keeps canceled jobs forever otherwise
+        redis.expire(job.key, job.result_ttl)  # RQ keeps canceled jobs forever otherwise
         if job.kwargs["image_key"] is not None:
             storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))

@@ -70,6 +70,9 @@ class JobPublic(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    expires_at: dt.datetime | None = Field(
+        None, description="when the job and its files are deleted: `finished_at` + the request's `expires_in`"
+    )
     params: GenerationRequest = Field(description="every value resolved (defaults applied, seed chosen)")
     result: JobResult | None = Field(description="the first of `outputs` (what clients before `num_outputs` read)")
     outputs: list[JobResult] | None = Field(None, description="one clip per output (`num_outputs`), in seed order")

@@ -8,6 +8,7 @@ and `read_submission`, a dependency, parses a request's form strictly through it
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -31,11 +32,44 @@ from .uploads import ImageType, read_image_upload
 
 FORM_SCHEMA_NAME = "JobCreate"
 IMAGE_FIELD = "image"
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")  # Go-style, as Replicate's Cancel-After: 90s, 1m30s, 1.5h
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+CANCEL_AFTER_DOC = (
+    "a deadline, as a duration (`30s`, `5m`, `1h30m`, or plain seconds): a job not started by then ends "
+    "`aborted` without running; a running one is canceled at the deadline"
+)
+
+
+def parse_cancel_after(value: str | None) -> float | None:
+    """Seconds from now of a `Cancel-After` header (Replicate's deadline semantics); None without one.
+
+    Raises:
+        FormFieldInvalid: not a positive duration (names the header).
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = DURATION.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            seconds = float("nan")
+        else:
+            seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    if not seconds > 0 or seconds == float("inf"):
+        message = f"must be a positive duration such as 30s, 5m or 1h30m, got {value!r}"
+        raise FormFieldInvalid(message, field="Cancel-After")
+    return seconds
 
 
 def job_options(settings: Settings) -> dict[str, Any]:
     """The form's fields that belong to the job rather than to the generation (pydantic field definitions)."""
     return {
+        "expires_in": (int | None, Field(
+            None, ge=1, le=settings.job_ttl_seconds, description="seconds the job and its files are kept once it "
+            f"ends (echoed as `expires_at`); default {settings.job_ttl_seconds}, the most MELFUSION_JOB_TTL_SECONDS",
+        )),
         "webhook_url": (str | None, Field(
             None, max_length=2048, description="POST the job JSON here, signed per Standard Webhooks "
             "(`webhook-id`, `webhook-timestamp`, `webhook-signature`); public http(s) addresses only",
@@ -55,6 +89,7 @@ class Submission:
     image: bytes | None
     image_type: ImageType | None
     webhook: WebhookSubscription | None
+    expires_in: int | None  # None: the settings' job_ttl_seconds
 
 
 @dataclass(frozen=True)
@@ -139,13 +174,12 @@ async def read_submission(request: Request) -> Submission:
     finally:
         await form.close()
     webhook_url, events = values.pop("webhook_url", None), values.pop("webhook_events", None)
+    expires_in = values.pop("expires_in", None)
     webhook = None
     if webhook_url is not None:
         webhook = WebhookSubscription(url=webhook_url, events=events or list(DEFAULT_WEBHOOK_EVENTS))
-    request_fields = {
-        name: None if value == OFF else value for name, value in values.items() if name in GenerationRequest.field_names()
-    }
-    return Submission(GenerationRequest(**request_fields), image, image_type, webhook)
+    request_fields = {name: None if value == OFF else value for name, value in values.items()}  # OFF: null
+    return Submission(GenerationRequest(**request_fields), image, image_type, webhook, expires_in)
 
 
 SubmissionDep = Annotated[Submission, Depends(read_submission)]

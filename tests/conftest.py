@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -38,3 +39,15 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny bundle for a test to damage."""
     return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+@pytest.fixture
+def limits_only_bundle(tmp_path: Path) -> Path:
+    """A folder holding only a bundle's model_index.json: all the API reads, so it starts without torch."""
+    bundle = tmp_path / "limits-only-bundle"
+    bundle.mkdir()
+    (bundle / "model_index.json").write_text(json.dumps({
+        "max_seconds": 30, "default_seconds": 10, "max_steps": 1000, "default_steps": 100,
+        "default_guidance_scale": 7,
+    }))  # fmt: skip
+    return bundle

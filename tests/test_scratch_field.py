@@ -60,21 +60,15 @@ print(json.dumps({
 """
 
 
-def test_a_field_declared_in_request_py_reaches_every_interface(tmp_path):
+def test_a_field_declared_in_request_py_reaches_every_interface(tmp_path, limits_only_bundle):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / "code" / package, ignore=shutil.ignore_patterns("__pycache__"))
     request_py = tmp_path / "code" / "melfusion" / "request.py"
     source = request_py.read_text()
     assert source.count(ANCHOR) == 1
     request_py.write_text(source.replace(ANCHOR, SCRATCH + ANCHOR))
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "model_index.json").write_text(json.dumps({
-        "max_seconds": 30, "default_seconds": 10, "max_steps": 1000, "default_steps": 100,
-        "default_guidance_scale": 7,
-    }))  # fmt: skip
     probe = subprocess.run(
-        [sys.executable, "-c", PROBE, str(bundle), str(tmp_path / "store")],
+        [sys.executable, "-c", PROBE, str(limits_only_bundle), str(tmp_path / "store")],
         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "code"), "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """The job function RQ runs (`jobs.queue.TASK`) and the batch it is a case of: fetch the images, generate
-all clips in one pipeline call, store each WAV, and end every job on its own.
+all clips in one pipeline call, store each clip (mastered, in its format), and end every job on its own.
 
 Each job of a batch keeps its own status, progress, cancel flag, result and error: an undecodable image
 fails only its job; a canceled job ends (canceled) at the next step while its row, which no other row
@@ -27,7 +27,7 @@ from rq.utils import now
 
 from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
-from jobs.queue import ErrorCode, JobStatus, cancel_key
+from jobs.queue import CANCEL_AT, ErrorCode, JobStatus, cancel_key
 from jobs.storage import PNG, StorageUnavailable, output_key, retry_storage, spectrogram_key
 from melfusion.audio import audio_format
 from melfusion.errors import GenerationCancelled, InputError
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 REDIS_RETRY_SECONDS = 30.0  # how long an outcome write waits out a Redis outage before giving up
 PROGRESS_INTERVAL_SECONDS = 0.25  # at most 4 progress writes a second per job, not one per UNet step
 CANCELED = {"canceled": True}  # the return value of a canceled job (RQ: finished; API: canceled)
+
+class Aborted(Exception):
+    """A job that must not start any more (its Cancel-After deadline passed while it waited)."""
+
 
 # How a job ended, handed to the caller that records it in RQ: a return value or the exception it failed with.
 Outcome = dict | BaseException
@@ -73,6 +77,11 @@ class _Row:
     saved_progress_at: float = float("-inf")
     ended: bool = False
 
+    def deadline_passed(self) -> bool:
+        """Whether the job's Cancel-After deadline (`meta.cancel_at`, set by the API) is behind us."""
+        deadline = self.job.meta.get(CANCEL_AT)
+        return deadline is not None and time.time() >= deadline
+
     def report_progress(self, fraction: float) -> None:
         self.job.meta["progress"] = round(fraction, 4)  # always current in memory: the outcome write saves it
         if time.monotonic() - self.saved_progress_at >= PROGRESS_INTERVAL_SECONDS:
@@ -103,7 +112,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
         retry_redis(lambda: record_outcome(row.job, outcome), what=f"job {row.job.id}: recording its outcome")
         discard_input(runtime, row.image_key, job_id=row.job.id)
         retry_redis(
-            lambda: finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled) else outcome),
+            lambda: finish(row.job, CANCELED if isinstance(outcome, GenerationCancelled | Aborted) else outcome),
             what=f"job {row.job.id}: finishing it in RQ",
         )
         try:
@@ -125,6 +134,9 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             if canceled:
                 log.info("job %s canceled: %s", row.job.id, reason)
                 end(row, GenerationCancelled(reason))
+            elif row.deadline_passed():
+                log.info("job %s canceled at its Cancel-After deadline: %s", row.job.id, reason)
+                end(row, GenerationCancelled(f"Cancel-After deadline passed; {reason}"))
 
     rows = []
     for job in jobs:
@@ -134,6 +146,9 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             row.request = row.request.resolved(limits)
         except InputError as exc:  # a payload this worker's bundle cannot serve
             end(row, exc)
+    for row in rows:
+        if not row.ended and row.deadline_passed():  # Replicate's Cancel-After: not started in time, never runs
+            end(row, Aborted("not started before its Cancel-After deadline"))
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
     resolution = runtime.get_engine().image_resolution  # decoded images shrink to about this at once
@@ -271,6 +286,8 @@ def record_outcome(job: Job, outcome: Outcome) -> None:
     """Announce how the job ended: its result, or `{code, message}` for the API (tracebacks go to the log)."""
     if isinstance(outcome, GenerationCancelled):
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, str(outcome)))
+    elif isinstance(outcome, Aborted):
+        announce(job, JobStatus.ABORTED, error=(ErrorCode.ABORTED, str(outcome)))
     elif isinstance(outcome, InputError):
         log.info("job %s rejected: %s", job.id, outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.INVALID_INPUT, str(outcome)))

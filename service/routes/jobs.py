@@ -20,7 +20,7 @@ from ..errors import ErrorResponse, JobStateConflict
 from ..events import EVENTS_DOC, parse_prefer_wait, sse_events, wait_for_end
 from ..operations import cancel_job, describe_job, find_job, submit_job
 from ..schemas import JobPublic, WebhookAttempts
-from ..submission import FORM_SCHEMA_NAME, SubmissionDep
+from ..submission import CANCEL_AFTER_DOC, FORM_SCHEMA_NAME, SubmissionDep, parse_cancel_after
 
 JobId = Annotated[str, Path(max_length=64, description="the id returned by POST /jobs")]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
@@ -54,6 +54,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         base_url: BaseUrlDep,
         submission: SubmissionDep,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        cancel_after: Annotated[str | None, Header(max_length=64, description=CANCEL_AFTER_DOC)] = None,
         prefer: Annotated[
             str | None,
             Header(description="`wait=N`: hold the request up to N seconds (at most "
@@ -66,7 +67,7 @@ def build_jobs_router(limits: GenerationLimits, settings: Settings) -> APIRouter
         carry `Retry-After`."""
         job, replayed = await run_in_threadpool(
             submit_job, redis=redis, queue=queue, storage=storage, settings=settings, limits=limits, owner=owner,
-            submission=submission, idempotency_key=idempotency_key,
+            submission=submission, idempotency_key=idempotency_key, cancel_after=parse_cancel_after(cancel_after),
         )  # fmt: skip
         response.headers["Location"] = f"/jobs/{job.id}"
         if replayed:

@@ -4,7 +4,9 @@
 const $ = (id) => document.getElementById(id);
 const HISTORY_KEY = "melfusion.history";
 const HISTORY_SIZE = 5;
-const OPTIONAL_FIELDS = ["seconds", "steps", "image_steps", "image_strength", "guidance_scale", "seed"];
+// Every form field but the image; an empty one is left out (the service's default).
+const OPTIONAL_FIELDS = ["caption", "negative_caption", "num_outputs", "seconds", "steps", "image_steps",
+  "image_strength", "guidance_scale", "seed", "expires_in"];
 
 function authHeaders() {
   const key = $("api-key").value.trim();
@@ -49,6 +51,17 @@ function render(job) {
     $("download").href = job.result.url;
     $("download").setAttribute("download", `melfusion-${job.id}.wav`);
     $("seed-used").textContent = job.params.seed;
+    $("more-outputs").replaceChildren(...(job.outputs || []).slice(1).map((output, i) => {
+      const li = document.createElement("li");
+      const audio = document.createElement("audio");
+      Object.assign(audio, { controls: true, preload: "metadata", src: output.url });
+      const link = document.createElement("a");
+      Object.assign(link, { href: output.url, download: `melfusion-${job.id}-${i + 2}.wav` });
+      link.textContent = `Download WAV (seed ${job.params.seed + i + 1})`;
+      li.append(audio, link);
+      return li;
+    }));
+    $("expires").textContent = job.expires_at ? `kept until ${new Date(job.expires_at).toLocaleString()}` : "";
   }
 }
 
@@ -92,7 +105,7 @@ function showHistory() {
   $("history").hidden = history.length === 0;
   $("history-list").replaceChildren(...history.map((item) => {
     const li = document.createElement("li");
-    li.textContent = `${item.caption} (seed ${item.seed}, ${item.status})`;
+    li.textContent = `${item.caption ?? "(image only)"} (seed ${item.seed}, ${item.status})`;
     const open = document.createElement("button");
     open.type = "button";
     open.textContent = "Show";
@@ -114,9 +127,11 @@ async function submit(event) {
   clearErrors();
   const form = new FormData();
   const file = $("image").files[0];
-  if (!file) { showError({ field: "image", message: "choose an image first" }); return; }
-  form.append("image", file);
-  form.append("caption", $("caption").value);
+  if (!file && !$("caption").value.trim()) {
+    showError({ field: "caption", message: "give a caption, an image, or both" });
+    return;
+  }
+  if (file) form.append("image", file);
   for (const name of OPTIONAL_FIELDS) if ($(name).value !== "") form.append(name, $(name).value);
   $("submit").disabled = true;
   $("result").hidden = true;

@@ -4,6 +4,7 @@ per-key queue positions and strict forms. Each refusal is a 4xx/503 naming its f
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def test_positions_backpressure_and_rate_limit(guarded_stack, sample_png):
 
     alice_first, bob_first, alice_second = post(ALICE), post(BOB), post(ALICE)
     assert [r.status_code for r in (alice_first, bob_first, alice_second)] == [202] * 3
+    # draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it, on every counted answer
+    assert alice_second.headers["RateLimit-Policy"] == '"minute";q=5;w=60'
+    assert re.fullmatch(r'"minute";r=3;t=(\d+)', alice_second.headers["RateLimit"])
+    assert bob_first.headers["RateLimit"].startswith('"minute";r=4;')
     # positions count only the caller's own jobs: Bob learns nothing about Alice's load
     assert [r.json()["queue_position"] for r in (alice_first, bob_first, alice_second)] == [0, 0, 1]
 
@@ -79,6 +84,10 @@ def test_positions_backpressure_and_rate_limit(guarded_stack, sample_png):
     assert [r.status_code for r in answers] == [503, 503, 503, 429]
     assert answers[-1].json()["error"]["code"] == "rate_limited"
     assert 1 <= int(answers[-1].headers["Retry-After"]) <= 60
+    assert [r.headers["RateLimit"].split(";")[1] for r in answers] == ["r=2", "r=1", "r=0", "r=0"]
+    assert int(answers[-1].headers["RateLimit"].split("t=")[1]) == int(answers[-1].headers["Retry-After"])
+    with guarded_stack.http(ALICE) as http:
+        assert "RateLimit" not in http.get(f"/jobs/{alice_first.json()['id']}").headers  # a read counts nothing
     assert post(BOB).status_code == 503  # Bob's own budget is untouched: still only the full queue
 
 

@@ -65,6 +65,8 @@ def test_bad_image(local_stack, name, image, content_type, status):
         ("negative_caption", "   "),
         ("num_outputs", "0"),
         ("num_outputs", "9"),
+        ("expires_in", "0"),
+        ("expires_in", "86401"),
         ("caption", "x" * 1001),
         ("seconds", "0"),
         ("seconds", "31"),

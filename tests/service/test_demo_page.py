@@ -101,3 +101,20 @@ def test_a_text_file_posing_as_an_image_shows_the_apis_error_by_the_image_field(
     error = WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "error-image").text)
     assert error == "image must be JPEG, PNG or WebP (judged from its bytes)"  # the API's message, verbatim
     browser.save_screenshot(str(OUTPUT / "demo-error.png"))
+
+
+def test_caption_only_with_variations_and_a_negative_caption(live_stack, browser):
+    browser.get(f"{live_stack.base_url}/")
+    browser.find_element(By.ID, "caption").send_keys("soft rain on a tin roof")
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    for name, value in (("negative_caption", "drums"), ("num_outputs", "2"), ("steps", "2"), ("seed", "7"),
+                        ("seconds", "")):  # fmt: skip
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 300).until(lambda b: b.find_element(By.ID, "audio").get_attribute("src"))
+    extra = WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#more-outputs audio"))
+    assert len(extra) == 1 and extra[0].get_attribute("src") != browser.find_element(By.ID, "audio").get_attribute("src")
+    assert "seed 8" in browser.find_element(By.ID, "more-outputs").text
+    assert "kept until" in browser.find_element(By.ID, "expires").text
