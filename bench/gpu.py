@@ -146,17 +146,21 @@ def through_service(bench: Bench, pipe: MelFusionPipeline, args: argparse.Namesp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--size", choices=("tiny", "small", "full"), default="full",
+                        help="component sizes (full: SD 1.5 + TANGO shapes); default %(default)s")
+    parser.add_argument("--device", default="cuda", help="torch device; default %(default)s")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                        help="weights and activations; default %(default)s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length; default %(default)s")
+    parser.add_argument("--steps", type=int, default=50, help="DPM-Solver++ steps per clip; default %(default)s")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median); default %(default)s")
+    parser.add_argument("--batches", type=int, nargs="*", default=[4, 8],
+                        help="batch sizes of the throughput rows; default %(default)s")
     parser.add_argument("--compile", default="reduce-overhead", help="music UNet's torch.compile mode ('off' skips)")
     parser.add_argument("--compiled-batches", type=int, nargs="*", default=[4], help="batch sizes measured compiled")
     parser.add_argument("--image-backend", default="cudagraphs", help="torch.compile backend of the image UNet")
-    parser.add_argument("--parts", nargs="*", choices=("eager", "service", "compiled"), default=["eager", "service", "compiled"])
+    parser.add_argument("--parts", nargs="*", choices=("eager", "service", "compiled"),
+                        default=["eager", "service", "compiled"], help="which parts to run; default all")
     parser.add_argument("--service-jobs", type=int, default=16, help="concurrent jobs through the service (0 skips)")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()

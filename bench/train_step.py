@@ -27,7 +27,6 @@ from melfusion.presets import build_components
 from melfusion.training.config import TrainConfig
 from melfusion.training.denoiser import SynapseDenoiser
 from melfusion.training.image_side import ImageKeyValues, encode_trajectories
-from melfusion.training.loop import TrainBatch, diffusion_loss, make_optimizer
 from melfusion.training.prepare import image_side_to
 
 CAPTION = "calm piano with soft strings at sunset"
@@ -43,6 +42,8 @@ def build(size: str, device: torch.device) -> MelFusionPipeline:
 
 
 def synthetic_batch(pipe: MelFusionPipeline, batch_size: int, seconds: float, generator: torch.Generator) -> TrainBatch:
+    from melfusion.training.loop import TrainBatch  # needs the training extra (accelerate)
+
     shape = pipe.music_latent_shape(batch_size, seconds)
     side = pipe.image_unet.config.sample_size
     return TrainBatch(
@@ -61,6 +62,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure_steps(pipe: MelFusionPipeline, batch_size: int, args: argparse.Namespace) -> dict:
+    from melfusion.training.loop import diffusion_loss, make_optimizer  # needs the training extra (accelerate)
+
     device = pipe.music_unet.device
     config = TrainConfig(bundle=None, data=None, out=None)  # the loop's default learning rates and decay
     model = SynapseDenoiser(pipe.music_unet, pipe.synapse).train()
@@ -121,14 +124,21 @@ def measure_encoding(pipe: MelFusionPipeline, batch_size: int, steps: int, repea
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", choices=("tiny", "small", "full"), default="tiny",
+                        help="component sizes (full: SD 1.5 + TANGO shapes); default %(default)s")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda; default %(default)s")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4],
+                        help="micro-batch sizes timed; default %(default)s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length; default %(default)s")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per batch size; default %(default)s")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per batch size (median); default %(default)s")
     parser.add_argument("--encode-steps", type=int, default=10, help="grid steps of the timed cache fill")
     args = parser.parse_args(argv)
+    try:
+        import accelerate  # noqa: F401  (the training loop's; checked here so that --help needs no extra)
+    except ImportError:
+        raise SystemExit("bench.train_step needs the training extra: pip install -e '.[train]'") from None
 
     device = torch.device(args.device)
     started = time.perf_counter()

@@ -4,19 +4,31 @@ the end, and the WAV is downloaded; its path is printed.
 
 Storage, logs and Redis data live under --workdir; the tiny bundle is the one `melfusion generate` uses
 ($MELFUSION_HOME, default ~/.cache/melfusion). The processes stop when this exits unless --keep-running is
-given; then the demo page is at http://127.0.0.1:PORT/ and the API reference at /docs.
+given; then the demo page is at http://127.0.0.1:PORT/ and the API reference at /docs, and Ctrl+C or SIGTERM
+stops them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
+from melfusion.cpus import let_idle_threads_sleep
 from melfusion_client import MelFusionClient
 
-from .processes import PROJECT_ROOT, free_port, settings_env, start_api, start_redis, start_worker, wait_until
+from .processes import (
+    PROJECT_ROOT,
+    free_port,
+    port_is_free,
+    settings_env,
+    start_api,
+    start_redis,
+    start_worker,
+    wait_until,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +46,7 @@ def parse_args() -> argparse.Namespace:
                         help="storage, logs and Redis data; default %(default)s")
     parser.add_argument("--port", type=int, default=8000, help="API port (0 = any free port); default %(default)s")
     parser.add_argument("--keep-running", action="store_true",
-                        help="leave the stack up (demo page at /, API reference at /docs); Ctrl+C stops it")
+                        help="leave the stack up (demo page at /, API reference at /docs); Ctrl+C or SIGTERM stops it")
     return parser.parse_args()
 
 
@@ -43,9 +55,18 @@ def show_progress(job) -> None:
     print(f"  {job.status:9} {job.progress:4.0%}", end="\r" if sys.stdout.isatty() else "\n", flush=True)
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM ends this process as Ctrl+C does: through the `finally` that stops the children."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     args = parse_args()
+    if args.port and not port_is_free(args.port):
+        raise SystemExit(f"python -m embedded: port {args.port} is in use; free it, or pass --port N (0: any free)")
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     workdir = args.workdir.resolve()
+    let_idle_threads_sleep()  # before torch loads, here and in the worker, which inherits it
     from melfusion.bundle import ensure_tiny_bundle  # imports torch; the API then reads this bundle torch-free
     from melfusion.quiet import silence_library_noise
 
@@ -82,11 +103,12 @@ def main() -> int:
             print(f"wrote {path} ({result['seconds']:g} s at {result['sample_rate']} Hz, seed {job.params['seed']}, "
                   f"sha256 {result['sha256'][:12]}…; submit to download {took:.1f} s)")  # fmt: skip
         if args.keep_running:
-            print(f"demo page at {base_url}/, API reference at {base_url}/docs; Ctrl+C stops it")
+            print(f"demo page at {base_url}/, API reference at {base_url}/docs; Ctrl+C stops it", flush=True)
             children[-1].popen.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stopping is under way
         for child in reversed(children):
             child.stop()
     return 0

@@ -29,6 +29,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now (bound as uvicorn binds, with SO_REUSEADDR)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_until(predicate: Callable[[], T], *, timeout: float, what: str, process: Child | None = None) -> T:
     """Poll `predicate` until it returns something truthy, and return that; fail early, with the child's
     log, if the child died meanwhile."""

@@ -2,10 +2,13 @@
 goes through `announce`, whoever makes it (the worker, the API's cancel, a recovery pass for an abandoned
 job), so what `GET /jobs/{id}`, the event stream and the webhooks say can never drift apart.
 
-`announce` writes the job's meta (progress, result, error), appends the change to the job's event stream
-(a capped Redis stream that `GET /jobs/{id}/events` tails), queues the webhook deliveries the job asked for
-and counts outcomes for /metrics. A job ends exactly once: the first terminal announcement wins and later
-ones (a worker finishing a job the API already canceled, say) change nothing.
+`announce` records an ending first (`jobs.queue.Ending`: status, result or error, when; one Redis key
+written only if absent), then writes the job's meta (progress, result, error), publishes the change on one
+Redis channel (`EVENTS_CHANNEL`: each API process subscribes once and wakes the streams and waits of the
+jobs it follows), queues the webhook deliveries the job asked for and counts outcomes for /metrics. A job
+ends exactly once: the first terminal announcement wins and later ones (a worker finishing a job the API
+already canceled, say) change nothing. Since the ending comes first, whoever hears of the end (a webhook,
+a stream, a poll) reads the final job.
 
 RQ's own status (queued, started, finished...) is still moved by RQ's methods where it is today; this
 module records what the service adds on top. It imports neither FastAPI nor the worker.
@@ -13,6 +16,7 @@ module records what the service adds on top. It imports neither FastAPI nor the 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from enum import Enum
@@ -20,11 +24,10 @@ from enum import Enum
 from rq.job import Job
 
 from .metrics import count_outcome
-from .queue import KEY_PREFIX, ErrorCode, JobStatus
+from .queue import KEY_PREFIX, TERMINAL, Ending, ErrorCode, JobStatus, ended_key
 from .webhooks import queue_delivery
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.ABORTED})
-EVENT_STREAM_LENGTH = 256  # recent changes kept per job: a reader that falls further behind reads the job instead
+EVENTS_CHANNEL = f"{KEY_PREFIX}:job-events"  # pub/sub: every announced change of every job, as `{"id", ...record}`
 DEFAULT_TTL_SECONDS = 86_400
 
 
@@ -35,14 +38,6 @@ class Event(str, Enum):
     START = "start"
     PROGRESS = "progress"
     COMPLETED = "completed"
-
-
-def events_key(job_id: str) -> str:
-    return f"{KEY_PREFIX}:events:{job_id}"
-
-
-def _ended_key(job_id: str) -> str:
-    return f"{KEY_PREFIX}:ended:{job_id}"
 
 
 def classify(status: JobStatus, *, progress: float | None) -> Event:
@@ -78,24 +73,26 @@ def announce(
     redis = job.connection
     ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else DEFAULT_TTL_SECONDS
     event = classify(status, progress=progress)
-    if event is Event.COMPLETED and not redis.set(_ended_key(job.id), status.value, nx=True, ex=ttl):
-        return False
     if status is JobStatus.SUCCEEDED:
         progress = 1.0
+    progress = round(progress, 4) if progress is not None else None
+    error_record = {"code": error[0].value, "message": error[1]} if error is not None else None
+    if event is Event.COMPLETED:
+        final = progress if progress is not None else job.meta.get("progress", 0.0)
+        ending = Ending(status, dt.datetime.now(dt.UTC), final, result, error_record)
+        if not redis.set(ended_key(job.id), ending.encode(), nx=True, ex=ttl):
+            return False
     if progress is not None:
-        job.meta["progress"] = round(progress, 4)
+        job.meta["progress"] = progress
     if result is not None:
         job.meta["result"] = result
-    if error is not None:
-        job.meta["error"] = {"code": error[0].value, "message": error[1]}
+    if error_record is not None:
+        job.meta["error"] = error_record
     if progress is not None or error is not None:  # a bare start changes nothing in meta: no stale overwrite
         job.save_meta()
     progress_now = job.meta.get("progress", 0.0)
-    record = {"event": event.value, "status": status.value, "progress": progress_now, "at": time.time()}
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(events_key(job.id), {"data": json.dumps(record)}, maxlen=EVENT_STREAM_LENGTH, approximate=True)
-        pipe.expire(events_key(job.id), ttl)
-        pipe.execute()
+    record = {"id": job.id, "event": event.value, "status": status.value, "progress": progress_now, "at": time.time()}
+    redis.publish(EVENTS_CHANNEL, json.dumps(record))
     queue_delivery(redis, job_id=job.id, meta=job.meta, event=event.value)
     if event is Event.COMPLETED:
         count_outcome(redis, status.value)

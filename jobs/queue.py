@@ -1,16 +1,21 @@
-"""The job contract: queue, task name, statuses, `job.meta` fields and the cancel flag, shared by both sides.
+"""The job contract: queue, task name, statuses, `job.meta` fields, the ending and the cancel flag, shared
+by both sides.
 
 An RQ job is the record. The API writes `meta.owner` and `meta.params` when it enqueues; the worker
-writes `meta.progress`, then `meta.result` or `meta.error`. Cancelling is a separate Redis key, not a
-meta field, because the worker rewrites meta at every step and would erase it.
+writes `meta.progress`. How a job ended (status, result or error, when) is one record, its `Ending`,
+written once by `jobs.lifecycle.announce` before anyone is told, so a job reads final the instant its
+`completed` event exists (RQ's own status follows a moment later). Cancelling is a separate Redis key, not
+a meta field, because the worker rewrites meta at every step and would erase it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+from dataclasses import asdict, dataclass
 from enum import Enum
 
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
 from rq import Queue
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
@@ -42,6 +47,8 @@ class ErrorCode(str, Enum):
     WORKER_LOST = "worker_lost"
 
 
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.ABORTED})
+
 _FROM_RQ = {
     RQStatus.CREATED: JobStatus.QUEUED,
     RQStatus.QUEUED: JobStatus.QUEUED,
@@ -57,11 +64,16 @@ _FROM_RQ = {
 }
 
 
-def open_redis(settings: Settings) -> Redis:
+def open_redis(settings: Settings, *, max_connections: int | None = None) -> Redis:
     """A client whose every call gives up after `redis_timeout_seconds` (RQ lengthens a worker's read
-    timeout for its blocking dequeue; connecting stays short)."""
+    timeout for its blocking dequeue; connecting stays short). With `max_connections`, a caller that finds
+    them all in use waits for one (up to the same timeout) instead of failing at once."""
     timeout = settings.redis_timeout_seconds
-    return Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if max_connections is None:
+        return Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=max_connections, timeout=timeout,
+                                           socket_timeout=timeout, socket_connect_timeout=timeout)  # fmt: skip
+    return Redis(connection_pool=pool)
 
 
 def open_queue(redis: Redis, settings: Settings) -> Queue:
@@ -73,14 +85,56 @@ def fetch_job(redis: Redis, job_id: str) -> Job | None:
     return Job.fetch(job_id, connection=redis, serializer=JSONSerializer) if Job.exists(job_id, redis) else None
 
 
-def get_status(job: Job) -> JobStatus:
-    """The public status; a job the worker stopped on a cancel request ends 'finished' in RQ, 'canceled' here."""
+def ended_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:ended:{job_id}"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a job ended; `result` is the stored clip's record (succeeded), `error` `{code, message}`."""
+
+    status: JobStatus
+    at: dt.datetime | None
+    progress: float = 0.0
+    result: dict | None = None
+    error: dict | None = None
+
+    def encode(self) -> str:
+        return json.dumps({**asdict(self), "status": self.status.value, "at": self.at and self.at.isoformat()})
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Ending | None:
+        """None for no record, or for one written before endings held more than the status."""
+        if not raw or not raw.startswith(b"{"):
+            return None
+        fields = json.loads(raw)
+        at = fields.pop("at")
+        return cls(**{**fields, "status": JobStatus(fields["status"]), "at": at and dt.datetime.fromisoformat(at)})
+
+
+def get_ending(job: Job) -> Ending | None:
+    """The job's ending, or None while it has not ended. A job RQ ended without one (failed by RQ before our
+    code ran, or ended before endings were recorded) gets one rebuilt from its meta."""
+    recorded = Ending.decode(job.connection.get(ended_key(job.id)))
+    if recorded is not None:
+        return recorded
     status = _FROM_RQ.get(job.get_status(refresh=False), JobStatus.QUEUED)
-    ended = status in (JobStatus.SUCCEEDED, JobStatus.FAILED)  # failed: canceled while its worker was lost
-    code = job.meta.get("error", {}).get("code")
-    if ended and code in (ErrorCode.CANCELED, ErrorCode.ABORTED):
-        return JobStatus(code)
-    return status
+    if status not in TERMINAL:
+        return None
+    meta = job.meta
+    code = meta.get("error", {}).get("code")
+    if code in (ErrorCode.CANCELED, ErrorCode.ABORTED):  # a job the worker stopped or never ran ends 'finished'
+        status = JobStatus(code)
+    return Ending(status, job.ended_at, meta.get("progress", 0.0), meta.get("result"), meta.get("error"))
+
+
+def status_of(job: Job, ending: Ending | None) -> JobStatus:
+    """The public status: the ending's, or, while the job goes on, queued or running as RQ says."""
+    return ending.status if ending is not None else _FROM_RQ.get(job.get_status(refresh=False), JobStatus.QUEUED)
+
+
+def get_status(job: Job) -> JobStatus:
+    return status_of(job, get_ending(job))
 
 
 def get_queue_position(job: Job, *, owner: str) -> int | None:
@@ -104,10 +158,11 @@ def requeue_started(job: Job, queue: Queue) -> None:
     queue.enqueue_job(job, at_front=True)
 
 
-def get_attempts(job: Job) -> int:
-    """How many times the job has been started (a lost worker's job runs again while retries are left)."""
+def get_attempts(job: Job, status: JobStatus) -> int:
+    """How many times the job (now `status`) has been started (a lost worker's job runs again while
+    retries are left)."""
     retries_used = job.meta.get("max_retries", 0) - (job.retries_left or 0)
-    return retries_used + (0 if get_status(job) is JobStatus.QUEUED else 1)
+    return retries_used + (0 if status is JobStatus.QUEUED else 1)
 
 
 def cancel_key(job_id: str) -> str:

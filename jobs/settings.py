@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from melfusion.errors import InputError
+from melfusion.limits import check_device
+
 
 class Settings(BaseSettings):
     """Validated once at start-up: a bad value stops the process with a message naming the variable."""
@@ -34,10 +37,16 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(2.0, gt=0)
     s3_timeout_seconds: float = Field(3.0, gt=0)
     readiness_timeout_seconds: float = Field(0.9, gt=0)  # /readyz answers within a second, a hung check says so
+    # A request waits this long for the store to take a photo, then answers 503 (the photo is deleted once
+    # the abandoned upload ends). 10 MB in 1.5 s needs about 55 Mbit/s to the store: raise it for a far one.
+    store_wait_seconds: float = Field(1.5, gt=0)
     # Overload and abuse: POST /jobs answers 503 + Retry-After past this many queued jobs, and 429 +
     # Retry-After past the per-API-key rate (`limits` notation, e.g. "10/second;300/minute"; empty = off).
     max_queue_depth: int = Field(1000, ge=1)
     rate_limit: str = "10/second;300/minute"
+    # Event streams and `Prefer: wait` requests one API key (or client address) may hold open on one API
+    # process at once; more get 429. They cost no Redis connection or thread while they wait.
+    max_streams_per_client: int = Field(100, ge=1)
     # Storage blips: a worker retries a failing store this long (backoff up to 5 s), then fails the job with
     # storage_unavailable; it takes no new job while the store is down, so queued jobs wait.
     storage_retry_seconds: float = Field(30.0, ge=0)
@@ -57,7 +66,7 @@ class Settings(BaseSettings):
     bundle_dir: Path | None = None  # None = the embedded tiny bundle (built on first use; imports torch)
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    torch_threads: int | None = Field(None, gt=0)  # cap CPU threads when workers share cores
+    torch_threads: int | None = Field(None, gt=0)  # unset: OMP_NUM_THREADS, else the cores the worker may use
     compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile of the UNets
     # Shapes (batch size x clip seconds) the worker runs once before it takes jobs, so no job pays for
     # compilation or first-call allocation; empty = no warm-up (an eager CPU worker has nothing to warm).
@@ -136,9 +145,11 @@ class Settings(BaseSettings):
         return self.abandoned_after_seconds / 4
 
     @model_validator(mode="after")
-    def keep_cpu_exact(self) -> Settings:
-        if self.device == "cpu" and self.dtype != "float32":
-            raise ValueError(f"MELFUSION_DTYPE={self.dtype} needs a GPU: the CPU path runs float32")
+    def check_device(self) -> Settings:
+        try:
+            check_device(self.device, self.dtype)
+        except InputError as exc:
+            raise ValueError(f"MELFUSION_{exc.field.upper()}: {exc.message}") from None
         return self
 
     @model_validator(mode="after")

@@ -1,20 +1,19 @@
 """Waveform helpers: clip length <-> latent length, encoding (WAV, FLAC, Ogg Vorbis, Ogg Opus, MP3, all
-through libsndfile), and writes that never leave a partial file."""
+through libsndfile) and writing."""
 
 from __future__ import annotations
 
 import io
 import math
 import os
-import tempfile
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 from .errors import InputError
+from .files import write_atomically
 
 
 def latent_frames(seconds: float, *, sampling_rate: int, hop_length: int, vae_scale: int, unet_scale: int) -> int:
@@ -97,21 +96,6 @@ def encode_audio(waveform: np.ndarray, sampling_rate: int, format: str = DEFAULT
 def encode_wav(waveform: np.ndarray, sampling_rate: int) -> bytes:
     """Mono float waveform in [-1, 1] -> 16-bit PCM WAV bytes (deterministic for equal input)."""
     return encode_audio(waveform, sampling_rate, "wav")
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, then rename: readers see the whole file or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sampling_rate: int) -> Path:

@@ -13,18 +13,18 @@ import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import BundleError
+from .files import replacing
 from .manifest import (
     BUNDLE_VERSION,
     FORMAT,
     MANIFEST,
     STAMP,
+    default_tiny_bundle_dir,
     file_sha256,
     read_manifest,
     stamp_is_current,
@@ -78,21 +78,9 @@ def save_bundle(
 ) -> Path:
     """`save_pretrained` + manifest into a temporary sibling, then swapped in: never half-written."""
     target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
-    try:
+    with replacing(target, folder=True) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         write_manifest(pipe, staging, source=source, origin=origin)
-        if target.exists():
-            retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -207,12 +195,6 @@ def copy_into_aligned_memory(module: torch.nn.Module) -> None:
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_ALIGNMENT:
             tensor.data = tensor.data.clone()
-
-
-def default_tiny_bundle_dir() -> Path:
-    """Where the embedded tiny bundle lives: $MELFUSION_HOME (default ~/.cache/melfusion)."""
-    home = Path(os.environ.get("MELFUSION_HOME", Path.home() / ".cache" / "melfusion"))
-    return home / f"tiny-bundle-v{BUNDLE_VERSION}"
 
 
 def create_tiny_bundle(directory: str | os.PathLike, *, seed: int = 0) -> Path:

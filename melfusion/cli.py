@@ -1,22 +1,26 @@
 """`melfusion` console script: `melfusion generate [--image IMG] [--caption TEXT] --out OUT.wav`.
 
-Cheap checks (image, caption, ranges from the bundle's config) run before any model is loaded, so a bad
-request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3: --format, else --out's
-extension) is written atomically, so a failure leaves no file.
+Cheap checks (image, caption, ranges from the bundle's config, device and dtype) run before torch or any
+model is imported, so a bad request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3:
+--format, else --out's extension) is written atomically, so a failure leaves no file. Torch gets the fair
+share of the cores this process may use (`--threads`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
+from .cpus import let_idle_threads_sleep, set_torch_threads
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
 from .audio import AUDIO_FORMATS, format_of_extension
 from .images import load_image
-from .limits import read_limits
+from .limits import DTYPES, check_device, read_limits
+from .manifest import default_tiny_bundle_dir
 from .quiet import silence_library_noise
 from .request import GenerationRequest
 from .training.cli import add_train_parser
@@ -30,9 +34,11 @@ def add_generate_parser(commands) -> None:
     parser.add_argument("--out", required=True, type=Path, help="file to write, .wav .flac .ogg .opus or .mp3 (output i > 1: NAME-i.EXT)")
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
     add_request_flags(parser)
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1; default cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu; default cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="weights and activations; half precision needs a GPU; default float32")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch; default OMP_NUM_THREADS if set, else "
+                        "the cores this process may use (CPU affinity and cgroup quota)")
     parser.set_defaults(run=run_generate)
 
 
@@ -49,12 +55,10 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .bundle import ensure_tiny_bundle, verify_bundle
-
-    # 1. Validate everything that needs no model weights
-    image = load_image(args.image) if args.image else None
-    bundle = args.bundle or ensure_tiny_bundle()
-    verify_bundle(bundle, hashes=False)
+    # 1. Validate everything that needs no torch and no model weights
+    check_device(args.device, args.dtype)
+    if args.threads is not None and args.threads < 1:
+        raise InputError("threads", f"must be at least 1, got {args.threads}")
     given = {name: getattr(args, name) for name in GenerationRequest.field_names() if hasattr(args, name)}
     by_extension = format_of_extension(args.out.suffix)
     if by_extension is None:
@@ -62,17 +66,29 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError("out", f"must end in one of {extensions}, got {args.out.name}")
     given.setdefault("format", by_extension.name)
     if given["format"] != by_extension.name:
-        raise InputError("out", f"format {given['format']} is written to .{AUDIO_FORMATS[given['format']].extension} files, got {args.out.name}")
-    request = GenerationRequest(**given).resolved(read_limits(bundle))
+        written_to = AUDIO_FORMATS[given["format"]].extension
+        raise InputError("out", f"format {given['format']} is written to .{written_to} files, got {args.out.name}")
+    image = load_image(args.image) if args.image else None
+    bundle = args.bundle or default_tiny_bundle_dir()
+    request = GenerationRequest(**given)
     request.check_condition(has_image=image is not None)
+    with contextlib.suppress(BundleError):  # not there yet (the tiny bundle is built below) or broken (verified below)
+        request = request.resolved(read_limits(bundle))
 
     # 2. Load and generate
+    silence_library_noise()
     import torch
 
-    from .audio import write_atomically
-    from .bundle import load_pipeline
+    from .files import write_atomically
+    from .bundle import ensure_tiny_bundle, load_pipeline, verify_bundle
     from .mastering import deliver
 
+    require_device(torch, args.device)
+    if args.bundle is None:
+        bundle = ensure_tiny_bundle(bundle)
+    verify_bundle(bundle, hashes=False)
+    request = request.resolved(read_limits(bundle))  # resolving twice keeps the seed drawn the first time
+    set_torch_threads(args.threads)
     started = time.perf_counter()
     pipe = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype))
     loaded = time.perf_counter()
@@ -88,6 +104,18 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_device(torch, device: str) -> None:
+    """InputError unless this torch build can use `device` (a CPU build has no CUDA; cuda:3 needs 4 GPUs)."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": torch.backends.mps}[kind]
+    if backend is None or not backend.is_available():
+        raise InputError("device", f"{kind} is not available to this torch build ({torch.__version__}) on this machine")
+    if index and kind != "mps" and int(index) >= backend.device_count():
+        raise InputError("device", f"{device}: only {backend.device_count()} {kind} device(s) here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melfusion", description="MelFusion: image + caption -> music")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    silence_library_noise()
+    let_idle_threads_sleep()
+    if args.run is not run_generate:
+        silence_library_noise()  # generate quiets them once its request passed the checks: no import before
     try:
         return args.run(args)
     except InputError as exc:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 SCHEDULERS = ("ddim", "dpmpp", "ddpm")
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
 DEFAULT_WINDOW_SECONDS = 10.0  # TANGO's training clips (256 latent frames); bundles may say otherwise
 LOUDNESS_RANGE_LUFS = (-40.0, -5.0)  # quieter is inaudible on a phone, louder cannot keep 1 dB of true-peak headroom
+DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,18 @@ class GenerationLimits:
         })  # fmt: skip
 
 
+def check_device(device: str, dtype: str = "float32") -> None:
+    """Raise InputError for a device torch would not take, or half precision on the CPU, which runs float32
+    (its kernels are float32-exact; half precision there is slow and changes the clip); torch-free, so a
+    wrong flag or setting answers before anything loads. Whether the device exists is torch's to say."""
+    if not _DEVICE.fullmatch(device):
+        raise InputError("device", f"must be cpu, cuda, cuda:N, mps or xpu, got {device!r}")
+    if dtype not in DTYPES:
+        raise InputError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device == "cpu" and dtype != "float32":
+        raise InputError("dtype", f"{dtype} needs a GPU: the CPU path runs float32")
+
+
 def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
     """The limits of a bundle on disk, without importing torch or loading weights."""
     directory = Path(bundle_dir)
@@ -66,3 +81,4 @@ def read_limits(bundle_dir: str | os.PathLike) -> GenerationLimits:
         return GenerationLimits.from_config(json.loads((directory / "model_index.json").read_text()))
     except (OSError, KeyError, ValueError) as exc:
         raise BundleError(f"{directory}: cannot read generation limits ({type(exc).__name__}: {exc})") from None
+

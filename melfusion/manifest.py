@@ -16,11 +16,19 @@ import os
 from pathlib import Path
 
 from .errors import BundleError
+from .files import write_atomically
 
 MANIFEST = "manifest.json"
 STAMP = "verified.json"
 FORMAT = "melfusion-bundle"
 BUNDLE_VERSION = 1
+
+
+def default_tiny_bundle_dir() -> Path:
+    """Where the embedded tiny bundle lives: $MELFUSION_HOME (default ~/.cache/melfusion). Torch-free, so
+    the CLI can check a request against its limits before loading anything."""
+    home = Path(os.environ.get("MELFUSION_HOME", Path.home() / ".cache" / "melfusion"))
+    return home / f"tiny-bundle-v{BUNDLE_VERSION}"
 
 
 def file_sha256(path: Path) -> str:
@@ -60,8 +68,6 @@ def _current_stamp(directory: Path, manifest: dict) -> dict:
 
 def write_stamp(directory: Path, manifest: dict) -> bool:
     """Record a complete check of `directory`; False where the folder is read-only (a worker's mount)."""
-    from .audio import write_atomically  # numpy + soundfile: not for tools that only read the manifest
-
     try:
         write_atomically(directory / STAMP, json.dumps(_current_stamp(directory, manifest)).encode())
     except OSError:

@@ -106,31 +106,36 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     verify = commands.add_parser("verify", help="check a bundle: files, sha256, cross-component configs")
-    verify.add_argument("directory", type=Path)
+    verify.add_argument("directory", type=Path, help="the bundle folder")
     verify.add_argument("--skip-hashes", action="store_true", help="check file sizes only (fast for 9 GB bundles)")
     verify.set_defaults(run=run_verify)
 
     tiny = commands.add_parser("create-tiny", help="tiny random bundle for tests and the quick start (seconds)")
-    tiny.add_argument("directory", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("directory", type=Path, help="folder to write (replaced whole if it holds a bundle)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights; default %(default)s")
     tiny.set_defaults(run=run_create_tiny)
 
     create_random = commands.add_parser("create-random", help="random bundle at the small or the real (full) size")
-    create_random.add_argument("directory", type=Path)
-    create_random.add_argument("--size", choices=("small", "full"), required=True)
-    create_random.add_argument("--dtype", choices=DTYPES, default="float32")
-    create_random.add_argument("--seed", type=int, default=0)
+    create_random.add_argument("directory", type=Path, help="folder to write (replaced whole if it holds a bundle)")
+    create_random.add_argument("--size", choices=("small", "full"), required=True,
+                               help="small: ~120 M parameters, for per-step benchmarks; full: SD 1.5 + TANGO shapes")
+    create_random.add_argument("--dtype", choices=DTYPES, default="float32",
+                               help="stored dtype (float16 halves a full bundle for GPU machines); default %(default)s")
+    create_random.add_argument("--seed", type=int, default=0, help="seed of the random weights; default %(default)s")
     create_random.set_defaults(run=run_create_random)
 
     pull = commands.add_parser("pull", help="assemble the real models from the Hugging Face hub (needs network)")
-    pull.add_argument("directory", type=Path, nargs="?", help="where to write the bundle (not needed with --plan-only)")
-    pull.add_argument("--plan-only", action="store_true", help="print the repositories, commits, files and sizes; fetch nothing")
+    pull.add_argument("directory", type=Path, nargs="?",
+                      help="where to write the bundle (replaced whole if it holds one; not needed with --plan-only)")  # fmt: skip
+    pull.add_argument("--plan-only", action="store_true",
+                      help="print the repositories, commits, files and sizes; fetch nothing")  # fmt: skip
     pull.add_argument("--hub-deadline", type=float, default=HUB_DEADLINE_S, metavar="SECONDS",
                       help="for all questions to the hub before downloading (default %(default)g)")  # fmt: skip
     pull.add_argument("--tango", default=TANGO_REPO, help="TANGO checkpoint (music UNet, T5 encoder): repo or folder")
     pull.add_argument("--image-repo", default=SD_REPO, help="Stable Diffusion 1.5 (image side): repo or folder")
     pull.add_argument("--audio-repo", default=AUDIOLDM_REPO, help="AudioLDM (mel VAE, vocoder): repo or folder")
-    pull.add_argument("--dtype", choices=DTYPES, default="float32")
+    pull.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="stored dtype; float16 halves the bundle for GPU machines; default %(default)s")
     pull.set_defaults(run=run_pull)
     return parser
 

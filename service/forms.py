@@ -40,7 +40,9 @@ class StrictMultiPartParser(MultiPartParser):
         super().on_part_end()
 
 
-async def parse_strict_form(request: Request, settings: Settings, *, repeatable: frozenset[str] = frozenset()) -> FormData:
+async def parse_strict_form(
+    request: Request, settings: Settings, *, repeatable: frozenset[str] = frozenset()
+) -> FormData:
     """The request's multipart form, parsed strictly (see the module docstring); only the `repeatable`
     fields (declared as lists) may come more than once."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):

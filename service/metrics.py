@@ -21,13 +21,12 @@ from jobs.metrics import QUEUE_WAIT, RUN_TIME, read_histogram, read_outcomes
 from jobs.queue import JobStatus
 from jobs.storage import Storage
 
-from .readiness import check_readiness
+from .readiness import ReadinessProbe, check_readiness
 
 
 class JobMetricsCollector(Collector):
-    def __init__(self, redis: Redis, queue: Queue, storage: Storage, *, readiness_timeout: float):
-        self.redis, self.queue, self.storage = redis, queue, storage
-        self.readiness_timeout = readiness_timeout
+    def __init__(self, redis: Redis, queue: Queue, storage: Storage, *, probe: ReadinessProbe):
+        self.redis, self.queue, self.storage, self.probe = redis, queue, storage, probe
 
     def collect(self):
         yield self._readiness()
@@ -39,8 +38,8 @@ class JobMetricsCollector(Collector):
     def _readiness(self) -> GaugeMetricFamily:
         """The /readyz checks as 1/0, so alerts can say which dependency failed and for how long."""
         readiness = asyncio.run(  # scrapes run in a request thread, without an event loop
-            check_readiness(redis=self.redis, storage=self.storage, queue_name=self.queue.name,
-                            timeout=self.readiness_timeout, show_internal=False)
+            check_readiness(redis=self.redis, storage=self.storage, queue_name=self.queue.name, probe=self.probe,
+                            show_internal=False)
         )  # fmt: skip
         ready = GaugeMetricFamily("melfusion_ready", "This API replica's /readyz checks (1 = ok)", labels=["check"])
         for name, check in readiness.checks.items():

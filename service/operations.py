@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import uuid
 import logging
 import time
+import uuid
 from urllib.parse import urljoin
 
 from redis import Redis
@@ -26,19 +26,21 @@ from jobs.queue import (
     fetch_job,
     get_attempts,
     get_cancel_requested_at,
+    get_ending,
     get_queue_position,
     get_status,
+    status_of,
 )
 from jobs.queue import request_cancel as raise_cancel_flag
 from jobs.settings import Settings
 from jobs.storage import Storage, input_key
 from jobs.webhooks import get_subscription
 from melfusion.images import check_image
-from melfusion.limits import GenerationLimits
 from melfusion.request import GenerationRequest
 
 from .errors import IdempotencyConflict, JobNotFound, JobStateConflict, Overloaded, TargetRefused
 from .schemas import JobError, JobPublic, JobResult
+from .store_guard import GuardedStore
 from .submission import Submission
 from .webhooks import check_target
 
@@ -65,16 +67,16 @@ def submit_job(
     *,
     redis: Redis,
     queue: Queue,
-    storage: Storage,
+    store: GuardedStore,
     settings: Settings,
-    limits: GenerationLimits,
     owner: str,
     submission: Submission,
     idempotency_key: str | None,
     cancel_after: float | None = None,
 ) -> tuple[Job, bool]:
     """Validate, store the image, enqueue; returns (job, replayed) where replayed means an earlier same request.
-    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails.
+    The image is stored only once everything else accepted the job, and deleted again if enqueueing fails
+    (or if the store did not take it in time: a 503, never a long wait).
 
     Raises:
         InputError: a bad image or parameter (names the field).
@@ -85,8 +87,6 @@ def submit_job(
     image, request, webhook = submission.image, submission.request, submission.webhook
     if image is not None:
         check_image(image, max_pixels=settings.max_image_pixels)  # header + structure, no full decode: bounded memory
-    params = request.resolved(limits)
-    params.check_condition(has_image=image is not None)
     kept_for = submission.expires_in or settings.job_ttl_seconds  # RQ's result_ttl: the job's `expires_in`
     meta = {"owner": owner, "progress": 0.0, "max_retries": settings.max_retries}
     if cancel_after is not None:
@@ -111,35 +111,30 @@ def submit_job(
             return _replay(redis, record_key, fingerprint=fingerprint), True
     image_key = input_key(job_id, submission.image_type.extension) if image is not None else None
     try:
-        if image_key is not None:
-            storage.put(image_key, image, content_type=submission.image_type.mime)
-        job = queue.enqueue_call(
-            TASK,
-            kwargs={"image_key": image_key, "params": params.to_dict()},
-            job_id=job_id,
-            timeout=settings.job_timeout_seconds,
-            result_ttl=kept_for,
-            failure_ttl=kept_for,
-            meta=meta,
-            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
-            on_failure=Callback(ON_FAILURE),
-            description=f"melfusion job {job_id}",
-        )
+        if image_key is not None:  # if it fails, the guard deletes what landed
+            store.put(image_key, image, content_type=submission.image_type.mime)
+        try:
+            job = queue.enqueue_call(
+                TASK,
+                kwargs={"image_key": image_key, "params": submission.params.to_dict()},
+                job_id=job_id,
+                timeout=settings.job_timeout_seconds,
+                result_ttl=kept_for,
+                failure_ttl=kept_for,
+                meta=meta,
+                retry=Retry(max=settings.max_retries) if settings.max_retries else None,
+                on_failure=Callback(ON_FAILURE),
+                description=f"melfusion job {job_id}",
+            )
+        except BaseException:
+            if image_key is not None:
+                store.delete(image_key)  # a photo whose job was never queued
+            raise
     except BaseException:
-        if image_key is not None:
-            _discard_upload(storage, image_key)
         if record_key is not None:
             redis.delete(record_key)  # let the client retry with the same key
         raise
     return job, False
-
-
-def _discard_upload(storage: Storage, image_key: str) -> None:
-    """Best effort: a photo whose job was never queued; if the store is down too, the sweep removes it."""
-    try:
-        storage.delete(image_key)
-    except Exception as exc:
-        log.warning("could not delete the photo %s of a refused job: %s", image_key, exc)
 
 
 def _replay(redis: Redis, record_key: str, *, fingerprint: str) -> Job:
@@ -166,33 +161,31 @@ def find_job(*, redis: Redis, job_id: str, owner: str) -> Job:
 
 def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> JobPublic:
     """The public view of a job, with a fresh download URL if it succeeded (its queue position counts only
-    its owner's jobs)."""
-    status = get_status(job)
-    meta = job.meta
-    finished_at = job.ended_at
-    if status is JobStatus.CANCELED and finished_at is None:
-        finished_at = get_cancel_requested_at(redis, job.id)
-    if status in (JobStatus.QUEUED, JobStatus.RUNNING):
-        finished_at = None
+    its owner's jobs). Once the job has ended, status, result, error and finish time all come from its
+    ending, so the view is final the moment anyone can hear of the end."""
+    ending = get_ending(job)
+    status = status_of(job, ending)
+    finished_at = None
+    if ending is not None:
+        finished_at = ending.at or get_cancel_requested_at(redis, job.id)
     expires_at = finished_at and finished_at + dt.timedelta(seconds=job.result_ttl)
     outputs = None
     if status is JobStatus.SUCCEEDED:
-        stored = meta["result"]
-        stored_outputs = stored.get("outputs", [stored])  # a job from before `outputs` has its one result
+        stored_outputs = ending.result.get("outputs", [ending.result])  # a job from before `outputs`: its one
         outputs = [_public_result(output, storage=storage, base_url=base_url, not_after=expires_at)
                    for output in stored_outputs]  # fmt: skip
     error = None
     if status is JobStatus.FAILED:
-        error = JobError(**meta.get("error", {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
+        error = JobError(**(ending.error or {"code": ErrorCode.INTERNAL.value, "message": "the job failed"}))
     elif status is JobStatus.CANCELED:
-        error = JobError(**meta.get("error", {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
+        error = JobError(**(ending.error or {"code": ErrorCode.CANCELED.value, "message": "canceled before start"}))
     elif status is JobStatus.ABORTED:
-        error = JobError(**meta["error"])
+        error = JobError(**ending.error)
     return JobPublic(
         id=job.id,
         status=status,
-        progress=meta.get("progress", 0.0),
-        attempts=get_attempts(job),
+        progress=ending.progress if ending is not None else job.meta.get("progress", 0.0),
+        attempts=get_attempts(job, status),
         queue_position=get_queue_position(job, owner=job.meta.get("owner")) if status is JobStatus.QUEUED else None,
         created_at=job.created_at,
         started_at=None if status is JobStatus.ABORTED else job.started_at,  # a worker took it, but it never ran
@@ -202,7 +195,7 @@ def describe_job(job: Job, *, redis: Redis, storage: Storage, base_url: str) -> 
         result=outputs and outputs[0],
         outputs=outputs,
         error=error,
-        webhook=get_subscription(meta),
+        webhook=get_subscription(job.meta),
     )
 
 
@@ -222,7 +215,12 @@ def _public_result(stored: dict, *, storage: Storage, base_url: str, not_after: 
     )
 
 
-def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) -> None:
+def result_key(job: Job) -> str:
+    """Where a succeeded job's (first) WAV is stored."""
+    return get_ending(job).result["key"]
+
+
+def cancel_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Settings) -> None:
     """A queued job leaves the queue; a running one stops before its next step (the worker polls the flag).
 
     Raises:
@@ -241,5 +239,21 @@ def cancel_job(job: Job, *, redis: Redis, storage: Storage, settings: Settings) 
             pass
         redis.expire(job.key, job.result_ttl)  # RQ keeps canceled jobs forever otherwise
         if job.kwargs["image_key"] is not None:
-            storage.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
+            store.delete(job.kwargs["image_key"])  # it will never run: its photo is not needed
         announce(job, JobStatus.CANCELED, error=(ErrorCode.CANCELED, "canceled before start"))
+
+
+def withdraw_job(job: Job, *, redis: Redis, store: GuardedStore, settings: Settings, owner: str,
+                 idempotency_key: str | None) -> None:  # fmt: skip
+    """Take back a job whose submission is answered with an error (the client never learns its id): it is
+    canceled (a queued job leaves the queue and its photo goes; a running one stops at its next step) and
+    its idempotency key is freed, so a retry makes a new job instead of a duplicate. Best effort: with Redis
+    down too, it is logged."""
+    try:
+        if idempotency_key is not None:
+            redis.delete(_idempotency_record_key(owner, idempotency_key))
+        cancel_job(job, redis=redis, store=store, settings=settings)
+    except JobStateConflict:
+        pass  # it already ended
+    except Exception as exc:
+        log.error("job %s: could not withdraw it after a failed submission: %s", job.id, exc)

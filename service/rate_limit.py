@@ -1,10 +1,15 @@
-"""Per-caller limits on job submissions (per API key, or per client address when keys are off), counted in
-the service's own Redis with the `limits` library, so every API replica shares one count."""
+"""Per-caller limits (per API key, or per client address when keys are off): job submissions, counted in
+the service's own Redis with the `limits` library so every API replica shares one count (and stated in the
+IETF draft's RateLimit headers); and event streams and `Prefer: wait` requests held open at once, counted
+per API process (what they hold is the process's)."""
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from limits import parse_many
@@ -102,3 +107,54 @@ class RateLimitHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+OPEN_STREAM_RETRY_AFTER_SECONDS = 5  # a stream ends when its job does; a wait within a minute
+
+
+class Hold:
+    """One open stream or wait, counted until `release()` (idempotent; also on leaving a `with` block)."""
+
+    def __init__(self, release: Callable[[], None]):
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+class OpenStreamLimit:
+    """At most `limit` event streams and `Prefer: wait` requests open per caller on this API process."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+        self.lock = threading.Lock()  # released from the event loop, or by the garbage collector
+
+    def hold(self, caller: str, *, described_as: str) -> Hold:
+        """Count one more open stream or wait for `caller`.
+
+        Raises:
+            RateLimited: the caller already holds `limit` of them here.
+        """
+        with self.lock:
+            if self.open[caller] >= self.limit:
+                raise RateLimited(
+                    f"{described_as} already holds {self.limit} open event streams and Prefer: wait requests on "
+                    "this server; close one, or poll GET /jobs/{id}", retry_after=OPEN_STREAM_RETRY_AFTER_SECONDS,
+                )  # fmt: skip
+            self.open[caller] += 1
+        return Hold(lambda: self._release(caller))
+
+    def _release(self, caller: str) -> None:
+        with self.lock:
+            self.open[caller] -= 1
+            if not self.open[caller]:
+                del self.open[caller]

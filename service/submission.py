@@ -85,7 +85,8 @@ def job_options(settings: Settings) -> dict[str, Any]:
 class Submission:
     """A parsed POST /jobs form: the generation request, the photo if any, and the job's options."""
 
-    request: GenerationRequest
+    request: GenerationRequest  # as given (unset fields None): what an idempotent retry must repeat
+    params: GenerationRequest  # resolved against the bundle: what the worker runs
     image: bytes | None
     image_type: ImageType | None
     webhook: WebhookSubscription | None
@@ -97,6 +98,7 @@ class JobForm:
     """The form model of one app (its bundle's bounds, its settings' caps)."""
 
     model: type[BaseModel]
+    limits: GenerationLimits
     max_upload_bytes: int
     image_description: str
 
@@ -119,7 +121,7 @@ class JobForm:
             f"JPEG, PNG or WebP, ≤ {settings.max_upload_bytes} bytes, ≤ {settings.max_image_pixels} pixels; "
             "optional when a caption is given"
         )
-        return cls(model, settings.max_upload_bytes, description)
+        return cls(model, limits, settings.max_upload_bytes, description)
 
     @property
     def repeatable(self) -> frozenset[str]:
@@ -160,7 +162,12 @@ class JobForm:
 
 
 async def read_submission(request: Request) -> Submission:
-    """POST /jobs's form, parsed strictly (see `service.forms`) and validated against the declared fields."""
+    """POST /jobs's form, parsed strictly (see `service.forms`), validated against the declared fields and
+    resolved against the bundle: every refusal of a field is a 4xx naming it, before anything is stored.
+
+    Raises:
+        InputError: a field out of range, or neither a caption nor an image (a 422 naming the field).
+    """
     job_form: JobForm = request.app.state.job_form
     form = await parse_strict_form(request, request.app.state.settings, repeatable=job_form.repeatable)
     try:
@@ -178,8 +185,10 @@ async def read_submission(request: Request) -> Submission:
     webhook = None
     if webhook_url is not None:
         webhook = WebhookSubscription(url=webhook_url, events=events or list(DEFAULT_WEBHOOK_EVENTS))
-    request_fields = {name: None if value == OFF else value for name, value in values.items()}  # OFF: null
-    return Submission(GenerationRequest(**request_fields), image, image_type, webhook, expires_in)
+    request = GenerationRequest(**{name: None if value == OFF else value for name, value in values.items()})  # OFF: null
+    params = request.resolved(job_form.limits)
+    params.check_condition(has_image=image is not None)
+    return Submission(request, params, image, image_type, webhook, expires_in)
 
 
 SubmissionDep = Annotated[Submission, Depends(read_submission)]

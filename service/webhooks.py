@@ -42,6 +42,41 @@ RETRIED_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv6 ranges that carry an IPv4 address, which a translator or tunnel delivers to: RFC 6052 NAT64 prefixes
+# (the well-known /96, and the local-use /48 with each prefix length RFC 8215 allows in it), 6to4, Teredo
+# and the deprecated IPv4-compatible form; IPv4-mapped addresses are Python's `ipv4_mapped`.
+NAT64_PREFIXES = (
+    (ipaddress.ip_network("64:ff9b::/96"), (96,)),
+    (ipaddress.ip_network("64:ff9b:1::/48"), (48, 56, 64, 96)),  # local use: any layout may be in use
+)
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _rfc6052_ipv4(address: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """The IPv4 address inside a NAT64 address with a prefix of `prefix_length` bits (RFC 6052, section 2.2:
+    the 32 bits start right after the prefix and skip bits 64-71)."""
+    bits = f"{int(address):0128b}"
+    ipv4_bits = bits[prefix_length:64] + bits[72:] if prefix_length < 64 else bits[max(prefix_length, 72):]
+    return ipaddress.IPv4Address(int(ipv4_bits[:32], 2))
+
+
+def embedded_ipv4(address: Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to through a translator or tunnel (none for IPv4)."""
+    if address.version == 4:
+        return []
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    for network, lengths in NAT64_PREFIXES:
+        if address in network:
+            found += [_rfc6052_ipv4(address, length) for length in lengths]
+    if address in IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1, which are themselves
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [ipv4 for ipv4 in found if ipv4 is not None]
+
+
+def is_public(address: Address) -> bool:
+    """Globally reachable, and so is every IPv4 address it embeds (Python's `is_global` takes
+    [64:ff9b::7f00:1], [2002:7f00:1::] and [::127.0.0.1] for public: they lead to 127.0.0.1)."""
+    return address.is_global and all(ipv4.is_global for ipv4 in embedded_ipv4(address))
 
 
 def check_target(url: str, *, allow_private: bool) -> list[Address]:
@@ -64,10 +99,11 @@ def check_target(url: str, *, allow_private: bool) -> list[Address]:
         raise TargetRefused(f"webhook_url host {target.host!r} does not resolve", field="webhook_url") from None
     addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
     for address in addresses:
-        if not allow_private and not address.is_global:
+        if not allow_private and not is_public(address):
             raise TargetRefused(
-                f"webhook_url resolves to {address}, a loopback, private or link-local address", field="webhook_url"
-            )
+                f"webhook_url resolves to {address}, a loopback, private or link-local address (or one that "
+                "embeds such an IPv4 address)", field="webhook_url",
+            )  # fmt: skip
     return addresses
 
 

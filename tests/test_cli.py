@@ -112,3 +112,39 @@ def test_unknown_bundle_is_a_bundle_error_not_a_traceback(tmp_path, png, capsys)
     code = main(["generate", "--image", str(png), "--caption", "x", "--out", str(tmp_path / "a.wav"), "--bundle", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 3 and "not a MelFusion bundle" in err and "Traceback" not in err
+
+
+def test_bad_flags_answer_in_one_line_before_torch_is_imported(tmp_path, tiny_bundle):
+    """Each bad invocation exits 2 with one line; torch, diffusers and transformers are never imported (the
+    embedded bundle's limits are read from its JSON once it exists: after the first use)."""
+    cases = [["--out", "clip.aiff"], ["--device", "foo"], ["--dtype", "float16"], ["--threads", "0"],
+             ["--steps", "0"], ["--image", str(tmp_path / "absent.png")]]  # fmt: skip
+    code = f"""
+import contextlib, io, sys
+from melfusion.cli import main
+for extra in {cases!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["generate", "--caption", "calm", "--out", "{tmp_path / 'clip.wav'}", *extra])
+    print(code, err.getvalue().strip().count(chr(10)), err.getvalue().strip())
+print("imported:", [name for name in ("torch", "diffusers", "transformers") if name in sys.modules])
+"""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "tiny-bundle-v1").symlink_to(tiny_bundle)
+    env = {**os.environ, "MELFUSION_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "imported: []", result.stdout + result.stderr
+    fields = ["out", "device", "dtype", "threads", "steps", "image"]
+    for line, field in zip(lines[:-1], fields, strict=True):
+        assert line.startswith(f"2 0 melfusion: error: {field}:"), line  # exit 2, a single line naming the field
+    assert not (tmp_path / "clip.wav").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "xpu:7"])
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, tiny_bundle, capsys, device):
+    out = tmp_path / "clip.wav"
+    args = ["generate", "--caption", "x", "--out", str(out), "--bundle", str(tiny_bundle), "--device", device]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("melfusion: error: device:") and err.count("\n") == 1 and not out.exists()

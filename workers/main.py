@@ -10,7 +10,9 @@ from rq.serializers import JSONSerializer
 from jobs.queue import open_queue, open_redis
 from jobs.settings import load_settings
 from jobs.storage import open_storage
+from melfusion.cpus import set_torch_threads
 from melfusion.errors import BundleError
+from melfusion.quiet import silence_library_noise
 
 from .warm import Runtime, install_runtime
 from .worker import MelFusionWorker
@@ -27,11 +29,9 @@ def parse_overrides(argv: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    silence_library_noise()  # no loading bars or library notices in the log: our own lines say what happened
     settings = load_settings(**parse_overrides(argv))
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads)  # unset: the cores this container may use, not the machine's
     redis = open_redis(settings)
     runtime = Runtime(settings=settings, storage=open_storage(settings))
     try:

@@ -13,15 +13,14 @@ process holds the whole model) and for one process; FSDP and DeepSpeed, which sh
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import replacing
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
 from .config import TrainConfig
@@ -58,13 +57,9 @@ def save_checkpoint(
         "scaler": None if scaler is None else scaler.state_dict(),
         "rng": {"seed": config.seed, "torch": torch.get_rng_state()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS)
-    torch.save(trainer, staging / TRAINER)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
+    with replacing(path, folder=True) as staging:  # the old folder goes only once the new one is whole
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS)
+        torch.save(trainer, staging / TRAINER)
     return path
 
 

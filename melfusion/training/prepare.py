@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from ..bundle import file_sha256, read_manifest
 from ..dataset.audio import LogMel, fit_length, load_audio, normalize_peak
 from ..dataset.manifest import Triplet, Triplets
 from ..errors import InputError
+from ..files import replacing
 from ..images import load_image
 from ..pipeline import MelFusionPipeline
 from .image_side import encode_trajectories
@@ -70,11 +69,8 @@ def _error_note(path: Path) -> Path:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Atomically, so a crash or a second writer never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging)
 
 
 def _note_failure(path: Path, reason: str) -> None:

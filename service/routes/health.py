@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import IsOperatorDep, RedisDep, SettingsDep, StorageDep
+from ..deps import IsOperatorDep, ReadinessProbeDep, RedisDep, SettingsDep, StorageDep
 from ..readiness import check_readiness
 from ..schemas import Readiness
 
@@ -22,14 +22,13 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(
-    redis: RedisDep, storage: StorageDep, settings: SettingsDep, is_operator: IsOperatorDep
+    redis: RedisDep, storage: StorageDep, settings: SettingsDep, probe: ReadinessProbeDep, is_operator: IsOperatorDep
 ) -> JSONResponse:
     """200 when Redis and storage answer (jobs can be taken, polled, downloaded), else 503; each check says
     why not (endpoint details only to a caller with an API key). Workers are reported, not required:
     `workers_available` counts the warmed-up ones. Answers within `readiness_timeout_seconds`."""
     readiness = await check_readiness(
-        redis=redis, storage=storage, queue_name=settings.queue_name,
-        timeout=settings.readiness_timeout_seconds, show_internal=is_operator,
+        redis=redis, storage=storage, queue_name=settings.queue_name, probe=probe, show_internal=is_operator,
     )  # fmt: skip
     return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
 

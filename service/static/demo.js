@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const HISTORY_KEY = "melfusion.history";
+const API_KEY = "melfusion.apiKey";  // in sessionStorage (gone with the tab), or localStorage if "remember" is ticked
 const HISTORY_SIZE = 5;
 // Every form field but the image; an empty one is left out (the service's default).
 const OPTIONAL_FIELDS = ["caption", "negative_caption", "num_outputs", "seconds", "format", "loudness_lufs", "steps",
@@ -10,7 +11,9 @@ const OPTIONAL_FIELDS = ["caption", "negative_caption", "num_outputs", "seconds"
 
 function authHeaders() {
   const key = $("api-key").value.trim();
-  localStorage.setItem("melfusion.apiKey", key);
+  const [kept, dropped] = $("remember-key").checked ? [localStorage, sessionStorage] : [sessionStorage, localStorage];
+  if (key) kept.setItem(API_KEY, key); else kept.removeItem(API_KEY);
+  dropped.removeItem(API_KEY);
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
@@ -153,7 +156,8 @@ async function submit(event) {
 }
 
 function setUp() {
-  $("api-key").value = localStorage.getItem("melfusion.apiKey") || "";
+  $("remember-key").checked = localStorage.getItem(API_KEY) !== null;
+  $("api-key").value = sessionStorage.getItem(API_KEY) || localStorage.getItem(API_KEY) || "";
   $("image").addEventListener("change", () => showImage($("image").files[0]));
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -118,12 +122,10 @@ def launch_stack(name: str, *, workdir: Path, redis_port: int, db: int, bundle: 
     env = settings_env(
         redis_url=f"redis://127.0.0.1:{redis_port}/{db}",
         bundle_dir=bundle,
-        host="127.0.0.1",
         port=free_port(),
         torch_threads=1,  # workers share 2 cores with the API and the test process
         heartbeat_seconds=0.5,
-        **{"rate_limit": "", **settings},  # tests submit in bursts; test_abuse sets a limit
-
+        **{"rate_limit": "", "host": "127.0.0.1", **settings},  # tests submit in bursts; test_abuse sets a limit
     )
     stack = Stack(name, env, log_dir, start_api(env=env, log_dir=log_dir, name=f"{name}-api"))
     if with_worker:
@@ -140,3 +142,35 @@ def wait_for_job(client: MelFusionClient, job_id: str, predicate: Callable[[Job]
         return job if predicate(job) else None
 
     return wait_until(matching_job, timeout=timeout, what=f"job {job_id} {what}")
+
+
+class Receiver:
+    """Records every request per path. `/ok` answers 204; `/flaky` 500 twice then 204; `/hang` sleeps
+    past the sender's 1 s timeout on the first request, then 204."""
+
+    def __init__(self):
+        self.requests: dict[str, list[tuple[dict, bytes]]] = defaultdict(list)
+        self.peers: dict[str, list[tuple[str, int]]] = defaultdict(list)  # the connection each came on
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps connections open, as real targets do
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                seen = receiver.requests[self.path]
+                seen.append((dict(self.headers), body))
+                receiver.peers[self.path].append(self.client_address)
+                if self.path == "/hang" and len(seen) == 1:
+                    time.sleep(2.5)
+                status = 500 if self.path == "/flaky" and len(seen) <= 2 else 204
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -116,6 +116,27 @@ def test_without_api_keys_each_client_address_has_its_own_budget(keyless_stack, 
     assert post("2001:db8:0:2::1").status_code == 202
 
 
+def test_an_api_on_a_public_address_trusts_no_forwarded_for_by_default(workdir, redis_port, tiny_bundle,
+                                                                      sample_png):  # fmt: skip
+    """Listening beyond loopback, a client could pick its own rate-limit identity with X-Forwarded-For: unless
+    FORWARDED_ALLOW_IPS names a proxy, the header is ignored and the peer's address counts."""
+    stack = launch_stack("exposed", workdir=workdir, redis_port=redis_port, db=0, bundle=tiny_bundle,
+                         with_worker=False, storage_dir=workdir / "exposed-storage", rate_limit="1/minute",
+                         host="0.0.0.0")  # fmt: skip
+    try:
+        def post(address: str):
+            with stack.http() as http:
+                return http.post("/jobs", data=SHORT, files={"image": ("s.png", sample_png, "image/png")},
+                                 headers={"X-Forwarded-For": address})  # fmt: skip
+
+        first, second = post("203.0.113.7"), post("203.0.113.8")
+        assert (first.status_code, second.status_code) == (202, 429), second.text
+        assert second.json()["error"]["message"].endswith("from address 127.0.0.1")  # the peer, not the header
+    finally:
+        stack.stop()
+        stack.redis.flushdb()
+
+
 @pytest.mark.parametrize(
     ("field", "parts", "status"),
     [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-from servers import launch_stack, wait_for_job
+from servers import launch_stack, wait_for_job, wait_until
 
 from jobs.heartbeat import write_heartbeat
 from jobs.queue import fetch_job
@@ -86,9 +86,10 @@ def test_queued_jobs_share_batches_and_the_oldest_always_leads(batching_stack, s
     assert [a, c, e] in batch_lines(batching_stack) and [b, d] in batch_lines(batching_stack)
 
     redis = batching_stack.redis
-    for job_id in ids:  # RQ's own records agree: finished, with a result, nothing left started
-        rq_job = fetch_job(redis, job_id)
-        assert rq_job.get_status() == "finished" and rq_job.return_value()["key"].endswith(f"{job_id}.wav")
+    for job_id in ids:  # RQ's own records agree (a moment after the job's ending): finished, with a result
+        rq_job = wait_until(lambda job_id=job_id: (job := fetch_job(redis, job_id)).get_status() == "finished" and job,
+                            timeout=10, what=f"RQ finishing {job_id}")  # fmt: skip
+        assert rq_job.return_value()["key"].endswith(f"{job_id}.wav")
     queue_name = batching_stack.env.get("MELFUSION_QUEUE_NAME", "melfusion")
     assert set(ids) <= set(FinishedJobRegistry(queue_name, connection=redis).get_job_ids())
     assert not set(ids) & set(StartedJobRegistry(queue_name, connection=redis).get_job_ids())

@@ -3,9 +3,11 @@ uploads. Settings are shortened (retry windows, sweep interval) so that each rec
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -121,6 +123,60 @@ def test_s3_kept_down_fails_the_running_job_and_queued_jobs_wait(flaky_s3_stack,
 
 
 @pytest.fixture(scope="module")
+def hung_s3_api(workdir, redis_port, tiny_bundle, flaky_s3):
+    """An API alone on the flaky store, with the default S3 timeout (3 s) and readiness budget (0.9 s)."""
+    stack = launch_stack("failures-hung-s3", workdir=workdir, redis_port=redis_port, db=15, bundle=tiny_bundle,
+                         with_worker=False, s3_endpoint_url=flaky_s3.endpoint_url, s3_bucket=S3_BUCKET,
+                         s3_access_key=S3_ACCESS_KEY, s3_secret_key=S3_SECRET_KEY)  # fmt: skip
+    yield stack
+    stack.stop()
+
+
+def test_a_hung_store_costs_readyz_its_budget_and_a_post_two_seconds_leaving_no_photo(hung_s3_api, flaky_s3,
+                                                                                    sample_png):  # fmt: skip
+    def photos() -> set[str]:
+        listing = flaky_s3.client().list_objects_v2(Bucket=S3_BUCKET, Prefix="inputs/")
+        return {item["Key"] for item in listing.get("Contents", [])}
+
+    before = photos()
+
+    def post(_):
+        with hung_s3_api.http() as http:
+            started = time.monotonic()
+            response = http.post("/jobs", data={"caption": "no store", **QUICK},
+                                 files={"image": ("i.png", sample_png, "image/png")})  # fmt: skip
+            return response, time.monotonic() - started
+
+    async def readyz_in_parallel(count: int) -> list[tuple[httpx.Response, float]]:
+        async with httpx.AsyncClient(base_url=hung_s3_api.base_url, timeout=30,
+                                     limits=httpx.Limits(max_connections=count)) as http:  # fmt: skip
+            async def probe():
+                started = time.monotonic()
+                response = await http.get("/readyz")
+                return response, time.monotonic() - started
+
+            return await asyncio.gather(*(probe() for _ in range(count)))
+
+    hung = flaky_s3.process.popen
+    hung.send_signal(signal.SIGSTOP)
+    try:
+        probes = asyncio.run(readyz_in_parallel(40))
+        with ThreadPoolExecutor(8) as pool:
+            posts = list(pool.map(post, range(8)))
+    finally:
+        hung.send_signal(signal.SIGCONT)
+    seconds = sorted(took for _, took in probes)
+    print(f"40 parallel /readyz with S3 stopped: median {seconds[20]:.2f} s, max {seconds[-1]:.2f} s; "
+          f"POST 503 after at most {max(took for _, took in posts):.2f} s")  # fmt: skip
+    assert {response.status_code for response, _ in probes} == {503}
+    assert seconds[-1] < 0.9 + 0.4  # the readiness budget, plus a loaded machine's HTTP round trip
+    assert all(response.status_code == 503 and took < 2.0 for response, took in posts), posts
+    assert all(response.json()["error"]["code"] == "unavailable" for response, _ in posts)
+    wait_until(lambda: photos() == before, timeout=60, what="the abandoned uploads' photos deleted")
+    assert hung_s3_api.redis.llen("rq:queue:melfusion") == 0  # and no job was queued
+
+
+@pytest.fixture(scope="module")
 def recovery_stack(workdir, redis_port, tiny_bundle):
     """Abandoned jobs come back within 8 s here (120 s by default)."""
     stack = launch_stack("failures-recovery", workdir=workdir, redis_port=redis_port, db=8, bundle=tiny_bundle,
@@ -165,7 +221,7 @@ def test_sigkill_without_retries_fails_with_the_lost_worker_error(recovery_stack
     assert "worker" in failed.error["message"] and failed.raw["finished_at"]
     assert recovered_in < 8 + 30  # the bound, plus starting a worker on a busy machine
     inputs = Path(recovery_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs"
-    assert not list(inputs.glob(f"{job.id}.*"))  # its photo is gone
+    wait_until(lambda: not list(inputs.glob(f"{job.id}.*")), timeout=10, what="its photo deleted")
 
 
 def start_aof_redis(port: int, data_dir: Path):

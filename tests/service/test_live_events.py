@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from unittest import mock
 
 import httpx
@@ -53,6 +55,11 @@ def test_events_arrive_in_order_and_the_stream_ends_at_the_result(live_stack, sa
     assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
     final = events[-1][1]
     assert final["status"] == "succeeded" and final["result"]["url"]
+    umask = os.umask(0o022)
+    os.umask(umask)  # the stack's processes inherit this process's umask
+    outputs = Path(live_stack.env["MELFUSION_STORAGE_DIR"]) / "outputs"
+    for stored in (outputs / f"{job.id}.wav", outputs / f"{job.id}.png"):
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o666 & ~umask  # readable by a server that serves them
     picture = live_stack.http().get(final["result"]["spectrogram_url"], timeout=10)  # relative: no public URL set
     assert picture.headers["content-type"] == "image/png" and picture.content.startswith(b"\x89PNG")
     # a finished job's stream is just its result

@@ -39,3 +39,13 @@ def test_worker_with_a_missing_bundle_stops_with_a_message(tmp_path):
     assert start.returncode != 0
     assert "cannot load the model bundle" in start.stderr and "no-such-bundle" in start.stderr
     assert "Traceback" not in start.stderr
+
+
+def test_the_api_explains_itself_without_any_settings():
+    env = {name: value for name, value in settings_env().items() if not name.startswith("MELFUSION_")}
+    run = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: python -m service") and "FORWARDED_ALLOW_IPS" in run.stdout
+    assert "MELFUSION_STORE_WAIT_SECONDS" in run.stdout and "MELFUSION_S3_SECRET_KEY" in run.stdout
+

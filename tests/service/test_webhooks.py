@@ -4,54 +4,27 @@ on a hanging target and on a refused connection, while the job itself finishes o
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import socket
-import threading
 import time
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from servers import ALICE, WEBHOOK_SECRET, wait_until
+from servers import ALICE, WEBHOOK_SECRET, Receiver, wait_until
 from standardwebhooks import Webhook
 
 from embedded.processes import free_port
-from service.webhooks import delivery_client, post_to_checked_address
+from service.webhooks import check_target, delivery_client, post_to_checked_address
 
 FAST = {"seconds": 1, "steps": 4}
-
-
-class Receiver:
-    """Records every request per path. `/ok` answers 204; `/flaky` 500 twice then 204; `/hang` sleeps
-    past the sender's 1 s timeout on the first request, then 204."""
-
-    def __init__(self):
-        self.requests: dict[str, list[tuple[dict, bytes]]] = defaultdict(list)
-        self.peers: dict[str, list[tuple[str, int]]] = defaultdict(list)  # the connection each came on
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keeps connections open, as real targets do
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                seen = receiver.requests[self.path]
-                seen.append((dict(self.headers), body))
-                receiver.peers[self.path].append(self.client_address)
-                if self.path == "/hang" and len(seen) == 1:
-                    time.sleep(2.5)
-                status = 500 if self.path == "/flaky" and len(seen) <= 2 else 204
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+# IPv6 forms that lead to 127.0.0.1 although Python's `is_global` calls them public (or may, by version):
+# NAT64 well-known and local-use (RFC 6052 /96 and /48 layouts), 6to4, IPv4-compatible, IPv4-mapped, Teredo
+EMBEDDING_LOOPBACK = [f"http://[{address}]/hook" for address in (
+    "64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "64:ff9b:1:7f00:0:100::", "2002:7f00:1::", "::127.0.0.1",
+    "::ffff:127.0.0.1", "2001:0:808:808:0:0:80ff:fffe",
+)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +91,18 @@ def test_failing_targets_are_retried_and_never_delay_the_job(live_stack, receive
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest",
-                                 "http://localhost/hook", "ftp://example.com/hook"])  # fmt: skip
+                                 "http://localhost/hook", "ftp://example.com/hook", *EMBEDDING_LOOPBACK])  # fmt: skip
 def test_private_and_odd_targets_are_refused_naming_webhook_url(local_stack, sample_png, url):
     response = local_stack.http(ALICE).post("/jobs", data={"caption": "x", "webhook_url": url},
                                             files={"image": ("i.png", sample_png, "image/png")})  # fmt: skip
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["field"] == "webhook_url" and "MELFUSION_WEBHOOK_SECRET" not in error["message"]
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::", "::ffff:8.8.8.8", "2606:4700::1111"])
+def test_ipv6_forms_embedding_a_public_ipv4_are_accepted(address):
+    assert check_target(f"https://[{address}]/hook", allow_private=False) == [ipaddress.ip_address(address)]
 
 
 @pytest.fixture
