@@ -32,6 +32,9 @@ def test_a_job_is_delivered_in_its_format_at_its_loudness(local_stack, sample_pn
     assert job.raw["params"]["loudness_lufs"] == -18.0
     data, served_as = download(local_stack, job)
     assert served_as == content_type and len(data) == job.result["bytes"]
+    with local_stack.http(ALICE) as http:  # /jobs/{id}/audio streams the same file, with the same type
+        audio = http.get(f"/jobs/{job.id}/audio")
+    assert (audio.content, audio.headers["content-type"]) == (data, content_type)
     waveform, decoded_rate = sf.read(io.BytesIO(data))
     assert decoded_rate == rate and abs(waveform.size / rate - 2.0) < 0.1
     assert abs(integrated_loudness(waveform, rate) - (-18.0)) <= 1.0
