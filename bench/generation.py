@@ -9,6 +9,7 @@ absolute times on a shared machine drift.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -109,7 +110,7 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
     """One UNet call of each side at the small size, and the music UNet's cost with image features mixed in
     (the mixers are always attached; caption only runs them at strength 0)."""
     pipe = MelFusionPipeline(**build_components("small"))
-    text_states, text_mask = pipe.encode_captions([CAPTION], with_unconditional=True)  # CFG rows [uncond, cond]
+    text_states, text_mask = pipe.encode_captions([CAPTION], [""])  # CFG rows [uncond, cond]
     music_latents = torch.randn(pipe.music_latent_shape(2, seconds))  # (2, 8, T, 16)
     side = pipe.image_unet.config.sample_size
     image_latents = torch.randn(1, 4, side, side)
@@ -119,7 +120,7 @@ def small_unet_steps(image: Image.Image, repeats: int, seconds: float) -> None:
 
     def music_step(features):
         rows = pipe.image_rows(torch.ones(1), torch.tensor([features is not None]), True, "conditional")
-        pipe.load_synapse(features, [0, 0], text_mask, rows, [0])
+        pipe.load_synapse(features, [0], text_mask, rows, [0])
         pipe.synapse_state.select_step(0)
         return pipe.music_unet(music_latents, t, encoder_hidden_states=text_states, encoder_attention_mask=text_mask)
 
@@ -178,49 +179,36 @@ def service_batching(
     unless `bundle` is given) for `jobs` concurrent repeated-photo jobs, batching off (MELFUSION_MAX_BATCH=1)
     vs on, alternating rounds. `worker_settings` are further MELFUSION_* settings (device, dtype, …).
     Returns the median clips per second of each."""
-    from embedded.processes import free_port, settings_env, start_api, start_redis, start_worker, wait_until
-    from melfusion_client import MelFusionClient
+    from bench.service import private_redis, run_burst, running_service
 
     print(f"service, {jobs} concurrent jobs, {bundle or 'tiny bundle'}, {seconds:g} s clip, {steps} DPM-Solver++ "
           f"steps, one worker {worker_settings or '(1 thread)'}", flush=True)  # fmt: skip
     worker_settings = worker_settings or {"torch_threads": 1}
-    with tempfile.TemporaryDirectory() as tmp:
+    photo = SAMPLE_IMAGE.read_bytes()
+    requests = [(photo, {"caption": CAPTION, "seconds": seconds, "steps": steps, "seed": i, "scheduler": "dpmpp"})
+                for i in range(jobs)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         bundle = bundle or create_tiny_bundle(work / "bundle")
-        redis_port = free_port()
-        redis = start_redis(port=redis_port, data_dir=work / "redis")
-        stacks = {}
-        try:
-            for db, (label, max_batch) in enumerate((("sequential", 1), (f"batched (max {jobs})", jobs)), start=1):
-                env = settings_env(redis_url=f"redis://127.0.0.1:{redis_port}/{db}", bundle_dir=bundle,
-                                   storage_dir=work / label, host="127.0.0.1", port=free_port(),
-                                   max_batch=max_batch, batch_wait_ms=20, **worker_settings)  # fmt: skip
-                stacks[label] = [start_api(env=env, log_dir=work, name=f"api-{db}"),
-                                 start_worker(env=env, log_dir=work, name=f"worker-{db}")]  # fmt: skip
-                client = MelFusionClient(f"http://127.0.0.1:{env['MELFUSION_PORT']}")
-                wait_until(client.workers_available, timeout=600, what="a worker")
-                stacks[label].append(client)
-            rates = {label: [] for label in stacks}
-            for _ in range(rounds + 1):  # the first round warms up (feature cache, first-call kernels)
-                for label, (_, _, client) in stacks.items():
-                    started = time.perf_counter()
-                    ids = [client.submit(SAMPLE_IMAGE, CAPTION, seconds=seconds, steps=steps, seed=i,
-                                         scheduler="dpmpp").id for i in range(jobs)]  # fmt: skip
-                    assert all(client.wait(job_id, timeout=900).status == "succeeded" for job_id in ids)
-                    rates[label].append(jobs / (time.perf_counter() - started))
-            for label, measured in rates.items():
-                print(f"  {label:<22} {statistics.median(measured[1:]):.2f} clips/s (rounds: "
-                      + ", ".join(f"{rate:.2f}" for rate in measured[1:]) + ")")  # fmt: skip
-            medians = {label: statistics.median(measured[1:]) for label, measured in rates.items()}
-            sequential, batched = medians.values()
-            print(f"  batched/sequential: x{batched / sequential:.2f}")
-            return medians
-        finally:
-            for api, worker, client in stacks.values():
-                client.http.close()
-                worker.stop()
-                api.stop()
-            redis.stop()
+        redis_port = stack.enter_context(private_redis(work))
+        services = {
+            label: stack.enter_context(running_service(work, redis_port=redis_port, db=db, bundle=bundle,
+                                                       max_batch=max_batch, batch_wait_ms=20, **worker_settings))
+            for db, (label, max_batch) in enumerate((("sequential", 1), (f"batched (max {jobs})", jobs)), start=1)
+        }  # fmt: skip
+        rates = {label: [] for label in services}
+        for _ in range(rounds + 1):  # the first round warms up (feature cache, first-call kernels)
+            for label, service in services.items():
+                burst = run_burst(service.client, requests)
+                assert not burst.failed, [job.raw for job in burst.failed]
+                rates[label].append(burst.clips_per_second)
+    for label, measured in rates.items():
+        print(f"  {label:<22} {statistics.median(measured[1:]):.2f} clips/s (rounds: "
+              + ", ".join(f"{rate:.2f}" for rate in measured[1:]) + ")")  # fmt: skip
+    medians = {label: statistics.median(measured[1:]) for label, measured in rates.items()}
+    sequential, batched = medians.values()
+    print(f"  batched/sequential: x{batched / sequential:.2f}")
+    return medians
 
 
 def main() -> None:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
+from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from melfusion.pipeline import MelFusionPipeline
@@ -27,10 +30,10 @@ from melfusion.presets import build_components
 from melfusion.training.config import TrainConfig
 from melfusion.training.denoiser import SynapseDenoiser
 from melfusion.training.image_side import ImageKeyValues, encode_trajectories
-from melfusion.training.prepare import image_side_to
+from melfusion.training.prepare import TRAJECTORY_DTYPE, Example, image_side_to, load_image_segments, load_trajectories
 
 CAPTION = "calm piano with soft strings at sunset"
-GRID = 50  # the cache grid: only its size matters to a step (two neighbouring latents are read)
+GRID = 50  # the cache grid: a step reads the two cached latents around each row's t, whatever the grid
 
 
 def build(size: str, device: torch.device) -> MelFusionPipeline:
@@ -51,7 +54,7 @@ def synthetic_batch(pipe: MelFusionPipeline, batch_size: int, seconds: float, ge
         latents=torch.randn(shape, generator=generator),
         noise=torch.randn(shape, generator=generator),
         timesteps=torch.randint(1000, (batch_size,), generator=generator),
-        trajectories=torch.randn((batch_size, GRID, pipe.image_unet.config.in_channels, side, side), generator=generator),
+        image_segments=torch.randn((batch_size, 2, pipe.image_unet.config.in_channels, side, side), generator=generator),
         image_strength=torch.ones(batch_size),
     )
 
@@ -85,7 +88,7 @@ def measure_steps(pipe: MelFusionPipeline, batch_size: int, args: argparse.Names
     def image_pass() -> None:
         batch = synthetic_batch(pipe, batch_size, args.seconds, generator)
         with autocast:
-            image_kv(batch.trajectories, batch.timesteps)
+            image_kv(batch.image_segments, batch.timesteps)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -120,6 +123,29 @@ def measure_encoding(pipe: MelFusionPipeline, batch_size: int, steps: int, repea
         synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times) / (batch_size * steps)
+
+
+def measure_cache_reads(channels: int, side: int, rows: int = 32, repeats: int = 5) -> tuple[float, float, int]:
+    """Seconds per row to read a whole cached trajectory vs the two steps a training row uses, and the
+    file's bytes: `rows` files of (GRID, channels, side, side) float16, read from the page cache (a cold
+    disk or a network filesystem widens the gap)."""
+    shape = (GRID, channels, side, side)
+    with tempfile.TemporaryDirectory() as folder:
+        examples = []
+        for row in range(rows):
+            path = Path(folder) / f"{row}.safetensors"
+            save_file({"latents": torch.randn(shape).to(TRAJECTORY_DTYPE)}, path)
+            examples.append(Example("", path, path, str(row)))
+        first = torch.randint(GRID - 1, (rows,), generator=torch.Generator().manual_seed(0))
+        timed = {"whole": lambda: load_trajectories(examples), "two": lambda: load_image_segments(examples, first)}
+        seconds = {name: min(_timed(read) for _ in range(repeats)) / rows for name, read in timed.items()}
+    return seconds["whole"], seconds["two"], GRID * torch.Size(shape[1:]).numel() * TRAJECTORY_DTYPE.itemsize
+
+
+def _timed(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     per_image_step = measure_encoding(pipe, encode_batch, args.encode_steps, repeats=2)
     print(f"cache fill, batches of {encode_batch}: {per_image_step * 1e3:.1f} ms per image per grid step "
           f"(x 50 steps = {per_image_step * 50:.2f} s per image)")
+    whole, two, size = measure_cache_reads(pipe.image_unet.config.in_channels, pipe.image_unet.config.sample_size)
+    print(f"cache read per training row: whole trajectory ({size:,} B) {whole * 1e3:.2f} ms, the two steps around t "
+          f"({2 * size // GRID:,} B) {two * 1e3:.2f} ms: x{whole / two:.1f}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -1,7 +1,8 @@
 """Job timings and outcomes kept in Redis, so every worker adds to them and any API replica can export them.
 
-Workers call `observe` and `count_outcome`; the API's Prometheus collector calls `read_histogram`
-and `read_outcomes`. Buckets are fixed here so writers and readers agree.
+Workers call `observe`, `count_outcome` and `count_compile_misses`; the API's Prometheus collector calls
+`read_histogram`, `read_outcomes` and `read_compile_misses`. Buckets are fixed here so writers and readers
+agree.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 QUEUE_WAIT = "queue_wait_seconds"
 RUN_TIME = "run_seconds"
 _OUTCOMES = f"{KEY_PREFIX}:metrics:outcomes"
+_COMPILE_MISSES = f"{KEY_PREFIX}:metrics:compile_misses"
 
 
 def _histogram_key(name: str) -> str:
@@ -45,3 +47,15 @@ def count_outcome(redis: Redis, status: str) -> None:
 
 def read_outcomes(redis: Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in redis.hgetall(_OUTCOMES).items()}
+
+
+def count_compile_misses(redis: Redis, misses: dict[str, int]) -> None:
+    """Add a compiled worker's misses: calls outside its warmed shapes (by what missed) and `recompile`s."""
+    with redis.pipeline() as pipe:
+        for what, count in misses.items():
+            pipe.hincrby(_COMPILE_MISSES, what, count)
+        pipe.execute()
+
+
+def read_compile_misses(redis: Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in redis.hgetall(_COMPILE_MISSES).items()}

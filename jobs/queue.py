@@ -43,6 +43,8 @@ class ErrorCode(str, Enum):
     ABORTED = "aborted"
     INVALID_INPUT = "invalid_input"
     INTERNAL = "internal_error"
+    NON_FINITE_OUTPUT = "non_finite_output"  # NaN/inf in the clip; the message names the component
+    OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory even for this job alone
     STORAGE_UNAVAILABLE = "storage_unavailable"
     WORKER_LOST = "worker_lost"
 

@@ -67,11 +67,19 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     torch_threads: int | None = Field(None, gt=0)  # unset: OMP_NUM_THREADS, else the cores the worker may use
-    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile of the UNets
-    # Shapes (batch size x clip seconds) the worker runs once before it takes jobs, so no job pays for
-    # compilation or first-call allocation; empty = no warm-up (an eager CPU worker has nothing to warm).
+    # torch.compile of the UNets; "check" traces with dynamo but runs eagerly and makes any graph compiled
+    # after warm-up an error: on a CPU it proves that traffic stays on the warmed graphs.
+    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune", "check"] = "off"
+    # The image UNet's backend: "same" as the music UNet, or "cudagraphs" (CUDA graphs over eager kernels:
+    # captured in seconds where inductor compiles for minutes, slower per step).
+    image_compile_backend: Literal["same", "cudagraphs"] = "same"
+    # Shapes the worker runs once before it takes jobs, so no job pays for compilation or first-call
+    # allocation; empty = no warm-up (an eager CPU worker has nothing to warm). A compiled worker pads every
+    # call to them (melfusion/shapes.py): batches to these sizes, clips to these lengths (cut from the
+    # bucket's latent), captions to these token counts.
     warmup_batch_sizes: Annotated[list[int], NoDecode] = []
     warmup_seconds: Annotated[list[float], NoDecode] = []
+    warmup_caption_tokens: Annotated[list[int], NoDecode] = [32, 128]
     # Dynamic batching: up to max_batch queued jobs with the same seconds, steps, sampler, image guidance
     # and CFG share one pipeline call; a GPU step costs about the same at batch 2 and 8 (issue 8's table).
     max_batch: int = Field(8, ge=1)
@@ -106,7 +114,7 @@ class Settings(BaseSettings):
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
 
-    @field_validator("api_keys", "warmup_batch_sizes", "warmup_seconds", mode="before")
+    @field_validator("api_keys", "warmup_batch_sizes", "warmup_seconds", "warmup_caption_tokens", mode="before")
     @classmethod
     def split_commas(cls, value):
         return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
@@ -150,6 +158,24 @@ class Settings(BaseSettings):
             check_device(self.device, self.dtype)
         except InputError as exc:
             raise ValueError(f"MELFUSION_{exc.field.upper()}: {exc.message}") from None
+        return self
+
+    @model_validator(mode="after")
+    def warm_every_compiled_shape(self) -> Settings:
+        """A compiled worker serves only warmed shapes, so it needs them all, and no batch above them."""
+        if self.compile_mode == "off":
+            return self
+        if not (self.warmup_batch_sizes and self.warmup_seconds and self.warmup_caption_tokens):
+            raise ValueError(
+                f"MELFUSION_COMPILE_MODE={self.compile_mode} needs MELFUSION_WARMUP_BATCH_SIZES and "
+                "MELFUSION_WARMUP_SECONDS (and MELFUSION_WARMUP_CAPTION_TOKENS): "
+                "the shapes it compiles before taking jobs"
+            )
+        if self.max_batch > max(self.warmup_batch_sizes):
+            raise ValueError(
+                f"MELFUSION_MAX_BATCH={self.max_batch} exceeds the largest warmed batch "
+                f"({max(self.warmup_batch_sizes)} in MELFUSION_WARMUP_BATCH_SIZES)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -6,9 +6,9 @@ the music UNet's cross-attention (`attn2`) of the same blocks and applies eq. 5-
 
 Both are attached once, when the pipeline is built or loaded, and never swapped: everything that changes
 between calls or steps lives in tensors of a `SynapseState` (the step's image K/V in buffers that stay put,
-which UNet row reads which image, the strength per row). A caption-only request runs the same processors
-at strength 0, which is exactly plain text-to-music. That is what lets `torch.compile` (CUDA graphs
-included) keep one graph per shape for the whole loop.
+one row per UNet row, and the strength per row). A caption-only row reads zeros at strength 0, which is
+exactly plain text-to-music. That is what lets `torch.compile` (CUDA graphs included) keep one graph per
+shape for the whole loop: the shapes depend on the batch, never on how many of its rows carry a photo.
 """
 
 from __future__ import annotations
@@ -66,6 +66,18 @@ class ImageFeatures:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
+
+    def row(self, index: int) -> ImageFeatures:
+        """The features of one image of a batch, in memory of their own (a cache entry keeps no batch alive)."""
+        take = lambda t: t[:, index : index + 1].contiguous()
+        return ImageFeatures(
+            self.timesteps, {k: take(v) for k, v in self.keys.items()}, {k: take(v) for k, v in self.values.items()}
+        )
+
+    def finite_rows(self) -> torch.Tensor:
+        """(B,) True where every step's K and V of that image are finite (no host sync: a device tensor)."""
+        tensors = [*self.keys.values(), *self.values.values()]
+        return torch.stack([torch.isfinite(t).transpose(0, 1).flatten(1).all(1) for t in tensors]).all(0)
 
 
 def site_of(processor_name: str) -> str:
@@ -143,15 +155,19 @@ class FeatureRecorder:
     """Collects the image UNet's synapse K/V, step by step, into an ImageFeatures object.
 
     The processors leave only the latest step's tensors in `latest`; `keep` copies them out right after
-    each UNet call (a CUDA-graph replay overwrites its outputs on the next call).
+    each UNet call (a CUDA-graph replay overwrites its outputs on the next call). `latest` is one dict
+    whose keys (the sites) never change: a compiled UNet guards on them, and a dict emptied before each
+    image made every image UNet compile twice.
     """
 
-    def __init__(self, synapse: VisualSynapse):
+    def __init__(self, synapse: VisualSynapse, sites: list[str]):
         self.synapse = synapse
+        empty = torch.zeros(0)
+        self.latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {site: (empty, empty) for site in sites}
         self.start()
 
     def start(self) -> None:
-        self.latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Begin a new walk over the grid (the sites in `latest` stay)."""
         self.kept: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
 
     def keep(self, timestep: torch.Tensor | int) -> None:
@@ -182,31 +198,36 @@ class SynapseMixer(KeyValueHookProcessor):
         state = self.state
         weight = (state.synapse.alpha_for(self.block) * state.row_strength).to(key.dtype)[:, None, None]  # (B, 1, 1)
         matching = state.token_matching.to(key.dtype)  # (B, S, N)
-        image_key = matching @ state.keys[self.site].index_select(0, state.image_row)  # (B, S, D)
-        image_value = matching @ state.values[self.site].index_select(0, state.image_row)
+        image_key = matching @ state.keys[self.site]  # (B, S, D)
+        image_value = matching @ state.values[self.site]
         return weight * image_key + (1 - weight) * key, weight * image_value + (1 - weight) * value
 
 
 class SynapseState:
     """The tensors the music UNet's mixers read: set per call and per step, never replaced while shapes hold.
 
-    - `keys[site]`, `values[site]`: (B_img, N, D) the image K/V of the current step (copied in by `select_step`);
-    - `image_row`: (B,) which image each UNet row reads;
-    - `row_strength`: (B,) image_strength of the row, 0 where the row sees no image;
-    - `token_matching`: (B, S, N) how the N image tokens meet the S text tokens.
+    - `keys[site]`, `values[site]`: (R, N, D) the image K/V that each of the R UNet rows meets at the current
+      step, zeros for a row without an image; views into one buffer that `select_step` fills with one gather,
+      so their shapes follow the batch and never how many of its rows carry a photo;
+    - `row_strength`: (R,) image_strength of the row, 0 where the row sees no image;
+    - `token_matching`: (R, S, N) how the N image tokens meet the S text tokens.
     """
 
     def __init__(self, synapse: VisualSynapse, widths: dict[str, int]):
         self.synapse = synapse  # whose α the mixers apply
-        self.widths = widths  # site -> K/V width, for the zero features of a caption-only call
+        self.widths = widths  # site -> K/V width
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
-        self.image_row = torch.zeros(1, dtype=torch.long)
         self.row_strength = torch.zeros(1)
         self.token_matching = torch.zeros(1, 1, 1)
-        self.features: ImageFeatures | None = None
+        self._buffer = torch.zeros(0, 0)  # (R, W): every site's K then V, flattened side by side
+        self._source: torch.Tensor | None = None  # (steps, B_img + 1, W): the call's features, a zero row last
+        self._source_rows = torch.zeros(0, dtype=torch.long)  # (R,) the source row each UNet row reads
         self.feature_steps: list[int] = []  # music step i reads feature step feature_steps[i]
-        self.call_rows = (self.image_row, self.row_strength, self.token_matching)  # every row of the call
+        self._step = 0  # the music step `select_step` last gathered
+        # The call's rows (CFG: [uncond…, cond…] of every clip): source row, strength, token matching. The
+        # UNet's R rows are all of them, or (`select_rows`) the rows a batch of windows reads.
+        self._call_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def load(
         self,
@@ -214,44 +235,66 @@ class SynapseState:
         *,
         token_matching: torch.Tensor,
         row_strength: torch.Tensor,
-        image_row: torch.Tensor,
+        feature_rows: torch.Tensor,
         feature_steps: list[int],
         num_tokens: int,
         dtype: torch.dtype,
+        unet_rows: torch.Tensor | None = None,
     ) -> None:
-        """Set the call's tensors (features None: caption only, zero image K/V at strength 0)."""
+        """Set the call's tensors: call row r reads image `feature_rows[r]` of `features` (-1: no image, zeros).
+
+        `features` None is a caption-only call: every row reads zeros (at strength 0). The UNet's rows
+        read call rows `unet_rows` (default: all, in order), until `select_rows` points them at others.
+        """
         device = token_matching.device
         missing = set(self.widths) - set(features.keys) if features is not None else set()
         if missing:
             raise ValueError(f"image features lack synapse sites {sorted(missing)}")
-        self.features = None if features is None else features.to(device, dtype)
-        self.feature_steps = feature_steps if features is not None else []
-        batch = 1 if features is None else features.batch_size
-        for site, width in self.widths.items():
-            for store in (self.keys, self.values):
-                store[site] = _reuse(store.get(site), (batch, num_tokens, width), dtype, device)
-                if features is None:
-                    store[site].zero_()
-        self.call_rows = (image_row.to(device), row_strength.to(device=device, dtype=torch.float32), token_matching)
-        self.image_row, self.row_strength, self.token_matching = (
-            _assign(buffer, value) for buffer, value in zip((self.image_row, self.row_strength, self.token_matching), self.call_rows)
-        )
+        unet_rows = torch.arange(len(feature_rows)) if unet_rows is None else unet_rows
+        rows = len(unet_rows)
+        layout = [(store, site, num_tokens * width)  # every site's K, then every site's V
+                  for store in ("keys", "values") for site, width in self.widths.items()]  # fmt: skip
+        self._buffer = _reuse(self._buffer, (rows, sum(size for *_, size in layout)), dtype, device)
+        offset = 0
+        for store, site, size in layout:  # (R, N, D) views: the mixers' tensors stay where the gather writes
+            getattr(self, store)[site] = self._buffer[:, offset : offset + size].view(rows, num_tokens, -1)
+            offset += size
+        self.release()
+        if features is None:
+            self._buffer.zero_()
+        else:
+            images = features.batch_size
+            source = torch.zeros(len(features.timesteps), images + 1, self._buffer.shape[1], dtype=dtype, device=device)
+            offset = 0
+            for store, site, size in layout:
+                source[:, :images, offset : offset + size] = getattr(features, store)[site].flatten(2)
+                offset += size
+            self._source = source
+            self.feature_steps = feature_steps
+        source_rows = torch.where(feature_rows < 0, 0 if features is None else features.batch_size, feature_rows)
+        self._call_rows = (source_rows.to(device), row_strength.to(device=device, dtype=torch.float32), token_matching)
+        self._step = 0
+        self.select_rows(unet_rows)
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Point the UNet's rows at rows `rows` of the call's (the windows of a long clip run `batch` at a
-        time, each reading its own clip's image, strength and caption), copying into the same buffers."""
-        index = rows.to(self.image_row.device)
-        self.image_row, self.row_strength, self.token_matching = (
-            _assign(buffer, value[index]) for buffer, value in zip((self.image_row, self.row_strength, self.token_matching), self.call_rows)
-        )
+        """Point the UNet's rows at call rows `rows` (a batch of windows, each reading its own clip's image,
+        strength and caption) and gather their image K/V at the current step, into the same buffers."""
+        source_rows, row_strength, token_matching = (value[rows.to(value.device)] for value in self._call_rows)
+        self._source_rows = _assign(self._source_rows, source_rows)
+        self.row_strength = _assign(self.row_strength, row_strength)
+        self.token_matching = _assign(self.token_matching, token_matching)
+        if self.feature_steps:
+            self.select_step(self._step)
 
     def select_step(self, step: int) -> None:
-        """Copy the image K/V that music step `step` meets into the buffers the mixers read (lines 7-9)."""
-        if self.features is None:
-            return
-        index = self.feature_steps[step]
-        sources = [self.features.keys[s][index] for s in self.keys] + [self.features.values[s][index] for s in self.values]
-        torch._foreach_copy_([*self.keys.values(), *self.values.values()], sources)
+        """Gather the image K/V each row meets at music step `step` into the mixers' buffer (lines 7-9)."""
+        self._step = step
+        if self._source is not None:
+            torch.index_select(self._source[self.feature_steps[step]], 0, self._source_rows, out=self._buffer)
+
+    def release(self) -> None:
+        """Drop the call's features (the buffer keeps the last step's K/V until the next `load`)."""
+        self._source, self.feature_steps, self._call_rows = None, [], None
 
 
 def _reuse(buffer: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -295,8 +338,8 @@ def attach_recorders(unet: UNet2DConditionModel, synapse: VisualSynapse) -> Feat
     """Put recorders for `synapse` on the image UNet's synapse self-attention layers; returns their recorder
     (also kept as `unet.feature_recorder`). The pipeline does this once; another synapse's recorders go."""
     _remove(unet, SelfAttentionRecorder)
-    recorder = unet.feature_recorder = FeatureRecorder(synapse)
     sites = synapse_sites(unet, synapse, "attn1")
+    recorder = unet.feature_recorder = FeatureRecorder(synapse, [site_of(name) for name in sites])
     _attach(unet, {name: SelfAttentionRecorder(site_of(name), recorder) for name in sites})
     return recorder
 
@@ -334,7 +377,7 @@ def mixing_image_features(
         features,
         token_matching=synapse.token_matching_matrix(text_mask, num_tokens).to(text_mask.device),
         row_strength=row_strength,
-        image_row=torch.arange(rows) % features.batch_size,
+        feature_rows=torch.arange(rows) % features.batch_size,
         feature_steps=list(range(next(iter(features.keys.values())).shape[0])),
         num_tokens=num_tokens,
         dtype=unet.dtype,
@@ -345,3 +388,4 @@ def mixing_image_features(
     finally:
         # A new tensor, not zero_(): training runs backward after the `with` body, through this one.
         state.row_strength = torch.zeros_like(state.row_strength)
+        state.release()

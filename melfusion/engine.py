@@ -5,8 +5,8 @@ without reading the worker. Torch-free: only names for type checkers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .limits import GenerationLimits
 from .request import GenerationRequest
@@ -14,6 +14,8 @@ from .request import GenerationRequest
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
+
+    from .shapes import ShapeBuckets
 
 
 class Clips(Protocol):
@@ -24,11 +26,12 @@ class Clips(Protocol):
     sampling_rate: int
     seeds: list[int]
     lengths: list[int]  # samples of each clip
+    errors: list[Exception | None] | None  # per clip: why it is unusable (NaN/inf), else None
 
     def clip(self, row: int) -> np.ndarray:
         """Row `row`'s waveform at its own length."""
 
-
+@runtime_checkable
 class Engine(Protocol):
     @property
     def limits(self) -> GenerationLimits:
@@ -49,8 +52,8 @@ class Engine(Protocol):
         with `step`, `total` and `fraction` after each step; `should_cancel()` True stops it
         (GenerationCancelled)."""
 
-    def warm_up(self, batch_sizes: Sequence[int], seconds: Sequence[float]) -> None:
-        """Run each (batch size, clip length) shape once, so that no job pays for compilation."""
+    def warm_up(self, buckets: ShapeBuckets) -> int:
+        """Run every shape of `buckets` once, so that no job pays for compilation; returns the calls made."""
 
     def spectrogram_png(self, audio: np.ndarray) -> bytes:
         """A picture of one clip, stored beside it."""

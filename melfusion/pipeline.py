@@ -10,12 +10,17 @@ paired with music step i.
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, get_args
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -36,24 +41,27 @@ from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
 from .images import fit_square
 from .limits import DEFAULT_WINDOW_SECONDS, SCHEDULERS, GenerationLimits
-from .precision import keep_float32_modules, raise_if_non_finite
+from .precision import NonFiniteOutput, finite_rows, first_non_finite, keep_float32_modules
 from .request import GenerationRequest, random_seed
 from .schedulers import GridDDIMInverseScheduler, GridDDIMScheduler
+from .shapes import ShapeBuckets
 from .synapse import VisualSynapse
 from .windows import TimeWindows, plan_windows
 
+log = logging.getLogger(__name__)
+
 ImageGuidance = Literal["conditional", "both"]
 Phase = Literal["image_inversion", "image_denoise", "music_denoise"]
-WARMUP_STEPS = 2  # compiled graphs depend on shapes, not on the number of steps
 # Where the synapse's image K/V come from. "inversion" (default): recorded during DDIM inversion itself,
 # i.e. ε_ψ(z_t^I, ∅, t) on the inverted latents, which is what Algorithm 2's line 6 evaluates; one SD pass
 # per step. "redenoise": a second SD pass denoising z_T^I back down the grid, recording there; twice the
 # cost, and equal to "inversion" up to the inversion's error (tested with an exact inversion).
 ImageFeatureSource = Literal["inversion", "redenoise"]
-# Captions are padded (masked) to a multiple of this many tokens, so a compiled UNet sees a handful of
+# Without shape buckets, captions are padded (masked) to a multiple of this many tokens: a handful of
 # caption shapes (one for every caption up to 32 tokens) instead of one per caption length.
 TEXT_PAD_MULTIPLE = 32
 LOOP_DECODE_CONTEXT = 16  # latent frames (0.64 s at 16 kHz) decoded on each side of a loop's seam
+NonFinitePolicy = Literal["raise", "report"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class MelFusionOutput(BaseOutput):
     sampling_rate: int
     seeds: list[int]
     lengths: list[int]  # samples of each clip
+    errors: list[NonFiniteOutput | None] | None = None  # per row: NaN/inf and where it began (on_non_finite="report")
 
     def clip(self, row: int) -> np.ndarray:
         """Row `row`'s waveform at its own length."""
@@ -188,6 +197,8 @@ class MelFusionPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.image_vae_scale)
         self._empty_prompt_cache: dict[tuple, torch.Tensor] = {}
         self.feature_cache: ImageFeatureCache | None = None
+        self.shape_buckets: ShapeBuckets | None = None  # set on a compiled pipeline: calls padded to warmed shapes
+        self.shape_misses: Counter[str] = Counter()  # calls that fit no bucket, by what missed
 
     def to(self, *args, **kwargs) -> MelFusionPipeline:
         """`DiffusionPipeline.to`, except that modules their library keeps in float32 stay in float32.
@@ -212,26 +223,125 @@ class MelFusionPipeline(DiffusionPipeline):
         """The tensors the music UNet's mixers read (kept on the UNet: training may attach its own synapse)."""
         return self.music_unet.synapse_state
 
-    def compile_unets(self, mode: str | None = None, *, backend: str = "inductor") -> None:
+    def compile_unets(
+        self, mode: str | None = None, *, backend: str = "inductor", image_backend: str | None = None
+    ) -> None:
         """`torch.compile` both UNets in place (module identity, configs and saving are unchanged).
 
-        The synapse's processors never change and read only tensors, so one graph per input shape
-        (batch size, clip length, caption length in multiples of TEXT_PAD_MULTIPLE tokens) serves every
-        call; `mode="reduce-overhead"` adds CUDA graphs, which remove the per-kernel launch cost that
-        bounds eager UNet steps on a large GPU.
+        The synapse's processors never change and read only tensors, so one graph per input shape (rows,
+        clip frames, caption tokens) serves every call; set `shape_buckets` and run `warm_up` so that every
+        call meets a shape compiled beforehand. `mode="reduce-overhead"` adds CUDA graphs, which remove the
+        per-kernel launch cost that bounds eager UNet steps on a large GPU. `image_backend` compiles the
+        image UNet with another backend (e.g. "cudagraphs": CUDA graphs over eager kernels, captured in
+        seconds where inductor compiles for minutes).
         """
         # Both UNets run UNet2DConditionModel.forward, one code object to dynamo: with automatic dynamic
         # shapes the second UNet's shapes would turn both into one slow dynamic graph (no CUDA graphs).
         # Static graphs, one per UNet and shape, need a cache larger than dynamo's default 8.
         torch._dynamo.config.automatic_dynamic_shapes = False
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for unet in (self.music_unet, self.image_unet):
-            unet.compile(mode=mode, backend=backend)
+        self.music_unet.compile(mode=mode, backend=backend)
+        if image_backend is None:
+            self.image_unet.compile(mode=mode, backend=backend)
+        else:
+            self.image_unet.compile(backend=image_backend)
 
     def enable_feature_cache(self, max_bytes: int) -> None:
         """Keep the image features of recent images (LRU, `max_bytes`); a warm worker's repeat photos
         then cost only the music loop."""
         self.feature_cache = ImageFeatureCache(max_bytes)
+
+    # -- static shapes (melfusion/shapes.py) ------------------------------------------------------
+    def warm_up(self, buckets: ShapeBuckets, *, steps: int = 3) -> int:
+        """Run every shape of `buckets` once, so that a compiled pipeline compiles (and captures) all its
+        graphs before any request needs one; returns the number of calls made. Graphs depend on shapes, not
+        on the step count; 3 steps call each UNet 3 times, enough for CUDA graph trees, which warm a graph
+        up on its first call and record it on the second.
+
+        Per clip length and caption length, one call of each batch size with CFG (a call without CFG is
+        padded to the same UNet rows); in the first of those rounds every row has a photo of its own, which
+        warms the image UNet at each batch size too.
+        """
+        too_long = [tokens for tokens in buckets.caption_tokens if tokens > self.tokenizer.model_max_length]
+        if too_long:
+            limit = self.tokenizer.model_max_length
+            raise ValueError(f"caption buckets {too_long} exceed the tokenizer's limit, {limit} tokens")
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, buckets.graphs + 8)
+        cache, self.feature_cache = self.feature_cache, None  # warm-up photos are not worth keeping
+        calls = 0
+        try:
+            for index, (seconds, tokens) in enumerate(itertools.product(buckets.seconds, buckets.caption_tokens)):
+                caption = self._caption_of_length(tokens)
+                for size in buckets.batch_sizes:
+                    photos = [Image.new("RGB", (64, 64), (37 * k % 256, 90, 160)) for k in range(size)]  # all distinct
+                    self([caption] * size, photos if index == 0 else None, seconds=seconds, num_inference_steps=steps,
+                         guidance_scale=7.0, seed=0)  # fmt: skip
+                    calls += 1
+        finally:
+            self.feature_cache = cache
+        return calls
+
+    def _caption_of_length(self, tokens: int) -> str:
+        """A caption of at most `tokens` tokens (end token included), as long as the tokenizer allows."""
+        words = tokens
+        while (length := len(self.tokenizer("music " * words).input_ids)) > tokens:
+            words -= max(1, length - tokens)
+        return "music " * words
+
+    def _shape_miss(self, what: str, detail: str) -> None:
+        """A compiled pipeline met a shape it was not warmed on: it runs at its own shape (a new graph)."""
+        self.shape_misses[what] += 1
+        log.warning("%s outside the warmed shapes (%s): compiling a new graph while serving", what, detail)
+
+    def _padded_rows(self, rows: int, with_unconditional: bool) -> int:
+        """The batch rows a call runs: `rows` up to a warmed size (the padded rows are thrown away)."""
+        if self.shape_buckets is None:
+            return rows
+        padded = self.shape_buckets.rows_for(rows, with_unconditional)
+        if padded is None:
+            self._shape_miss("batch_size", f"{rows} rows, warmed {self.shape_buckets.batch_sizes}")
+        return padded or rows
+
+    def _latent_seconds(self, seconds: float) -> float:
+        """The clip length whose latent a call samples: the smallest warmed length at least as long (the
+        clip is cut from it), or `seconds` itself."""
+        if self.shape_buckets is None:
+            return seconds
+        frames = lambda length: self.music_latent_shape(1, length)[2]  # lengths round up to whole UNet strides
+        bucket = next((length for length in self.shape_buckets.seconds if frames(length) >= frames(seconds)), None)
+        if bucket is None:
+            self._shape_miss("seconds", f"{seconds} s, warmed {self.shape_buckets.seconds}")
+        return bucket or seconds
+
+    def _latent_frames(self, seconds: list[float], loops: list[bool]) -> list[int]:
+        """Each clip's latent frames. Longer clips and loops run in windows of the trained length (which
+        the buckets should hold); a shorter clip is sampled at its clip-length bucket and cut from it."""
+        window = self.window_frames
+        frames = [self.clip_frames(length, loop) for length, loop in zip(seconds, loops)]
+        short = {length for length, count, loop in zip(seconds, frames, loops) if not loop and count < window}
+        bucketed = {length: self.music_latent_shape(1, self._latent_seconds(length))[2] for length in short}
+        frames = [bucketed.get(length, count) if not loop else count for length, count, loop in zip(seconds, frames, loops)]
+        windowed = any(loop or count > window for count, loop in zip(frames, loops))
+        buckets = self.shape_buckets
+        if windowed and buckets is not None and window not in {self.music_latent_shape(1, s)[2] for s in buckets.seconds}:
+            self._shape_miss("seconds", f"windows of {self.config.window_seconds} s, warmed {buckets.seconds}")
+        return frames
+
+    def _padded_image_rows(self, images: int) -> int:
+        """The image-UNet batch for `images` new photos: up to a warmed size (padded rows are thrown away)."""
+        if self.shape_buckets is None:
+            return images
+        padded = self.shape_buckets.image_rows_for(images)
+        if padded is None:
+            self._shape_miss("image_batch", f"{images} new photos, warmed {self.shape_buckets.batch_sizes}")
+        return padded or images
+
+    def _caption_length(self, tokens: int) -> int:
+        """Tokens the captions are padded to: the warmed bucket, else the next multiple of TEXT_PAD_MULTIPLE."""
+        bucket = None if self.shape_buckets is None else self.shape_buckets.caption_tokens_for(tokens)
+        if self.shape_buckets is not None and bucket is None:
+            self._shape_miss("caption_tokens", f"{tokens} tokens, warmed {self.shape_buckets.caption_tokens}")
+        return bucket or -(-tokens // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -392,51 +502,67 @@ class MelFusionPipeline(DiffusionPipeline):
         self, image: Image.Image, num_inference_steps: int, tracker: _StepTracker | None = None
     ) -> ImageFeatures:
         """The image-features object for one image on the grid of `num_inference_steps` (cacheable)."""
-        key = self._feature_key(image, num_inference_steps)
-        cached = self.feature_cache.get(key) if key else None
-        if cached is not None:
-            return cached
-        z_0 = self.prepare_image_latents(image)
-        z_T = self.invert_image_latents(z_0, num_inference_steps, tracker)
-        if self.config.image_features_from == "inversion":
-            features = self.feature_recorder.features()
-        else:
-            _, features = self.denoise_image_latents(z_T, num_inference_steps, tracker)
-        if key:
-            self.feature_cache.put(key, features)
-        return features
+        return self.encode_images([image], num_inference_steps, tracker)[0]
 
-    def _feature_key(self, image: Image.Image, num_inference_steps: int) -> str | None:
-        if self.feature_cache is None:
-            return None
+    @torch.no_grad()
+    def encode_images(
+        self, images: list[Image.Image], num_inference_steps: int, tracker: _StepTracker | None = None
+    ) -> list[ImageFeatures]:
+        """The features of each image on the grid of `num_inference_steps` (lines 1 and 6), one object per image.
+
+        Images the feature cache holds cost nothing. The others, a photo repeated in the batch once, are
+        VAE-encoded and DDIM-inverted together: one SD UNet pass per grid step for all of them, padded to
+        a warmed batch size (padded rows are zeros, thrown away).
+        """
+        keys = [self._feature_key(image, num_inference_steps) for image in images]
+        found: dict[str, ImageFeatures | None] = {}
+        for key in dict.fromkeys(keys):
+            found[key] = self.feature_cache.get(key) if self.feature_cache is not None else None
+        new = [key for key, features in found.items() if features is None]
+        if new:
+            z_0 = torch.cat([self.prepare_image_latents(images[keys.index(key)]) for key in new])  # (n, 4, h, w)
+            z_0 = F.pad(z_0, (0, 0, 0, 0, 0, 0, 0, self._padded_image_rows(len(new)) - len(new)))
+            z_T = self.invert_image_latents(z_0, num_inference_steps, tracker)
+            if self.config.image_features_from == "inversion":
+                batch = self.feature_recorder.features()
+            else:
+                _, batch = self.denoise_image_latents(z_T, num_inference_steps, tracker)
+            for row, key in enumerate(new):
+                found[key] = batch.row(row)
+                if self.feature_cache is not None:
+                    self.feature_cache.put(key, found[key])
+        return [found[key] for key in keys]
+
+    def _feature_key(self, image: Image.Image, num_inference_steps: int) -> str:
+        """What determines an image's features: its SD-sized pixels, the grid, the synapse layout."""
         square = fit_square(image, self.image_resolution)
         settings = (num_inference_steps, self.config.image_features_from)
-        return self.feature_cache.key(square, settings, self.synapse.config)
+        return ImageFeatureCache.key(square, settings, self.synapse.config)
 
-    def _uncached_images(self, images: list[Image.Image], num_inference_steps: int) -> int:
-        """How many images the image side must run for (a repeated image runs once with the cache)."""
+    def _needs_image_pass(self, images: list[Image.Image], num_inference_steps: int) -> bool:
+        """Whether any of `images` must go through the image side (the cache holds none of them)."""
         if self.feature_cache is None:
-            return len(images)
-        keys = {self._feature_key(image, num_inference_steps) for image in images}
-        return len(keys - set(filter(self.feature_cache.__contains__, keys)))
+            return bool(images)
+        return any(self._feature_key(image, num_inference_steps) not in self.feature_cache for image in images)
 
     # -- music side ---------------------------------------------------------------------------------
     def encode_captions(
-        self, captions: list[str], negative_captions: list[str] | None
+        self, captions: list[str], negative_captions: list[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """T^M(Y) (line 3): FLAN-T5 states and mask; with CFG (`negative_captions` given), rows are
-        negative_captions + captions ("" is TANGO's unconditional caption)."""
+        negative_captions + captions ("" is TANGO's unconditional caption).
+
+        Padded with masked tokens to a warmed caption length (`_caption_length`).
+        """
         texts = (negative_captions or []) + captions
         tokens = self.tokenizer(
-            texts,
-            padding=True,
-            pad_to_multiple_of=TEXT_PAD_MULTIPLE,
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).to(self._execution_device)
-        states = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        return states.to(self.music_unet.dtype), tokens.attention_mask
+            texts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        )
+        pad = self._caption_length(tokens.input_ids.shape[1]) - tokens.input_ids.shape[1]
+        ids = F.pad(tokens.input_ids, (0, pad), value=self.tokenizer.pad_token_id).to(self._execution_device)
+        mask = F.pad(tokens.attention_mask, (0, pad), value=0).to(self._execution_device)
+        states = self.text_encoder(input_ids=ids, attention_mask=mask)[0]
+        return states.to(self.music_unet.dtype), mask
 
     def prepare_music_latents(
         self, shape: tuple[int, ...], generators: list[torch.Generator], scheduler, frames: list[int] | None = None
@@ -453,27 +579,35 @@ class MelFusionPipeline(DiffusionPipeline):
         return latents * scheduler.init_noise_sigma
 
     def decode_latents(
-        self, latents: torch.Tensor, num_samples: int, earlier_outputs: tuple[tuple[str, torch.Tensor], ...] = ()
-    ) -> np.ndarray:
+        self,
+        latents: torch.Tensor,
+        num_samples: int,
+        earlier_checks: tuple[tuple[str, torch.dtype, torch.Tensor], ...] = (),
+    ) -> tuple[np.ndarray, list[NonFiniteOutput | None]]:
         """D^M then V (lines 11-12): latent -> mel -> waveform, trimmed to the requested length.
 
-        `earlier_outputs` (component, tensor) are checked with the decoders' outputs, in pipeline order,
-        so a NaN is blamed on the component where it first appeared, not on the vocoder.
+        Returns the audio and, per row, where NaN/inf first appeared (None: finite). `earlier_checks`
+        (component, dtype, finite rows) come first, in pipeline order, so a NaN is blamed on the component
+        where it began, not on the vocoder.
         """
         mel = self.mel_vae.decode(latents / self.mel_vae.config.scaling_factor).sample  # (B, 1, T, mels)
         audio = self.vocoder(mel.squeeze(1).to(self.vocoder.dtype))[:, :num_samples]  # (B, samples)
-        raise_if_non_finite((*earlier_outputs, ("music_unet", latents), ("mel_vae", mel), ("vocoder", audio)))
-        return audio.float().cpu().numpy()
+        outputs = (("music_unet", latents), ("mel_vae", mel), ("vocoder", audio))
+        checks = (*earlier_checks, *((name, out.dtype, finite_rows(out)) for name, out in outputs))
+        return audio.float().cpu().numpy(), first_non_finite(checks)
 
-    def decode_loop(self, latents: torch.Tensor, earlier_outputs: tuple[tuple[str, torch.Tensor], ...] = ()) -> np.ndarray:
-        """A loop's (1, C, T, F) latent -> exactly T frames of audio that wrap: decoded with
-        LOOP_DECODE_CONTEXT frames of its own end before it and of its start after it, then cut to one
-        period, so the decoders see the seam as they see any other frame."""
+    def decode_loop(
+        self, latents: torch.Tensor, earlier_checks: tuple[tuple[str, torch.dtype, torch.Tensor], ...] = ()
+    ) -> tuple[np.ndarray, list[NonFiniteOutput | None]]:
+        """A loop's (1, C, T, F) latent -> exactly T frames of audio that wrap (and its NaN/inf check, as
+        `decode_latents`): decoded with LOOP_DECODE_CONTEXT frames of its own end before it and of its
+        start after it, then cut to one period, so the decoders see the seam as they see any other frame."""
         length = latents.shape[2]
         wrapped = torch.arange(-LOOP_DECODE_CONTEXT, length + LOOP_DECODE_CONTEXT, device=latents.device) % length
-        audio = self.decode_latents(latents[:, :, wrapped], (length + 2 * LOOP_DECODE_CONTEXT) * self.samples_per_latent_frame, earlier_outputs)
+        samples = (length + 2 * LOOP_DECODE_CONTEXT) * self.samples_per_latent_frame
+        audio, errors = self.decode_latents(latents[:, :, wrapped], samples, earlier_checks)
         start = LOOP_DECODE_CONTEXT * self.samples_per_latent_frame
-        return audio[:, start : start + length * self.samples_per_latent_frame]
+        return audio[:, start : start + length * self.samples_per_latent_frame], errors
 
     def image_rows(
         self, strength: torch.Tensor, has_image: torch.Tensor, with_unconditional: bool, image_guidance: str
@@ -499,17 +633,26 @@ class MelFusionPipeline(DiffusionPipeline):
         text_mask: torch.Tensor,
         row_strength: torch.Tensor,
         feature_steps: list[int],
+        unet_rows: torch.Tensor | None = None,
     ) -> None:
-        """Hand the mixers this call's image K/V (lines 7-9): UNet row r reads feature row feature_rows[r]."""
+        """Hand the mixers this call's image K/V (lines 7-9).
+
+        Batch row b reads image feature_rows[b] of `features` (-1: none); in the UNet batch [uncond…, cond…]
+        a row at strength 0 reads zeros instead, so it is exactly text-to-music whatever its image holds.
+        `unet_rows`: the call rows the UNet's batch reads first, when it runs the call's windows a few at
+        a time (`select_rows`).
+        """
         num_tokens = self.synapse.config.image_grid**2
+        image_of_row = torch.tensor(feature_rows).repeat(len(row_strength) // len(feature_rows))
         self.synapse_state.load(
             features,
             token_matching=self.synapse.token_matching_matrix(text_mask, num_tokens).to(text_mask.device),
             row_strength=row_strength,
-            image_row=torch.tensor(feature_rows),
+            feature_rows=torch.where(row_strength.cpu() > 0, image_of_row, -1),
             feature_steps=feature_steps,
             num_tokens=num_tokens,
             dtype=self.music_unet.dtype,
+            unet_rows=unet_rows,
         )
 
     # -- Algorithm 2 --------------------------------------------------------------------------------
@@ -532,6 +675,7 @@ class MelFusionPipeline(DiffusionPipeline):
         negative_caption: str | list[str | None] | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        on_non_finite: NonFinitePolicy = "raise",
     ) -> MelFusionOutput:
         """Generate one clip per caption.
 
@@ -556,6 +700,8 @@ class MelFusionPipeline(DiffusionPipeline):
             negative_caption: replaces "" in the unconditional CFG branch, one for all or one per caption.
             callback: called with a StepInfo after every UNet step of every phase.
             should_cancel: polled before every step; True raises GenerationCancelled.
+            on_non_finite: "raise" NonFiniteOutput if any clip has NaN/inf; "report" it per row in
+                `errors` instead (the other rows are unaffected: a batch fails row by row).
         """
         # 1. Check inputs: every row a resolved GenerationRequest (its defaults and ranges)
         captions = [caption] if isinstance(caption, str | None) else list(caption)
@@ -588,58 +734,57 @@ class MelFusionPipeline(DiffusionPipeline):
             request.check_condition(has_image=img is not None or image_features is not None)
         has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
         with_unconditional = max(guidance) > 1.0
-        negatives = [request.negative_caption or "" for request in requests] if with_unconditional else None
+        captions = [request.caption or "" for request in requests]  # image only: the empty caption
+        negatives = [request.negative_caption or "" for request in requests]
+
+        # 1b. Static shapes (compiled pipelines): the UNet runs `rows` windows at a time, a warmed batch (the
+        #     last group topped up with copies of its last window, thrown away); a clip shorter than the
+        #     window is sampled at its clip-length bucket (and cut from it); captions are padded in step 4
+        rows = self._padded_rows(batch, with_unconditional)
+        frames = self._latent_frames(seconds, loops)
 
         # 2. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
         timesteps = self.timestep_grid(steps)
         image_grid = self.timestep_grid(image_steps)
         music_scheduler = self.make_scheduler(scheduler, timesteps)
-        to_encode = list({id(img): img for img, used in zip(images, has_image) if used and img is not None}.values())
-        image_total = image_steps * self.image_passes_per_step * self._uncached_images(to_encode, image_steps)
+        to_encode = [img for img, used in zip(images, has_image) if used and img is not None]
+        image_total = image_steps * self.image_passes_per_step * self._needs_image_pass(to_encode, image_steps)
         total = image_total + steps
         tracker = _StepTracker(total, callback, should_cancel, bar=self.progress_bar(total=total))
         try:
-            # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)) and K_l^I, V_l^I per step (lines 1, 6)
-            if to_encode:
-                image_features = ImageFeatures.concat([self.encode_image(img, image_steps, tracker) for img in to_encode])
-                feature_rows = [next((k for k, e in enumerate(to_encode) if e is img), 0) for img in images]
-            elif image_features is not None and any(has_image):
-                self._check_features(image_features, image_grid, batch)
-                feature_rows = [0 if image_features.batch_size == 1 else r for r in range(batch)]
-            else:
-                image_features, feature_rows = None, [0] * batch
+            # 3. Visual guidance: z_T^I = DDIM_Invert(E^I(I)) and K_l^I, V_l^I per step (lines 1, 6), the new
+            #    photos of the batch in one pass
+            image_features, feature_rows = self._image_features_of_rows(
+                images, has_image, image_features, image_steps, image_grid, batch, tracker
+            )
 
             # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
-            text_states, text_mask = self.encode_captions([request.caption or "" for request in requests], negatives)
+            text_states, text_mask = self.encode_captions(captions, negatives if with_unconditional else None)
 
             # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row, and its time windows
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-            frames = [self.clip_frames(row_seconds, row_loop) for row_seconds, row_loop in zip(seconds, loops)]
             try:
                 windows = plan_windows(frames, loops, self.window_frames)
             except ValueError as exc:
                 raise InputError("seconds", str(exc)) from None
             shape = self.music_latent_shape(batch, 1.0)[:2] + (max(frames), self.music_latent_shape(1, 1.0)[3])
             latents = self.prepare_music_latents(shape, generators, music_scheduler, frames)
-            step_options = {"generator": generators} if isinstance(music_scheduler, DDPMScheduler) else {}
+            step_options = self._step_options(music_scheduler, generators, seeds, latents.device)
 
             # 6. Denoising loop with the visual synapse (lines 4-10), over windows of at most the trained
-            # length, `batch` at a time: the UNet sees the shapes a batch of this size at that length has
+            # length, `rows` at a time: the UNet sees the shapes of a warmed batch at a warmed length
             device = latents.device
-            rows = self.image_rows(
+            row_strength = self.image_rows(
                 torch.tensor(strength), torch.tensor(has_image), with_unconditional, first.image_guidance
             )
+            chunks = window_chunks(windows, rows, batch, with_unconditional)
             self.load_synapse(
-                image_features,
-                feature_rows * (1 + with_unconditional),
-                text_mask,
-                rows,
-                nearest_steps(timesteps, image_grid),
+                image_features, feature_rows, text_mask, row_strength, nearest_steps(timesteps, image_grid),
+                unet_rows=chunks[0][1],
             )
             scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
-            chunks = window_chunks(windows, batch, with_unconditional)
             unet_timesteps = music_scheduler.timesteps.to(device)  # on the device: no copy per step
-            for i, t in enumerate(music_scheduler.timesteps):
+            for i, t in enumerate(music_scheduler.timesteps):  # t on the host: no step waits for the device
                 tracker.check_cancel()
                 self.synapse_state.select_step(i)  # K_l^I, V_l^I met by music step i (lines 7-9)
                 window_latents = windows.gather(latents)
@@ -658,29 +803,101 @@ class MelFusionPipeline(DiffusionPipeline):
                         uncond, cond = noise_pred.chunk(2)
                         row_scale = scale[windows.rows[chunk]].view(-1, 1, 1, 1)  # each row its own guidance
                         noise_pred = uncond + row_scale * (cond - uncond)
-                    predictions[chunk] = noise_pred
+                    count = min(len(chunk), len(windows) - int(chunk[0]))  # the top-up copies are thrown away
+                    predictions[chunk[:count]] = noise_pred[:count]
                 noise_pred = windows.blend(predictions, latents)  # the cross-faded mean where windows overlap
                 latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
                 tracker.advance("music_denoise", t)
         finally:
             tracker.close()
-            self.synapse_state.features = None  # a cached ImageFeatures object is not kept alive here
+            self.synapse_state.release()  # a cached ImageFeatures object is not kept alive here
 
-        # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12)
-        checked = (("text_encoder", text_states),)
+        # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12), each clip at its length; NaN/inf judged row by row
+        text_of_rows = text_states.unflatten(0, (-1, batch)).transpose(0, 1)  # (B, 1 or 2 branches, S, D)
+        checks = (
+            ("image_unet", self.image_unet.dtype, self._finite_image_rows(image_features, feature_rows)),
+            ("text_encoder", text_states.dtype, finite_rows(text_of_rows)),
+        )
         lengths = [
             length * self.samples_per_latent_frame if row_loop else round(row_seconds * self.sampling_rate)
             for length, row_loop, row_seconds in zip(frames, loops, seconds)
         ]
         if len(set(frames)) == 1 and not any(loops):
-            audios = self.decode_latents(latents, lengths[0], earlier_outputs=checked)
+            audios, errors = self.decode_latents(latents, max(lengths), checks)
+            for row, length in enumerate(lengths):
+                audios[row, length:] = 0
         else:  # one clip at a time, each at its own length
-            audios = np.zeros((batch, max(lengths)), dtype=np.float32)
+            audios, errors = np.zeros((batch, max(lengths)), dtype=np.float32), []
             for row, (length, row_loop) in enumerate(zip(frames, loops)):
                 latent = latents[row : row + 1, :, :length]
-                decoded = self.decode_loop(latent, checked) if row_loop else self.decode_latents(latent, lengths[row], checked)
+                row_checks = tuple((name, dtype, finite[row : row + 1]) for name, dtype, finite in checks)
+                decode = self.decode_loop if row_loop else partial(self.decode_latents, num_samples=lengths[row])
+                decoded, row_errors = decode(latent, earlier_checks=row_checks)
                 audios[row, : lengths[row]] = decoded[0]
-        return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds, lengths=lengths)
+                errors += row_errors
+        if on_non_finite == "raise" and any(errors):
+            raise next(error for error in errors if error is not None)
+        return MelFusionOutput(
+            audios=audios, sampling_rate=self.sampling_rate, seeds=seeds, lengths=lengths, errors=errors
+        )
+
+    def _image_features_of_rows(
+        self,
+        images: list[Image.Image | None],
+        has_image: list[bool],
+        image_features: ImageFeatures | None,
+        image_steps: int,
+        image_grid: torch.Tensor,
+        batch: int,
+        tracker: _StepTracker,
+    ) -> tuple[ImageFeatures | None, list[int]]:
+        """The call's image features and, per row, which of them it reads (-1: none)."""
+        if image_features is not None and any(has_image):
+            self._check_features(image_features, image_grid, batch)
+            single = image_features.batch_size == 1
+            return image_features, [(0 if single else r) if used else -1 for r, used in enumerate(has_image)]
+        to_encode = [img for img, used in zip(images, has_image) if used and img is not None]
+        if not to_encode:
+            return None, [-1] * len(images)
+        per_image = iter(self.encode_images(to_encode, image_steps, tracker))
+        parts: list[ImageFeatures] = []
+        position: dict[int, int] = {}  # id of an image's features -> its index in `parts` (a repeated photo once)
+        feature_rows = []
+        for img, used in zip(images, has_image):
+            if used and img is not None:
+                features = next(per_image)
+                feature_rows.append(position.setdefault(id(features), len(parts)))
+                if feature_rows[-1] == len(parts):
+                    parts.append(features)
+            else:
+                feature_rows.append(-1)
+        return ImageFeatures.concat(parts), feature_rows
+
+    @staticmethod
+    def _finite_image_rows(features: ImageFeatures | None, feature_rows: list[int]) -> torch.Tensor:
+        """(B,) False where a row reads image features holding NaN/inf."""
+        if features is None:
+            return torch.ones(len(feature_rows), dtype=torch.bool)
+        finite = features.finite_rows()
+        return torch.cat([finite, finite.new_ones(1)])[torch.tensor(feature_rows)]  # row -1 reads the appended True
+
+    @staticmethod
+    def _step_options(
+        scheduler, generators: list[torch.Generator], seeds: list[int], device: torch.device
+    ) -> dict[str, list[torch.Generator]]:
+        """`scheduler.step`'s generators: DDPM (TANGO's sampler) draws fresh noise every step.
+
+        The noise is drawn on the device the loop runs on, one generator per row, so no step copies noise
+        from the host: on the CPU each row's own generator goes on after z_T; on an accelerator a generator
+        of that device seeded with the row's seed. A DDPM clip is therefore defined by the seed and the kind
+        of device (CPU and CUDA generators draw different numbers); DDIM and DPM-Solver++ draw nothing after
+        z_T, which is drawn on the CPU: their clips are the same on any device.
+        """
+        if not isinstance(scheduler, DDPMScheduler):
+            return {}
+        if device.type == "cpu":
+            return {"generator": generators}
+        return {"generator": [torch.Generator(device).manual_seed(seed) for seed in seeds]}
 
     def generate(
         self,
@@ -697,6 +914,9 @@ class MelFusionPipeline(DiffusionPipeline):
             images: one per request: an image, its `encode_image` features, or None (caption only).
                 Features are accepted only for every row at once.
             callback, should_cancel: as in `__call__`.
+
+        Returns:
+            The clips, with `errors` per row: a row with NaN/inf fails alone (NonFiniteOutput naming the component).
         """
         if len({request.batch_key(self.limits) for request in requests}) != 1:
             raise InputError(
@@ -727,16 +947,8 @@ class MelFusionPipeline(DiffusionPipeline):
             negative_caption=[row.negative_caption for row, _ in rows],
             callback=callback,
             should_cancel=should_cancel,
+            on_non_finite="report",
         )
-
-    def warm_up(self, batch_sizes: list[int], seconds: list[float]) -> None:
-        """Run every (batch size, seconds) shape once on a grey image, so no request pays for compilation
-        (torch.compile compiles on first call) or first-call allocation (the `Engine` protocol)."""
-        image = Image.new("RGB", (64, 64), (128, 128, 128))
-        for length in seconds:
-            request = GenerationRequest("warm-up", seconds=length, steps=WARMUP_STEPS, seed=0).resolved(self.limits)
-            for batch_size in batch_sizes:
-                self.generate([request] * batch_size, [image] * batch_size)
 
     def spectrogram_png(self, audio: np.ndarray) -> bytes:
         """The clip's log-mel spectrogram as a PNG (`melfusion.spectrogram`; needs matplotlib)."""
@@ -773,15 +985,17 @@ class MelFusionPipeline(DiffusionPipeline):
             raise InputError("image_features", f"batch of {features.batch_size} for {batch_size} captions")
 
 
-def window_chunks(windows: TimeWindows, batch: int, with_unconditional: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The windows in groups of `batch` (the last one topped up by repeating its last window), each with the
-    rows of the CFG batch [uncond…, cond…] its windows read: text states, mask and synapse rows."""
+def window_chunks(
+    windows: TimeWindows, rows: int, clips: int, with_unconditional: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows in groups of `rows` (the last one topped up by repeating its last window), each with the
+    rows of the CFG batch [uncond…, cond…] of `clips` clips its windows read: text states, mask, synapse."""
     count = len(windows)
     chunks = []
-    for start in range(0, count, batch):
-        chunk = torch.arange(start, start + batch).clamp(max=count - 1)
-        rows = windows.rows[chunk]
-        chunks.append((chunk, torch.cat([rows, rows + batch]) if with_unconditional else rows))
+    for start in range(0, count, rows):
+        chunk = torch.arange(start, start + rows).clamp(max=count - 1)
+        clip_rows = windows.rows[chunk]
+        chunks.append((chunk, torch.cat([clip_rows, clip_rows + clips]) if with_unconditional else clip_rows))
     return chunks
 
 

@@ -3,6 +3,7 @@
 transformers marks layers that overflow in half precision with `_keep_in_fp32_modules` (FLAN-T5: the
 feed-forward output `wo`, whose activations exceed float16's 65504) and honours it in `from_pretrained`,
 but not in `.to(dtype)`. Everything that casts a whole pipeline goes through `keep_float32_modules`.
+NaN/inf are looked for per batch row, so a bad row fails only its own request.
 """
 
 from __future__ import annotations
@@ -38,11 +39,28 @@ def keep_float32_modules(model: torch.nn.Module) -> None:
         modules[name].to(torch.float32)
 
 
-def raise_if_non_finite(outputs: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Check component outputs in pipeline order; raise NonFiniteOutput naming the first bad one.
+def finite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(B,) True where row b of `tensor` holds no NaN/inf (a device tensor: no host sync)."""
+    return torch.isfinite(tensor).flatten(1).all(1)
 
-    Called once after the loop, not per step, so it costs one device sync per generation.
+
+def first_non_finite(checks: Iterable[tuple[str, torch.dtype, torch.Tensor]]) -> list[NonFiniteOutput | None]:
+    """Per batch row, the first component (in pipeline order) whose output for that row has NaN/inf.
+
+    Args:
+        checks: (component, its dtype, `finite_rows` of its output) in pipeline order.
+
+    Returns:
+        A NonFiniteOutput naming the component for each failed row, None for each clean one. Rows do not
+        depend on each other, so one bad row fails only itself. One host sync for all checks, once per call.
     """
-    for component, tensor in outputs:
-        if not torch.isfinite(tensor).all():
-            raise NonFiniteOutput(component, tensor.dtype)
+    checks = list(checks)
+    device = checks[-1][2].device  # the last output's: earlier ones may sit elsewhere (host-made masks)
+    finite = torch.stack([rows.to(device) for _, _, rows in checks]).cpu()  # (components, B)
+    errors: list[NonFiniteOutput | None] = [None] * finite.shape[1]
+    for row in range(finite.shape[1]):
+        bad = (~finite[:, row]).nonzero().flatten()
+        if len(bad):
+            component, dtype, _ = checks[int(bad[0])]
+            errors[row] = NonFiniteOutput(component, dtype)
+    return errors

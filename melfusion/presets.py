@@ -8,6 +8,7 @@ Weights are random; tokenizers are built in code, so nothing is downloaded.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass
 
@@ -136,6 +137,7 @@ SAMPLING_RATE = 16000
 MEL_BINS = 64
 MEL_VAE_SCALING = 0.9227914214134216
 SD_VAE_SCALING = 0.18215
+POSTERIOR_STD = 0.01  # of a random VAE, in scaled latent units (their spread is ~1): see narrow_posterior
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -239,6 +241,22 @@ def calibrate_scaling_factor(vae: AutoencoderKL, sample_shape: tuple[int, ...]) 
     vae.register_to_config(scaling_factor=1.0 / std)
 
 
+@torch.no_grad()
+def narrow_posterior(vae: AutoencoderKL, std: float = POSTERIOR_STD) -> None:
+    """Give a random VAE the narrow posterior that training leaves a KL-VAE with: `std` in the units the
+    diffusion model sees (after `scaling_factor`), whatever the input.
+
+    A random VAE's log-variance is ~0: a posterior std of ~1 before scaling, 3.7 after at tiny size, next
+    to latent means that vary by ~1. Training samples z_0 from the posterior (as TANGO does), so on a random
+    bundle ~93% of every target was sampling noise and nothing a condition says could be learned from it.
+    Only the log-variance rows change: the posterior mean, hence every encoding and generation, stays as it was.
+    """
+    moments = vae.quant_conv  # encoder features -> (mean, log-variance) channels
+    half = moments.out_channels // 2
+    moments.weight[half:].zero_()
+    moments.bias[half:].fill_(2 * math.log(std / vae.config.scaling_factor))
+
+
 def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type: str | None = None) -> dict:
     """Every component of a MelFusionPipeline at `size_name`, randomly initialised from `seed`.
 
@@ -312,6 +330,8 @@ def build_components(size_name: str = "tiny", *, seed: int = 0, prediction_type:
     if size_name != "full":  # full size keeps SD's and AudioLDM's published factors for real weights
         calibrate_scaling_factor(image_vae, (3, size.image_latent_size * 8, size.image_latent_size * 8))
         calibrate_scaling_factor(mel_vae, (1, 256, MEL_BINS))
+    for vae in (image_vae, mel_vae):
+        narrow_posterior(vae)
     for model in (image_vae, image_text_encoder, image_unet, text_encoder, music_unet, mel_vae, vocoder):
         model.eval()
     return dict(

@@ -35,9 +35,10 @@ class TimeWindows:
         return self.frames.shape[0]
 
     def gather(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, F) clip latents -> (N, C, W, F) window latents."""
+        """(B, C, T, F) clip latents -> (N, C, W, F) window latents, contiguous (a compiled UNet's graphs
+        are guarded on strides too)."""
         by_frame = latents.permute(0, 2, 1, 3)  # (B, T, C, F)
-        return by_frame[self.rows[:, None], self.frames].permute(0, 2, 1, 3)
+        return by_frame[self.rows[:, None], self.frames].permute(0, 2, 1, 3).contiguous()
 
     def blend(self, predictions: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """(N, C, W, F) window predictions -> (B, C, T, F) like `like`: each frame the weighted mean of the

@@ -100,6 +100,8 @@ class MelFusionClient:
         `aborted`; still running, it is canceled.
         Retrying with the same `idempotency_key` can never create a second job.
         """
+        if request is not None and (caption is not None or fields):
+            raise TypeError("give the fields either in `request` or as keywords, not both")
         request = request or GenerationRequest(caption=caption, **fields)
         defaults = {f.name: f.default for f in dataclass_fields(GenerationRequest)}
         form = {name: value for name, value in request.to_dict().items() if value != defaults[name]}

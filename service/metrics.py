@@ -17,7 +17,7 @@ from rq.exceptions import AbandonedJobError
 from rq.results import Result
 
 from jobs.heartbeat import read_heartbeats
-from jobs.metrics import QUEUE_WAIT, RUN_TIME, read_histogram, read_outcomes
+from jobs.metrics import QUEUE_WAIT, RUN_TIME, read_compile_misses, read_histogram, read_outcomes
 from jobs.queue import JobStatus
 from jobs.storage import Storage
 
@@ -57,6 +57,14 @@ class JobMetricsCollector(Collector):
         for status, count in sorted(read_outcomes(self.redis).items()):
             finished.add_metric([status], count)
         yield finished
+        misses = CounterMetricFamily(
+            "melfusion_compile_misses",
+            "Calls a compiled worker ran outside its warmed shapes (by what missed) and graphs compiled after warm-up",
+            labels=["what"],
+        )
+        for what, count in sorted(read_compile_misses(self.redis).items()):
+            misses.add_metric([what], count)
+        yield misses
         yield GaugeMetricFamily("melfusion_queue_depth", "Jobs waiting in the queue", value=self.queue.count)
         workers = [beat for beat in read_heartbeats(self.redis) if self.queue.name in beat.get("queues", [])]
         yield GaugeMetricFamily("melfusion_workers_alive", "Workers with a fresh heartbeat", value=len(workers))

@@ -1,5 +1,6 @@
-"""The synapse as a compiler sees it: processors attached once, state in tensors, no recompilation
-over a whole fused generation; one image pass (features recorded during inversion) and a coarse grid."""
+"""The synapse as a compiler sees it: processors attached once, state in tensors, calls padded to warmed
+shapes and no recompilation over varied batches; one image pass (features recorded during inversion) and
+a coarse grid."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from dummies import make_pipeline, noise_image
+from torch._dynamo.utils import counters
 
 from melfusion.pipeline import MelFusionPipeline, nearest_steps
 from melfusion.presets import build_components
+from melfusion.shapes import ShapeBuckets
 
 FAST = {"seconds": 1.0, "num_inference_steps": 3, "guidance_scale": 3.0}
 
@@ -39,33 +42,65 @@ def test_rows_of_one_batch_keep_their_own_guidance_strength_and_image(image, oth
         np.testing.assert_allclose(row, expected, atol=1e-4)  # CPU batch kernels round differently (~1e-6)
 
 
-def test_compiled_music_unet_runs_whole_generations_without_recompiling(image, other_image):
-    """Warm up once per shape, then new images, captions, strengths and guidance must reuse the graphs.
+def test_warmed_compiled_pipeline_serves_mixed_batches_without_recompiling(image, other_image):
+    """After `warm_up`, every warmed batch size with several photos, a repeated photo, caption-only and
+    strength-0 rows, CFG on and off, both caption buckets and a clip shorter than its bucket must reuse the
+    warmed graphs: the image K/V buffer has one row per UNet row, whatever carries a photo.
 
-    backend="aot_eager" traces and guards exactly as inductor does (recompilation is decided by
-    dynamo's guards, before the backend), without minutes of C++ compilation on a 2-core machine.
+    backend="eager" (MELFUSION_COMPILE_MODE=check) traces and guards exactly as inductor does: whether a
+    call recompiles is decided by dynamo's guards, before the backend, without minutes of C++ compilation.
     """
-    eager = make_pipeline()
+    buckets = ShapeBuckets(batch_sizes=(1, 2, 4), seconds=(1.0,), caption_tokens=(8, 32))
     compiled = make_pipeline()
-    compiled.compile_unets(backend="aot_eager")
+    compiled.compile_unets(backend="eager")
+    compiled.shape_buckets = buckets
     torch._dynamo.reset()
-    request = dict(seed=4, **FAST)
-    compiled("calm piano", image, **request)  # warm-up: the shapes of a batch of 1 with an image
-    compiled("calm piano", **request)  # caption only: the same graph at strength 0
+    before = counters["stats"]["unique_graphs"]
+    compiled.warm_up(buckets)
+    assert counters["stats"]["unique_graphs"] - before == buckets.graphs == 9  # one image-UNet graph per size
+    long_caption = "calm piano with soft strings and slow drums in the summer night rain " * 2  # 25 tokens
+    repeated = image.copy()  # decoded apart, as two uploads of one photo are
+    third = noise_image(2)
+    mixed = {  # (captions, images, per-row fields)
+        "one photo": (["calm piano"], [image], {}),
+        "two photos, CFG off": (["rainy jazz", "happy drums"], [image, other_image], {"guidance_scale": 1.0}),
+        "photo and caption only": (["rainy jazz", "happy drums"], [other_image, None], {}),
+        "one photo uploaded twice, strength 0 in one": (
+            ["rainy jazz", "happy drums"], [image, repeated], {"image_strength": [0.7, 0.0]}),
+        "photo, repeated photo, caption only (padded to 4)": (
+            ["calm piano", long_caption, "sad violin"], [image, repeated, None], {"seed": [1, 2, 3]}),
+        "four photos, strength 0 in one": (
+            ["a", "b c", "calm piano", long_caption], [image, other_image, third, repeated],
+            {"image_strength": [1.0, 0.0, 0.5, 1.0], "guidance_scale": [3.0, 7.0, 1.0, 2.0]}),
+        "three rows without CFG (padded to 4 UNet rows)": (
+            ["x", "y", "z"], [third, None, image], {"guidance_scale": 1.0}),
+        "caption only, clip shorter than its bucket": (["calm piano"], None, {"seconds": 0.5}),
+    }  # fmt: skip
+    outputs = {}
     try:
         torch._dynamo.config.error_on_recompile = True
-        outputs = [
-            compiled("rainy jazz night", other_image, image_strength=0.4, **{**request, "guidance_scale": 6.0}),
-            compiled("happy drums", **request),
-        ]
+        for case, (captions, images, fields) in mixed.items():
+            outputs[case] = compiled(captions, images, **{**FAST, "seed": 4, **fields})
     finally:
         torch._dynamo.config.error_on_recompile = False
-    expected = [
-        eager("rainy jazz night", other_image, image_strength=0.4, **{**request, "guidance_scale": 6.0}),
-        eager("happy drums", **request),
-    ]
-    for got, want in zip(outputs, expected):
-        np.testing.assert_allclose(got.audios, want.audios, atol=1e-5)  # stated tolerance: 1e-5 absolute
+    assert counters["stats"]["unique_graphs"] - before == buckets.graphs
+    assert not compiled.shape_misses
+    assert outputs["caption only, clip shorter than its bucket"].audios.shape == (1, 8000)
+    # Padding is thrown away: each row is the clip the eager, unpadded pipeline makes for it.
+    padded = "photo, repeated photo, caption only (padded to 4)"
+    captions, images, fields = mixed[padded]
+    eager = make_pipeline()
+    for row, (caption, row_image) in enumerate(zip(captions, images)):
+        alone = eager(caption, row_image, **{**FAST, "seed": fields["seed"][row]}).audios[0]
+        np.testing.assert_allclose(outputs[padded].audios[row], alone, atol=1e-4)
+
+
+def test_a_shape_outside_the_buckets_is_counted_and_still_served():
+    pipe = make_pipeline()
+    pipe.shape_buckets = ShapeBuckets(batch_sizes=(1,), seconds=(0.5,), caption_tokens=(8,))
+    output = pipe(["calm piano", "rainy jazz night with soft piano and strings"], seed=0, **FAST)
+    assert output.audios.shape == (2, 16000)
+    assert pipe.shape_misses == {"batch_size": 1, "seconds": 1, "caption_tokens": 1}
 
 
 def damped_pipeline(**config) -> MelFusionPipeline:

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 from dummies import make_pipeline
 
+from melfusion.attention import ImageFeatures
 from melfusion.bundle import load_pipeline, save_bundle
 from melfusion.pipeline import MelFusionPipeline
 from melfusion.precision import NonFiniteOutput, keep_float32_modules
@@ -86,6 +87,32 @@ def test_non_finite_audio_names_the_component_where_it_began(component, paramete
     with pytest.raises(NonFiniteOutput, match=f"first appeared in the output of {component}") as caught:
         pipe("calm piano", **FAST)
     assert caught.value.component == component
+
+
+def test_a_non_finite_row_fails_alone_and_a_strength_zero_row_never_reads_its_image(image):
+    """Rows never mix: image features with NaN fail the rows that read them (blamed on the image UNet),
+    while a row at strength 0 reads zeros, not its image, and stays exactly caption only."""
+    pipe = make_pipeline()
+    features = pipe.encode_images([image, image.transpose(0)], FAST["num_inference_steps"])
+    poisoned = ImageFeatures.concat(features)
+    for tensor in poisoned.keys.values():
+        tensor[:, 1] = float("nan")
+    captions = ["calm piano", "rainy jazz", "happy drums"]
+    rows = dict(image_strength=[1.0, 1.0, 0.0], **FAST)
+    output = pipe(captions, image_features=_rows_of(poisoned, [0, 1, 1]), on_non_finite="report", **rows)
+    assert output.errors[0] is None and output.errors[2] is None
+    assert output.errors[1].component == "image_unet" and not np.isfinite(output.audios[1]).all()
+    clean = pipe(captions, image_features=_rows_of(ImageFeatures.concat(features), [0, 1, 1]), **rows).audios
+    np.testing.assert_array_equal(output.audios[[0, 2]], clean[[0, 2]])
+    with pytest.raises(NonFiniteOutput, match="first appeared in the output of image_unet"):
+        pipe(captions, image_features=_rows_of(poisoned, [0, 1, 1]), **rows)
+
+
+def _rows_of(features: ImageFeatures, rows: list[int]) -> ImageFeatures:
+    """Features with one row per caption, row i being image rows[i]."""
+    index = torch.tensor(rows)
+    return ImageFeatures(features.timesteps, {k: v[:, index] for k, v in features.keys.items()},
+                         {k: v[:, index] for k, v in features.values.items()})  # fmt: skip
 
 
 def test_random_small_vocoder_stays_finite_and_bounded_in_float16():

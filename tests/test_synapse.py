@@ -82,7 +82,7 @@ def test_ddim_inversion_round_trip_reconstructs_the_latent(image):
 def test_gradients_reach_every_alpha(image):
     pipe = make_pipeline()
     features = pipe.encode_image(image, 3)
-    states, mask = pipe.encode_captions(["calm piano"], with_unconditional=False)
+    states, mask = pipe.encode_captions(["calm piano"])
     latents = torch.randn(pipe.music_latent_shape(1, 1.0))
     with mixing_image_features(
         pipe.music_unet, pipe.synapse, features, text_mask=mask, row_strength=torch.ones(1)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     redis = open_redis(settings)
     runtime = Runtime(settings=settings, storage=open_storage(settings))
     try:
-        runtime.get_engine()  # load before taking jobs: the first job pays no load, and a bad bundle fails here
+        runtime.get_pipeline()  # load before taking jobs: the first job pays no load, and a bad bundle fails here
     except BundleError as exc:
         raise SystemExit(f"cannot load the model bundle: {exc}") from None
     install_runtime(runtime)

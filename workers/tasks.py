@@ -1,12 +1,15 @@
-"""The job function RQ runs (`jobs.queue.TASK`) and the batch it is a case of: fetch the images, generate
+"""The job function RQ names (`jobs.queue.TASK`) and the batch every job runs in: fetch the images, generate
 all clips in one pipeline call, store each clip (mastered, in its format), and end every job on its own.
 
 Each job of a batch keeps its own status, progress, cancel flag, result and error: an undecodable image
-fails only its job; a canceled job ends (canceled) at the next step while its row, which no other row
-depends on, is computed to the end and thrown away; the pipeline stops early only when every row is
-canceled. Every change (start, progress, outcome) is announced through `jobs.lifecycle.announce`; progress
-at most `PROGRESS_INTERVAL_SECONDS` apart per job (the final value is always saved with the outcome).
-Errors are recorded as `{code, message}` for the API; tracebacks stay in the worker's log.
+fails only its job; a clip with NaN/inf fails only its job (`non_finite_output`, naming the component); a
+canceled job ends (canceled) at the next step while its row, which no other row depends on, is computed to
+the end and thrown away; the pipeline stops early only when every row is canceled. A batch that runs the
+device out of memory is split in halves, run one after the other. Storing a clip and ending its job run on
+the worker's writer thread (`workers.writer`), so the next batch starts at once. Every change (start,
+progress, outcome) is announced through `jobs.lifecycle.announce`; progress at most
+`PROGRESS_INTERVAL_SECONDS` apart per job (the final value is always saved with the outcome). Errors are
+recorded as `{code, message}` for the API; tracebacks stay in the worker's log.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
+import torch
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.utils import now
@@ -33,6 +37,7 @@ from melfusion.audio import audio_format
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.mastering import deliver
+from melfusion.precision import NonFiniteOutput
 from melfusion.request import GenerationRequest
 
 from .warm import Runtime, get_runtime
@@ -50,20 +55,13 @@ class Aborted(Exception):
 # How a job ended, handed to the caller that records it in RQ: a return value or the exception it failed with.
 Outcome = dict | BaseException
 FinishJob = Callable[[Job, Outcome], None]
+WriteResult = Callable[[str, Callable[[], None]], None]  # (job id, task): run the task off the generating thread
 
 
 def generate_clip(*, image_key: str | None, params: dict) -> dict:
-    """Run one job inside a worker (a batch of one); returns the result record also in `job.meta["result"]`.
-
-    The arguments are the queue payload; `run_batch` reads them from the job, as it does for batch partners.
-    """
-    job = get_current_job()
-    outcomes: dict[str, Outcome] = {}
-    run_batch([job], get_runtime(), finish=lambda ended, outcome: outcomes.setdefault(ended.id, outcome))
-    outcome = outcomes[job.id]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    """The function every job names. `MelFusionWorker` runs each job inside a batch (`run_batch`, a lone job
+    being a batch of one), never through this; a plain RQ worker that picks the job up fails it here."""
+    raise RuntimeError("MelFusion jobs run on `python -m workers` (MelFusionWorker), not on a plain RQ worker")
 
 
 @dataclass
@@ -75,7 +73,8 @@ class _Row:
     image_key: str | None  # None: caption only
     started: float = field(default_factory=time.perf_counter)
     saved_progress_at: float = float("-inf")
-    ended: bool = False
+    progress: float = 0.0
+    ended: bool = False  # ended, or handed to the writer thread: no longer this thread's to end
 
     def deadline_passed(self) -> bool:
         """Whether the job's Cancel-After deadline (`meta.cancel_at`, set by the API) is behind us."""
@@ -83,6 +82,10 @@ class _Row:
         return deadline is not None and time.time() >= deadline
 
     def report_progress(self, fraction: float) -> None:
+        """Announce progress; never backwards (the halves of a batch split for memory start again at 0)."""
+        if fraction <= self.progress:
+            return
+        self.progress = fraction
         self.job.meta["progress"] = round(fraction, 4)  # always current in memory: the outcome write saves it
         if time.monotonic() - self.saved_progress_at >= PROGRESS_INTERVAL_SECONDS:
             self.saved_progress_at = time.monotonic()
@@ -92,16 +95,17 @@ class _Row:
                 log.warning("job %s: progress not saved (%s)", self.job.id, exc)
 
 
-def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
-    """Generate one clip per job in one pipeline call; every job ends through `finish` exactly once.
+def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: WriteResult) -> None:
+    """Generate every job's clips (`num_outputs` each) in one pipeline call; every job ends through `finish` once.
 
     Args:
         jobs: started jobs whose requests share one `batch_key`; the oldest first.
         runtime: the worker's pipeline, storage and settings.
         finish: records a job's outcome in RQ (called as soon as the job ends, mid-batch for a cancel).
+        write: runs a generated job's last steps (store the clip, end the job) on the writer thread.
     """
     redis = jobs[0].connection
-    limits = runtime.get_engine().limits
+    limits = runtime.get_pipeline().limits
     for job in jobs:
         if job.enqueued_at and job.started_at:
             with contextlib.suppress(RedisError):  # a metric is not worth failing a job over
@@ -151,7 +155,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
             end(row, Aborted("not started before its Cancel-After deadline"))
     end_canceled_rows("canceled before start")  # canceled while queued: do no work at all
     images = {}
-    resolution = runtime.get_engine().image_resolution  # decoded images shrink to about this at once
+    resolution = runtime.get_pipeline().image_resolution  # decoded images shrink to about this at once
     for row in rows:
         if not row.ended and row.image_key is None:
             images[row.job.id] = None
@@ -173,40 +177,71 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob) -> None:
     for row in batch:
         announce(row.job, JobStatus.RUNNING)
 
-    def on_step(step) -> None:
-        end_canceled_rows(f"canceled after {step.step} of {step.total} steps")
-        for row in batch:
-            if not row.ended:
-                row.report_progress(step.fraction)
-
-    try:
-        output = runtime.get_engine().generate(
-            [row.request for row in batch],
-            [images[row.job.id] for row in batch],
-            callback=on_step,
-            should_cancel=lambda: all(row.ended for row in batch),
-        )
-    except GenerationCancelled:
-        return  # every row was canceled, and each has ended
-    except Exception as exc:
-        for row in batch:
-            if not row.ended:
-                end(row, exc)
-        return
-    first_row = 0
-    for row in batch:
-        clips = [output.clip(first_row + index) for index in range(row.request.num_outputs)]  # its variations
-        first_row += row.request.num_outputs
-        if not row.ended:
-            try:
-                outputs = [
-                    store_clip(runtime, row.job.id, index, row.request, audio, output.sampling_rate)
-                    for index, audio in enumerate(clips)
-                ]
-            except Exception as exc:
-                end(row, exc)
+    def finish_row(row: _Row, audios, sampling_rate: int, errors: list[NonFiniteOutput | None]) -> None:
+        """On the writer thread: store the job's clips (unless one came out non-finite) and end the job; the
+        result is the first clip's record plus `outputs`, every clip's."""
+        error = next((error for error in errors if error is not None), None)
+        try:
+            if error is not None:
+                outcome = error
             else:
-                end(row, {**outputs[0], "outputs": outputs})
+                outputs = [store_clip(runtime, row.job.id, index, row.request, audio, sampling_rate)
+                           for index, audio in enumerate(audios)]  # fmt: skip
+                outcome = {**outputs[0], "outputs": outputs}
+        except Exception as exc:
+            outcome = exc
+        end(row, outcome)
+
+    def generate_part(part: list[_Row]) -> None:
+        """One pipeline call for `part`; if it runs the device out of memory, its halves one after the other."""
+        part = [row for row in part if not row.ended]
+        if not part:
+            return
+
+        def on_step(step) -> None:
+            end_canceled_rows(f"canceled after {step.step} of {step.total} steps")
+            for row in part:
+                if not row.ended:
+                    row.report_progress(step.fraction)
+
+        try:
+            output = runtime.get_pipeline().generate(
+                [row.request for row in part],
+                [images[row.job.id] for row in part],
+                callback=on_step,
+                should_cancel=lambda: all(row.ended for row in part),
+            )
+        except GenerationCancelled:
+            return  # every row was canceled, and each has ended
+        except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError, whatever the device
+            if len(part) == 1:
+                end(part[0], exc)
+                return
+            log.warning("batch of %d (%s) ran out of device memory; running its halves", len(part),
+                        ", ".join(row.job.id for row in part))  # fmt: skip
+        except Exception as exc:
+            for row in part:
+                if not row.ended:
+                    end(row, exc)
+            return
+        else:
+            first = 0
+            for row in part:  # a job's `num_outputs` clips are consecutive rows
+                clips = slice(first, first + row.request.num_outputs)
+                first = clips.stop
+                if not row.ended:
+                    row.ended = True  # the writer ends it from here on
+                    audios = [output.clip(index) for index in range(clips.start, clips.stop)]  # each at its length
+                    write(row.job.id, partial(finish_row, row, audios, output.sampling_rate, output.errors[clips]))
+            return
+        # Out of memory: the exception (and the frames holding the failed call's tensors) is gone by now.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(part) // 2
+        generate_part(part[:half])
+        generate_part(part[half:])
+
+    generate_part(batch)
 
 
 def store_clip(runtime: Runtime, job_id: str, index: int, request: GenerationRequest, audio, sampling_rate: int) -> dict:
@@ -216,7 +251,7 @@ def store_clip(runtime: Runtime, job_id: str, index: int, request: GenerationReq
     kind = audio_format(request.format)
     key = output_key(job_id, index, request.format)
     picture = spectrogram_key(job_id, index)
-    png = runtime.get_engine().spectrogram_png(audio)
+    png = runtime.get_pipeline().spectrogram_png(audio)
     for stored_key, data, content_type in ((key, encoded, kind.content_type), (picture, png, PNG)):
         retry_storage(
             lambda: runtime.storage.put(stored_key, data, content_type=content_type),
@@ -291,6 +326,13 @@ def record_outcome(job: Job, outcome: Outcome) -> None:
     elif isinstance(outcome, InputError):
         log.info("job %s rejected: %s", job.id, outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.INVALID_INPUT, str(outcome)))
+    elif isinstance(outcome, NonFiniteOutput):
+        log.error("job %s failed: %s", job.id, outcome)
+        announce(job, JobStatus.FAILED, error=(ErrorCode.NON_FINITE_OUTPUT, str(outcome)))
+    elif isinstance(outcome, torch.cuda.OutOfMemoryError):
+        log.error("job %s failed: out of device memory even alone", job.id)
+        message = "the device ran out of memory for this job; retry later"
+        announce(job, JobStatus.FAILED, error=(ErrorCode.OUT_OF_MEMORY, message))
     elif isinstance(outcome, StorageUnavailable):
         log.error("job %s failed: storage stayed unavailable: %s", job.id, outcome)
         announce(job, JobStatus.FAILED, error=(ErrorCode.STORAGE_UNAVAILABLE, "the storage stayed unavailable; retry"))

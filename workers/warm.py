@@ -1,8 +1,13 @@
-"""The process-wide state a job needs: the engine (loaded, compiled and warmed up once, then reused), the
-storage, the settings. The worker asks of its engine only what `melfusion.engine.Engine` declares.
+"""The process-wide state a job needs: the pipeline (loaded, compiled and warmed up once, then reused), the
+storage, the settings. Jobs ask of the pipeline only what `melfusion.engine.Engine` declares; loading,
+compiling and shape buckets are MelFusionPipeline's, here.
 
-RQ calls job functions by name with only their arguments, so the worker installs this state before it
-starts working and `generate_clip` picks it up with `get_runtime()`.
+A compiled pipeline is warmed on every shape of its `ShapeBuckets` and pads each call up to one of them,
+so serving never compiles; a graph compiled after warm-up is a miss the worker reports (log and
+/metrics), and in `MELFUSION_COMPILE_MODE=check` an error that fails the job.
+
+RQ calls callbacks by name with only their arguments, so the worker installs this state before it starts
+working and `tasks.on_job_failure` picks it up with `get_runtime()`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 from jobs.settings import Settings
 from jobs.storage import Storage
 from melfusion.engine import Engine
+from melfusion.shapes import ShapeBuckets
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +31,10 @@ class Runtime:
     pipeline_loads: int = 0  # the proof of warmth: stays 1 however many jobs run
     warming_up: bool = True  # until `warm_up` ends; /readyz does not count the worker before that
     _pipeline: object = field(default=None, repr=False)
+    _graphs_seen: int = 0  # graphs dynamo had compiled when last looked at (`take_new_graphs`)
 
-    def get_engine(self) -> Engine:
-        """The loaded engine (a MelFusionPipeline); loads it on first use only."""
+    def get_pipeline(self) -> Engine:
+        """The loaded MelFusionPipeline; loads it on first use only."""
         if self._pipeline is None:
             import torch
 
@@ -45,7 +52,7 @@ class Runtime:
                         f"MELFUSION_COMPILE_MODE={self.settings.compile_mode}: this engine has no "
                         "MelFusionPipeline.compile_unets; use MELFUSION_COMPILE_MODE=off"
                     )
-                pipe.compile_unets(self.settings.compile_mode)
+                self._compile(pipe)
             self._pipeline = pipe
             self.pipeline_loads += 1
             log.info(
@@ -53,17 +60,61 @@ class Runtime:
             )
         return self._pipeline
 
+    def _compile(self, pipe) -> None:
+        """Compile both UNets as the settings say; "check" traces with dynamo and runs eagerly."""
+        mode = self.settings.compile_mode
+        if mode == "check":
+            pipe.compile_unets(backend="eager")
+            return
+        image_backend = None if self.settings.image_compile_backend == "same" else self.settings.image_compile_backend
+        pipe.compile_unets(None if mode == "default" else mode, image_backend=image_backend)
+
+    @property
+    def shape_buckets(self) -> ShapeBuckets | None:
+        settings = self.settings
+        if not (settings.warmup_batch_sizes and settings.warmup_seconds):
+            return None
+        return ShapeBuckets(tuple(settings.warmup_batch_sizes), tuple(settings.warmup_seconds),
+                            tuple(settings.warmup_caption_tokens))  # fmt: skip
+
     def warm_up(self) -> None:
-        """Run every configured (batch size, seconds) shape once, so that no job pays for compilation
-        (torch.compile compiles on first call); the worker takes jobs only after this."""
+        """Run every warm-up shape once, so that no job pays for compilation (torch.compile compiles on
+        first call); a compiled pipeline then pads every call to those shapes. The worker takes jobs only
+        after this."""
         started = time.perf_counter()
-        sizes, lengths = self.settings.warmup_batch_sizes, self.settings.warmup_seconds
-        self.get_engine().warm_up(sizes, lengths)
+        pipe = self.get_pipeline()
+        buckets = self.shape_buckets
+        if buckets is not None:
+            if self.settings.compile_mode != "off":
+                pipe.shape_buckets = buckets
+            calls = pipe.warm_up(buckets)
+            log.info(
+                "warmed up over %d calls (batch sizes %s x seconds %s x caption tokens %s) in %.1f s",
+                calls, list(buckets.batch_sizes), list(buckets.seconds), list(buckets.caption_tokens),
+                time.perf_counter() - started,
+            )  # fmt: skip
+        if self.settings.compile_mode != "off":
+            import torch
+
+            self._graphs_seen = compiled_graphs()
+            log.info("compiled %d graphs (both UNets) before taking jobs", self._graphs_seen)
+            if self.settings.compile_mode == "check":
+                torch._dynamo.config.error_on_recompile = True  # from now on a new graph fails its job
         self.warming_up = False
-        log.info(
-            "warmed up over %d shapes (batch sizes %s x seconds %s) in %.1f s",
-            len(sizes) * len(lengths), sizes, lengths, time.perf_counter() - started,
-        )  # fmt: skip
+
+    def take_new_graphs(self) -> int:
+        """Graphs compiled since warm-up or the last look: each one a shape that missed the warmed set."""
+        if self.settings.compile_mode == "off":
+            return 0
+        seen, self._graphs_seen = self._graphs_seen, compiled_graphs()
+        return self._graphs_seen - seen
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 _runtime: Runtime | None = None

@@ -7,7 +7,13 @@ For up to `batch_wait_ms` the worker looks for partners among the next queued jo
 claims each in one Redis transaction that removes it from the queue and registers its execution in RQ's
 StartedJobRegistry, so a job is always either queued or visibly started: if the worker dies, RQ recovers
 each job of the batch as it recovers any single job. Every job is then started, finished or failed
-through RQ's own methods, as a job run alone is.
+through RQ's own methods, as a job run alone is. A lone job is a batch of one: every job goes through
+`perform_batch`, whose generated clips are stored and their jobs ended on the writer thread
+(`workers.writer`) while the next batch already runs. RQ's timeouts use a timer thread instead of SIGALRM,
+so RQ's bookkeeping may run on the writer thread too.
+
+After every batch a compiled worker reports the calls that missed its warmed shapes and any graph
+compiled after warm-up (log and `melfusion_compile_misses_total`).
 
 SIGTERM/SIGINT use RQ's warm shutdown: the current batch finishes, then the worker exits. If the batch is
 still running after `shutdown_grace_seconds`, or on a second SIGTERM, its unfinished jobs go back to the
@@ -25,15 +31,17 @@ import socket
 import threading
 import time
 
+from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 from rq.worker import WorkerStatus
 
 from jobs.heartbeat import clear_heartbeat, write_heartbeat
 from jobs.lifecycle import announce
+from jobs.metrics import count_compile_misses
 from jobs.queue import JobStatus, fetch_job, requeue_started
 from jobs.storage import StorageUnavailable
 from melfusion.request import GenerationRequest
@@ -41,6 +49,7 @@ from melfusion.request import GenerationRequest
 from .janitor import Janitor
 from .tasks import Outcome, run_batch
 from .warm import Runtime
+from .writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +59,16 @@ LOOKAHEAD = 4  # queued jobs inspected per batch slot: partners need not be adja
 
 
 class MelFusionWorker(SimpleWorker):
+    # Job timeouts and RQ's callbacks must work off the main thread (the writer ends jobs): no SIGALRM.
+    death_penalty_class = TimerDeathPenalty
+
     def __init__(self, *args, runtime: Runtime, **kwargs):
         super().__init__(*args, **kwargs)
         self.runtime = runtime
         self.jobs_done = 0
         self.batches_done = 0
         self._stop_beating = threading.Event()
+        self.writer: ResultWriter | None = None  # started by `work`
         self.janitor = Janitor(redis=self.connection, storage=runtime.storage, settings=runtime.settings,
                                queues=self.queues, worker_name=self.name)  # fmt: skip
 
@@ -125,14 +138,32 @@ class MelFusionWorker(SimpleWorker):
         os._exit(0)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run `job` alone through RQ, or as the leader of a batch of compatible queued jobs."""
+        """Run `job` as the leader of a batch of compatible queued jobs (alone: a batch of one)."""
         partners = self.claim_partners(job, queue)
-        if partners:
-            self.perform_batch(job, partners, queue)
-        else:
-            super().execute_job(job, queue)
+        self.perform_batch(job, partners, queue)
         self.jobs_done += 1 + len(partners)
         self.batches_done += 1
+        self.report_compile_misses()
+
+    def report_compile_misses(self) -> None:
+        """Calls outside the warmed shapes and graphs compiled since warm-up: each a compile while serving."""
+        misses = dict(self.runtime.get_pipeline().shape_misses)
+        self.runtime.get_pipeline().shape_misses.clear()
+        if graphs := self.runtime.take_new_graphs():
+            misses["recompile"] = graphs
+            log.error("worker %s: %d graph(s) compiled after warm-up; warm the shapes that miss", self.name, graphs)
+        if misses:
+            try:
+                count_compile_misses(self.connection, misses)
+            except RedisError:
+                log.warning("worker %s: compile misses %s not counted (Redis unavailable)", self.name, misses)
+
+    def abandon(self, job_id: str) -> None:
+        """Stop renewing a job whose outcome could not be recorded: the janitor reclaims it (retry or
+        worker_lost), as it would had this worker died."""
+        for execution_id, execution in list(self.executions.items()):
+            if execution.job_id == job_id:
+                self.executions.pop(execution_id, None)
 
     def claim_partners(self, leader: Job, queue: Queue) -> dict[Job, Execution]:
         """Queued jobs sharing the leader's batch key, each claimed with its execution, while all their clips
@@ -143,7 +174,7 @@ class MelFusionWorker(SimpleWorker):
         claimed: dict[Job, Execution] = {}
         if wanted <= 0:
             return claimed
-        limits = self.runtime.get_engine().limits
+        limits = self.runtime.get_pipeline().limits
         key = leading.batch_key(limits)
         judged: set[str] = {leader.id}
         deadline = time.monotonic() + settings.batch_wait_ms / 1000
@@ -195,7 +226,7 @@ class MelFusionWorker(SimpleWorker):
 
         timeout = leader.timeout or self.queue_class.DEFAULT_TIMEOUT
         with self.death_penalty_class(timeout, JobTimeoutException, job_id=leader.id):
-            run_batch(list(executions), self.runtime, finish=finish)
+            run_batch(list(executions), self.runtime, finish=finish, write=self.writer.submit)
         self.set_state(WorkerStatus.IDLE)
 
     def get_heartbeat_state(self) -> dict:
@@ -227,13 +258,16 @@ class MelFusionWorker(SimpleWorker):
             self._stop_beating.wait(interval)
 
     def work(self, *args, **kwargs) -> bool:
-        """Beat, warm up (visible as "warming up" in /readyz), then take jobs."""
+        """Beat, warm up (visible as "warming up" in /readyz), then take jobs; on the way out, the clips
+        already generated are stored and their jobs ended."""
         beat = threading.Thread(target=self._beat_until_stopped, name="heartbeat", daemon=True)
         beat.start()
+        self.writer = ResultWriter(max_pending=2 * self.runtime.settings.max_batch, on_failure=self.abandon)
         try:
             self.runtime.warm_up()
             return super().work(*args, **kwargs)
         finally:
+            self.writer.close()
             self._stop_beating.set()
             beat.join()
             clear_heartbeat(self.connection, self.name)

@@ -1,10 +1,19 @@
-"""`melfusion eval --bundle DIR --data MANIFEST [--baseline DIR --clip DIR --clap DIR]`: FAD, KL, FD, IMSM per variant."""
+"""`melfusion eval --bundle DIR --data MANIFEST [--baseline DIR --clip DIR --clap DIR]`: FAD, KL, FD, IMSM per variant.
+
+Under `accelerate launch --multi_gpu --num_processes N -m melfusion.cli eval ...` the rows are shared out
+over the N processes (one GPU each) and the table is the one a single process would write.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+
+from ..launch import process_state, refuse_single_process_cpu_launch
+
+SHARDING_HINT = ("accelerate launch --multi_gpu --num_processes N -m melfusion.cli eval ... shares the rows "
+                 "out over N GPUs")
 
 
 def add_eval_parser(commands) -> None:
@@ -22,22 +31,29 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="rows generated together (and features held); default %(default)s")
     parser.add_argument("--limit", type=int, help="evaluate the first N usable rows only; default all")
     parser.add_argument("--seed", type=int, default=0, help="seed of every clip; default %(default)s")
-    parser.add_argument("--device", default="cpu", help="torch device; default %(default)s")
+    parser.add_argument("--image-features-from", choices=("redenoise", "inversion"), default="redenoise",
+                        help="image K/V mixed in: redenoise (default: what training used) or inversion (the "
+                             "service's default, one SD pass per step instead of two)")
+    parser.add_argument("--device", help="torch device; default this process's GPU under accelerate, else cuda, else cpu")
     parser.set_defaults(run=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    refuse_single_process_cpu_launch()
     from ..bundle import load_pipeline
     from ..dataset.manifest import read_triplets
     from .evaluators import Evaluators
     from .run import MEANINGLESS, default_variants, evaluate, format_table, sharing_frozen_parts
 
+    state = process_state()
+    say = print if state.is_main_process else lambda *_, **__: None
+    device = args.device or state.device
     triplets = read_triplets(args.data)
     triplets.rows = triplets.rows[: args.limit]
     evaluators = Evaluators.load(args.clip, args.clap)
     if not evaluators.meaningful:
-        print(f"melfusion: warning: {MEANINGLESS}")
-    pipe = load_pipeline(args.bundle, device=args.device)
+        say(f"melfusion: warning: {MEANINGLESS}")
+    pipe = load_pipeline(args.bundle, device=device)
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole evaluation instead
     baseline = sharing_frozen_parts(pipe, args.baseline) if args.baseline else None
     variants = default_variants(baseline)
@@ -45,17 +61,23 @@ def run_eval(args: argparse.Namespace) -> int:
     pipe("estimate", seconds=args.seconds, num_inference_steps=args.steps, seed=0)  # one caption-only clip
     per_clip = time.perf_counter() - probe
     clips = len(variants) * len(triplets.rows)
-    print(f"estimate: {len(variants)} variants x {len(triplets.rows)} rows = {clips} clips at about {per_clip:.1f} s "
-          f"each (more with an image): ~{clips * per_clip / 60:.1f} min; --steps, --seconds and --limit "
-          "shorten it", flush=True)  # fmt: skip
+    share = -(-clips // state.num_processes)
+    say(f"estimate: {len(variants)} variants x {len(triplets.rows)} rows = {clips} clips on {state.num_processes} "
+        f"process(es) ({pipe.device}), {share} each at about {per_clip:.1f} s (more with an image): "
+        f"~{share * per_clip / 60:.1f} min; --steps, --seconds and --limit shorten it", flush=True)
+    if pipe.device.type == "cpu":
+        say(f"melfusion: evaluating on the CPU, {per_clip:.1f} s per caption-only clip at {args.steps} steps; "
+            f"on GPUs pass --device cuda, or {SHARDING_HINT}", flush=True)
     scores = evaluate(
-        pipe, triplets, evaluators, variants, steps=args.steps, seconds=args.seconds,
-        guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+        pipe, triplets, evaluators, variants, steps=args.steps, seconds=args.seconds, guidance_scale=args.guidance,
+        seed=args.seed, batch_size=args.batch_size, image_features_from=args.image_features_from,
     )
-    table = format_table(scores, meaningful=evaluators.meaningful, skipped=len(triplets.bad))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table, encoding="utf-8")
-    print(triplets.summary())
-    print(table)
-    print(f"wrote {args.out.resolve()}")
+    table = format_table(scores, meaningful=evaluators.meaningful, skipped=len(triplets.bad),
+                         image_features_from=args.image_features_from)
+    if state.is_main_process:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table, encoding="utf-8")
+    say(triplets.summary())
+    say(table)
+    say(f"wrote {args.out.resolve()}")
     return 0

@@ -7,32 +7,39 @@ than the evaluated one share its frozen parts (`sharing_frozen_parts`), so each 
 
 Rows stream through in batches: a batch's image features (1.4 GB per row at 400 steps and SD 1.5 size)
 live on the device only while that batch is generated, and only embeddings are kept, so memory does not
-grow with the number of rows.
+grow with the number of rows. One image pass per row serves every variant: it records the synapse sites
+of all their layouts at once (Table 2's encoder, decoder and both arms). Under `accelerate launch` each
+process generates every N-th row and the embeddings are gathered, so the scores are those of one process.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ..attention import ImageFeatures
+from ..attention import ImageFeatures, attach_recorders
 from ..bundle import load_pipeline
 from ..dataset.audio import fit_length, load_audio
 from ..dataset.manifest import Triplet, Triplets
 from ..errors import InputError
 from ..images import load_image
-from ..pipeline import MelFusionPipeline
+from ..launch import process_state
+from ..pipeline import ImageFeatureSource, MelFusionPipeline
+from ..synapse import VisualSynapse
 from .evaluators import AudioEmbedder, Evaluators
 from .metrics import frechet_distance, imsm, kl_divergence
 
 Classifier = Callable[[list[np.ndarray], int], np.ndarray]  # (waveforms, rate) -> (N, labels) probabilities
 MEANINGLESS = "tiny random CLIP/CLAP evaluators (no --clip/--clap folders): these figures are meaningless"
 FROZEN_PARTS = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
+TRAINING_FEATURES: ImageFeatureSource = "redenoise"  # what training mixes in: K/V along the re-denoised trajectory
+FEATURE_SOURCES = {"redenoise": "re-denoised, as in training", "inversion": "recorded during inversion, the service default"}
 
 
 @dataclass(frozen=True)
@@ -81,25 +88,113 @@ class _Embeddings:
         for store, embed in zip((self.fad, self.fd, self.labels, self.imsm), embedders):
             store.append(embed(waveforms, rate))
 
-    def stacked(self) -> _Embeddings:
-        return _Embeddings(*([np.concatenate(part)] for part in (self.fad, self.fd, self.labels, self.imsm)))
+    @classmethod
+    def joined(cls, parts: list[_Embeddings], order: np.ndarray) -> _Embeddings:
+        """The parts' rows one after another, then reordered by `order`: one array per metric."""
+        return cls(*([np.concatenate([a for part in parts for a in getattr(part, name)])[order]]
+                     for name in ("fad", "fd", "labels", "imsm")))
 
 
-def _load_rows(
-    rows: list[tuple[int, Triplet]], triplets: Triplets, rate: int, length: int
-) -> tuple[list, list, list[tuple[int, Triplet]]]:
-    """References, images and (place, row) of the rows whose files decode; the others are rejected."""
+@dataclass
+class _Shard:
+    """What one process measured of its rows, in the order of `places` (the rows' places in the set)."""
+
+    places: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)  # CLIP image embeddings, one array per batch
+    references: _Embeddings = field(default_factory=_Embeddings)
+    generated: dict[str, _Embeddings] = field(default_factory=dict)
+
+
+def _load_rows(rows: list[tuple[int, Triplet]], shard: _Shard, rate: int, length: int) -> tuple[list, list, list]:
+    """References, images and (place, row) of the rows whose files decode; the others are noted as rejected."""
     references, images, kept = [], [], []
     for place, row in rows:
         try:
             reference, image = fit_length(load_audio(row.audio, rate), length), load_image(row.image)
         except (InputError, ValueError) as exc:
-            triplets.reject(row, str(exc))
+            shard.rejected.append((place, str(exc)))
             continue
         references.append(reference)
         images.append(image)
         kept.append((place, row))
     return references, images, kept
+
+
+def recording_synapses(pipe: MelFusionPipeline, variants: list[Variant]) -> dict[int, VisualSynapse]:
+    """Per image grid, one recorder layout holding every site the variants with an image mix in.
+
+    The variants share `pipe`'s image UNet, whose recorders follow one synapse at a time (the evaluated
+    model's decoder blocks); recording the union of their blocks lets one image pass serve them all.
+    """
+    sites: dict[int, list[str]] = {}  # image grid -> blocks to record
+    for variant in variants:
+        model = variant.pipe or pipe
+        if model.image_unet is not pipe.image_unet:
+            raise InputError("variants", f"{variant.name}: its model must share the evaluated model's image side")
+        if variant.image_strength > 0:
+            blocks = sites.setdefault(model.synapse.config.image_grid, [])
+            blocks += [block for block in model.synapse.config.blocks if block not in blocks]
+    own = pipe.synapse.config  # the common case, the evaluated model's layout alone: keep its recorders
+    return {grid: pipe.synapse if (grid, blocks) == (own.image_grid, list(own.blocks))
+            else VisualSynapse(blocks=tuple(blocks), initial_alphas=(0.0,), image_grid=grid) for grid, blocks in sites.items()}
+
+
+@contextlib.contextmanager
+def features_from(pipe: MelFusionPipeline, source: ImageFeatureSource) -> Iterator[None]:
+    """`pipe.encode_image` computes `source` features in the body; its own setting and recorders come back after."""
+    kept = pipe.config.image_features_from
+    pipe.register_to_config(image_features_from=source)
+    try:
+        yield
+    finally:
+        pipe.register_to_config(image_features_from=kept)
+        if pipe.feature_recorder.synapse is not pipe.synapse:
+            attach_recorders(pipe.image_unet, pipe.synapse)
+
+
+def _generate_shard(
+    pipe: MelFusionPipeline,
+    rows: list[tuple[int, Triplet]],
+    evaluators: Evaluators,
+    variants: list[Variant],
+    embedders: tuple[AudioEmbedder, ...],
+    *,
+    steps: int,
+    seconds: float,
+    guidance_scale: float | None,
+    seed: int,
+    batch_size: int,
+    show_progress: bool,
+) -> _Shard:
+    """Generate every variant's clip for `rows` and keep only their embeddings."""
+    rate, length = pipe.sampling_rate, round(seconds * pipe.sampling_rate)
+    shard = _Shard(generated={v.name: _Embeddings() for v in variants})
+    recording = recording_synapses(pipe, variants)
+    for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", unit="batch", disable=not show_progress):
+        waveforms, images, kept = _load_rows(rows[start:start + batch_size], shard, rate, length)
+        if not kept:
+            continue
+        seeds = [seed + place for place, _ in kept]  # a row's clip does not depend on batching or sharding
+        captions = [row.caption for _, row in kept]
+        shard.places += [place for place, _ in kept]
+        shard.captions += captions
+        shard.references.add(waveforms, rate, embedders)
+        shard.images.append(evaluators.image_embeddings(images))
+        features: dict[int, ImageFeatures] = {}  # this batch's only, per image grid: freed after the batch
+        for grid, synapse in recording.items():
+            if pipe.feature_recorder.synapse is not synapse:
+                attach_recorders(pipe.image_unet, synapse)
+            features[grid] = ImageFeatures.concat([pipe.encode_image(image, steps) for image in images])
+        for variant in variants:
+            model = variant.pipe or pipe
+            audios = model(captions, image_features=features.get(model.synapse.config.image_grid), seconds=seconds,
+                           num_inference_steps=steps, guidance_scale=guidance_scale,
+                           image_strength=variant.image_strength, seed=seeds).audios
+            shard.generated[variant.name].add(list(audios), rate, embedders)
+        del features
+    return shard
 
 
 def evaluate(
@@ -113,6 +208,7 @@ def evaluate(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 4,
+    image_features_from: ImageFeatureSource = TRAINING_FEATURES,
     fad_embedder: AudioEmbedder | None = None,
     fd_embedder: AudioEmbedder | None = None,
     classifier: Classifier | None = None,
@@ -120,46 +216,42 @@ def evaluate(
 ) -> list[Scores]:
     """One Scores per variant; rows whose files fail to decode move from `triplets.rows` to `triplets.bad`.
 
+    Under `accelerate launch`, process r generates rows r, r + N, ...; every process returns the same
+    scores, computed from everyone's embeddings in row order. `image_features_from`: the image K/V the
+    synapse mixes in; by default those training used ("redenoise"), not the service's faster default.
+
     `imsm_audio_embedder`: an audio encoder aligned to the frozen CLIP text encoder, as the paper builds
     IMSM's A_CLAP (section 4.2.1); then both matrices use CLIP's text embeddings. Without it, A_CLAP uses
     CLAP's own audio and text towers, the closest public stand-in.
     """
+    state = process_state()
     embedders = (fad_embedder or evaluators.audio_embeddings, fd_embedder or evaluators.audio_pooled,
                  classifier or evaluators.label_distribution, imsm_audio_embedder or evaluators.audio_embeddings)
-    rate, length = pipe.sampling_rate, round(seconds * pipe.sampling_rate)
-    references, generated = _Embeddings(), {v.name: _Embeddings() for v in variants}
-    image_embeddings, captions = [], []
-    rows = list(enumerate(triplets.rows))
-    for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", unit="batch"):
-        waveforms, images, kept = _load_rows(rows[start:start + batch_size], triplets, rate, length)
-        if not kept:
-            continue
-        seeds = [seed + place for place, _ in kept]  # a row's clip does not depend on the batching
-        batch_captions = [row.caption for _, row in kept]
-        references.add(waveforms, rate, embedders)
-        image_embeddings.append(evaluators.image_embeddings(images))
-        captions += batch_captions
-        features: dict[str, ImageFeatures] = {}  # this batch's only: per synapse layout, freed after the batch
-        for variant in variants:
-            model = variant.pipe or pipe
-            layout = json.dumps(dict(model.synapse.config), sort_keys=True, default=str)
-            if variant.image_strength > 0 and layout not in features:
-                features[layout] = ImageFeatures.concat([model.encode_image(image, steps) for image in images])
-            audios = model(batch_captions, image_features=features.get(layout), seconds=seconds,
-                           num_inference_steps=steps, guidance_scale=guidance_scale,
-                           image_strength=variant.image_strength, seed=seeds).audios
-            generated[variant.name].add(list(audios), rate, embedders)
-        del features
-    if len(captions) < 2:
+    every_row = list(enumerate(triplets.rows))
+    with features_from(pipe, image_features_from):
+        mine = _generate_shard(
+            pipe, every_row[state.process_index::state.num_processes], evaluators, variants, embedders,
+            steps=steps, seconds=seconds, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+            show_progress=state.is_main_process,
+        )
+    shards = gather_object([mine])  # every process's, in process order
+    for place, reason in sorted(r for shard in shards for r in shard.rejected):
+        triplets.reject(every_row[place][1], reason)
+    places = np.array([place for shard in shards for place in shard.places])
+    if len(places) < 2:
         raise InputError("data", "evaluation needs at least two usable rows (covariances, IMSM)")
 
-    # Scores per variant against the references
+    # Scores per variant against the references, rows in set order (IMSM groups consecutive rows)
+    order = np.argsort(places)
+    captions = [caption for shard in shards for caption in shard.captions]
+    captions = [captions[i] for i in order]
+    image_embeddings = np.concatenate([a for shard in shards for a in shard.images])[order]
+    reference = _Embeddings.joined([shard.references for shard in shards], order)
     clip_text = evaluators.clip_text_embeddings(captions)
     imsm_text = clip_text if imsm_audio_embedder is not None else evaluators.clap_text_embeddings(captions)
-    image_embeddings, reference = np.concatenate(image_embeddings), references.stacked()
     results = []
     for variant in variants:
-        clips = generated[variant.name].stacked()
+        clips = _Embeddings.joined([shard.generated[variant.name] for shard in shards], order)
         results.append(Scores(
             variant.name,
             len(captions),
@@ -172,10 +264,13 @@ def evaluate(
     return results
 
 
-def format_table(scores: list[Scores], *, meaningful: bool, skipped: int) -> str:
-    """A Markdown table shaped like the paper's Table 1 (objective metrics)."""
+def format_table(
+    scores: list[Scores], *, meaningful: bool, skipped: int, image_features_from: ImageFeatureSource = TRAINING_FEATURES
+) -> str:
+    """A Markdown table shaped like the paper's Table 1 (objective metrics), saying which image features it used."""
     lines = [
-        f"Evaluated on {scores[0].rows} rows ({skipped} skipped).",
+        f"Evaluated on {scores[0].rows} rows ({skipped} skipped); image features: {image_features_from} "
+        f"({FEATURE_SOURCES[image_features_from]}).",
         *([] if meaningful else [f"**Warning: {MEANINGLESS}.**"]),
         "",
         "| Variant | FAD ↓ | KL ↓ | FD ↓ | IMSM ↑ |",

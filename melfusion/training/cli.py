@@ -1,7 +1,7 @@
 """`melfusion train --bundle DIR --data MANIFEST --out DIR [...]`: the three flags alone train briefly.
 
 `melfusion encode` with the same flags fills the cache only (under `accelerate launch` too), so a long
-encoding never runs inside a training job's collective timeout.
+encoding need not run inside a training job (whose processes would wait for it under the barrier timeout).
 """
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..launch import refuse_single_process_cpu_launch
 from .config import PLACEMENTS, TrainConfig
 
 NUMBERS = [
-    ("max_steps", int, "optimiser steps"),
     ("batch_size", int, "examples per process and micro-batch"),
     ("gradient_accumulation", int, "micro-batches per optimiser step"),
     ("unet_lr", float, "music UNet learning rate"),
     ("alpha_lr", float, "α learning rate (paper: 1e-5)"),
     ("fix_alpha", float, "hold every α at this value (paper Table 14)"),
-    ("initial_alpha", float, "start α of the synapse (default: the bundle's if the layout matches, else 0.5)"),
     ("text_dropout", float, "CFG: probability of dropping caption and image"),
     ("caption_dropout", float, "CFG: probability of dropping the caption alone (trains image_guidance=both)"),
     ("image_dropout", float, "CFG: probability of dropping the image alone"),
@@ -27,7 +26,8 @@ NUMBERS = [
     ("encode_batch_size", int, "images per SD batch while encoding"),
     ("checkpoint_every", int, "steps between checkpoints"),
     ("keep_checkpoints", int, "checkpoints kept (older ones are deleted)"),
-    ("distributed_timeout_minutes", int, "timeout of collectives between processes"),
+    ("barrier_timeout_minutes", float, "how long processes wait for each other's cache fill, checkpoint, export"),
+    ("collective_timeout_minutes", float, "timeout of the training all-reduces (a wedged process stops the run)"),
     ("seed", int, "seed of every random draw"),
 ]
 
@@ -37,6 +37,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="JSONL/CSV manifest or folder of triplets")
     parser.add_argument("--out", required=True, type=Path, help="trained bundle to write (work files in OUT.train/)")
     defaults = TrainConfig(Path(), Path(), Path())
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help=f"optimiser steps (default {defaults.max_steps}: a brief smoke run)")
+    length.add_argument("--epochs", type=float, help="passes over the data set (paper: 30); sets the steps from the "
+                        "usable rows, the number of processes, --batch-size and --gradient-accumulation")
+    parser.add_argument("--initial-alpha", type=initial_alpha, default=defaults.initial_alpha,
+                        help=f"every α's start (default {defaults.initial_alpha}, as the experiments'); 'bundle' "
+                             "keeps the bundle's own α, e.g. to go on training a trained synapse")
     for name, kind, text in NUMBERS:
         default = getattr(defaults, name)
         shown = "" if default is None else f" (default {default})"
@@ -61,15 +68,29 @@ def add_train_parser(commands) -> None:
     encode.set_defaults(run=run_encode)
 
 
+def initial_alpha(text: str) -> float | None:
+    """`--initial-alpha`: a number, or "bundle" (None: keep the bundle's α)."""
+    if text == "bundle":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'bundle', not {text!r}") from None
+
+
 def config_from(args: argparse.Namespace) -> TrainConfig:
     fields = TrainConfig.__dataclass_fields__
-    config = TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    given = {name: value for name, value in vars(args).items() if name in fields}
+    if given["max_steps"] is None:  # not given: the config's brief default (or --epochs decides)
+        del given["max_steps"]
+    config = TrainConfig(**given)
     if config.synapse_blocks:
         config.synapse_blocks = tuple(config.synapse_blocks)
     return config
 
 
 def run_train(args: argparse.Namespace) -> int:
+    refuse_single_process_cpu_launch()
     from .loop import train
 
     train(config_from(args))
@@ -77,6 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    refuse_single_process_cpu_launch()
     from .loop import encode
 
     encode(config_from(args))

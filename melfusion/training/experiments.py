@@ -6,10 +6,11 @@
 - `table2` (Table 2): synapse in the encoder, decoder or both, with one α per block or one shared.
 - `table11` (Table 11): the synapse in decoder block 1, blocks 1-2, blocks 1-3.
 
-Every arm starts from the same α (`--initial-alpha`, 0.5), so no arm begins at the bundle's learned values,
-and from the same bundle, data, steps and seed; all arms share one encoding cache (its files do not
-depend on the synapse). An arm whose bundle exists is not trained again, so a stopped run continues.
-Under `accelerate launch` every process trains each arm; the main process alone evaluates.
+Every arm starts from the same α (`--initial-alpha`, 0.5, as a plain `melfusion train` does), so no arm
+begins at the bundle's learned values, and from the same bundle, data, steps and seed; all arms share one
+encoding cache (its files do not depend on the synapse). An arm whose bundle exists is not trained again,
+so a stopped run continues. Under `accelerate launch` every process trains each arm, then the processes
+share out the evaluation's rows; one image pass per row serves every arm (see `evaluation.run`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from accelerate import PartialState
-
 from ..bundle import load_pipeline
 from ..dataset.manifest import read_triplets
 from ..evaluation.evaluators import Evaluators
-from ..evaluation.run import Variant, evaluate, format_table, sharing_frozen_parts
+from ..evaluation.run import TRAINING_FEATURES, Variant, evaluate, format_table, sharing_frozen_parts
+from ..launch import process_state
 from ..synapse import DECODER_BLOCKS
-from .config import TrainConfig
+from .cli import initial_alpha
+from .config import INITIAL_ALPHA, TrainConfig
 from .loop import train
 
 
@@ -47,10 +48,10 @@ def slug(name: str) -> str:
 
 def run(args: argparse.Namespace) -> Path:
     base = TrainConfig(
-        bundle=args.bundle, data=args.data, out=args.out_dir, max_steps=args.max_steps, batch_size=args.batch_size,
-        gradient_accumulation=args.gradient_accumulation, initial_alpha=args.initial_alpha, seconds=args.seconds,
-        feature_steps=args.feature_steps, freeze_unet=args.freeze_unet, seed=args.seed,
-        cache_dir=args.cache_dir or args.out_dir / "cache", checkpoint_every=args.max_steps,
+        bundle=args.bundle, data=args.data, out=args.out_dir, max_steps=args.max_steps, epochs=args.epochs,
+        batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation, initial_alpha=args.initial_alpha,
+        seconds=args.seconds, feature_steps=args.feature_steps, freeze_unet=args.freeze_unet, seed=args.seed,
+        cache_dir=args.cache_dir or args.out_dir / "cache", checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision,
     )
     trained = {}
@@ -60,18 +61,22 @@ def run(args: argparse.Namespace) -> Path:
             train(config)
         trained[name] = config.out
 
+    # Every process evaluates its share of the rows; the main one writes the table
+    state = process_state()
+    pipe = load_pipeline(args.bundle, device=args.device or state.device)  # TANGO: the untouched starting UNet
+    pipe.set_progress_bar_config(disable=True)
+    variants = [Variant("TANGO (untouched UNet, caption only)", 0.0)]
+    variants += [Variant(name, 1.0, sharing_frozen_parts(pipe, out)) for name, out in trained.items()]
+    triplets = read_triplets(args.test_data)
+    triplets.rows = triplets.rows[: args.limit]
+    evaluators = Evaluators.load(args.clip, args.clap)
+    scores = evaluate(pipe, triplets, evaluators, variants, steps=args.steps, seconds=args.seconds or
+                      pipe.config.default_seconds, guidance_scale=args.guidance, batch_size=args.eval_batch_size,
+                      image_features_from=args.image_features_from)
+    table = format_table(scores, meaningful=evaluators.meaningful, skipped=len(triplets.bad),
+                         image_features_from=args.image_features_from)
     table_path = args.out_dir / f"{args.table}.md"
-    if PartialState().is_main_process:
-        pipe = load_pipeline(args.bundle, device=args.device)  # TANGO: the untouched starting UNet
-        pipe.set_progress_bar_config(disable=True)
-        variants = [Variant("TANGO (untouched UNet, caption only)", 0.0)]
-        variants += [Variant(name, 1.0, sharing_frozen_parts(pipe, out)) for name, out in trained.items()]
-        triplets = read_triplets(args.test_data)
-        triplets.rows = triplets.rows[: args.limit]
-        evaluators = Evaluators.load(args.clip, args.clap)
-        scores = evaluate(pipe, triplets, evaluators, variants, steps=args.steps, seconds=args.seconds or
-                          pipe.config.default_seconds, guidance_scale=args.guidance, batch_size=args.eval_batch_size)
-        table = format_table(scores, meaningful=evaluators.meaningful, skipped=len(triplets.bad))
+    if state.is_main_process:
         table_path.write_text(table, encoding="utf-8")
         print(table)
         print(f"wrote {table_path.resolve()}")
@@ -86,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-data", required=True, type=Path, help="evaluation triplets")
     parser.add_argument("--out-dir", required=True, type=Path, help="one bundle per arm, the cache and the table")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.5, 0.9, 1.0], help="table14's fixed α")
-    parser.add_argument("--initial-alpha", type=float, default=0.5, help="every arm's starting α")
-    parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--initial-alpha", type=initial_alpha, default=INITIAL_ALPHA,
+                        help="every arm's starting α (default %(default)s, as `melfusion train`'s)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, default=20, help="optimiser steps per arm (default %(default)s)")
+    length.add_argument("--epochs", type=float, help="passes over the training set per arm (paper: 30)")
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps between an arm's checkpoints")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--gradient-accumulation", type=int, default=1)
     parser.add_argument("--seconds", type=float)
@@ -102,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="evaluate the first N rows only")
     parser.add_argument("--clip", type=Path, help="local CLIP folder")
     parser.add_argument("--clap", type=Path, help="local CLAP folder")
-    parser.add_argument("--device", default="cpu", help="evaluation device")
+    parser.add_argument("--image-features-from", choices=("redenoise", "inversion"), default=TRAINING_FEATURES,
+                        help="evaluation's image K/V (default: what training used)")
+    parser.add_argument("--device", help="evaluation device (default this process's GPU, else cpu)")
     return parser
 
 

@@ -11,6 +11,7 @@ latents lie on one DDIM line z = √ᾱ·x̂_0 + √(1−ᾱ)·ε̂ (the same x�
 latents give x̂_0 and ε̂ and any t on that line follows. At a grid timestep it is the stored latent itself,
 so the K/V equal what `MelFusionPipeline.encode_image` records at that step — training and sampling see the
 same image features where their timesteps meet. Below the grid's last point the last line is extended.
+A row therefore needs two of its trajectory's steps (64 KB at SD 1.5 size), not all of them (1.64 MB at 50).
 """
 
 from __future__ import annotations
@@ -52,8 +53,17 @@ def encode_trajectories(pipe: MelFusionPipeline, images: list[Image.Image], step
     return torch.stack(inputs, dim=1)
 
 
+def grid_segments(grid: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """(B,) index i of the grid segment [t_i, t_{i+1}] holding each timestep (the first or last beyond the grid).
+
+    Training reads only the cached latents at steps i and i + 1 of a row's trajectory (`load_image_segments`).
+    """
+    above = (grid[None, :] > timesteps[:, None]).sum(dim=1)  # grid points above t (the grid descends)
+    return (above - 1).clamp(0, len(grid) - 2)
+
+
 class ImageKeyValues:
-    """K_l^I, V_l^I of the frozen SD UNet at each row's own timestep, from cached trajectories."""
+    """K_l^I, V_l^I of the frozen SD UNet at each row's own timestep, from the cached latents around it."""
 
     def __init__(self, pipe: MelFusionPipeline, synapse: VisualSynapse, steps: int):
         self.pipe, self.synapse = pipe, synapse
@@ -63,13 +73,11 @@ class ImageKeyValues:
         with torch.no_grad():  # CLIP's "" embedding, kept: the text encoder may leave the GPU after this
             self.empty_prompt = pipe._empty_prompt_embeds(pipe.image_unet.device)
 
-    def latents_at(self, trajectories: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) z_t^I for trajectories (B, steps, C, h, w) and any timesteps (B,) in [0, T)."""
-        # the grid segment [t_i, t_{i+1}] holding t: i = number of grid points above t, kept in range
-        above = (self.grid[None, :] > timesteps[:, None]).sum(dim=1)
-        index = (above - 1).clamp(0, len(self.grid) - 2)
-        rows = torch.arange(len(timesteps))
-        z_a, z_b = trajectories[rows, index].double(), trajectories[rows, index + 1].double()
+    def latents_at(self, segments: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) z_t^I for any timesteps (B,) in [0, T), from segments (B, 2, C, h, w): each row's
+        cached latents at the grid points t_i > t_{i+1} around its t (i from `grid_segments`)."""
+        index = grid_segments(self.grid, timesteps)
+        z_a, z_b = segments[:, 0].double(), segments[:, 1].double()
         a_a, a_b, a_t = (self.alphas_cumprod[t].view(-1, 1, 1, 1)
                          for t in (self.grid[index], self.grid[index + 1], timesteps))
         # z = √ᾱ·x̂_0 + √(1−ᾱ)·ε̂ at t_i and t_{i+1}: two equations for x̂_0 and ε̂ per element
@@ -79,10 +87,10 @@ class ImageKeyValues:
         return a_t.sqrt() * x_0 + (1 - a_t).sqrt() * epsilon
 
     @torch.no_grad()
-    def __call__(self, trajectories: torch.Tensor, timesteps: torch.Tensor) -> ImageFeatures:
+    def __call__(self, segments: torch.Tensor, timesteps: torch.Tensor) -> ImageFeatures:
         """One pseudo-step of features: row b's K/V of ε_ψ(z_t^I, ∅, t) at t = timesteps[b]."""
         unet = self.pipe.image_unet
-        latents = self.latents_at(trajectories, timesteps).to(unet.device, unet.dtype)
+        latents = self.latents_at(segments, timesteps).to(unet.device, unet.dtype)
         empty = self.empty_prompt.to(unet.device, unet.dtype).expand(len(timesteps), -1, -1)
         recorder = self.pipe.feature_recorder
         if recorder.synapse is not self.synapse:  # an ablation's synapse records other blocks

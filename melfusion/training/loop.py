@@ -6,9 +6,12 @@ runs the same code on several GPUs or machines, with mixed precision and gradien
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,22 +27,21 @@ from tqdm.auto import tqdm
 from ..bundle import load_pipeline, save_bundle
 from ..dataset.manifest import read_triplets
 from ..errors import InputError
+from ..launch import refuse_single_process_cpu_launch
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
 from .checkpoint import checkpoint_path, load_trainer_state, prune_checkpoints, restore_weights, save_checkpoint
 from .config import TrainConfig
 from .denoiser import SynapseDenoiser
-from .image_side import ImageKeyValues
+from .image_side import ImageKeyValues, grid_segments
 from .prepare import (
     Example,
     frozen_fingerprint,
     image_side_to,
+    load_image_segments,
     load_posterior,
-    load_trajectories,
     prepare_examples,
 )
-
-NEW_SYNAPSE_ALPHA = 0.5  # a new layout starts mid-way; the paper's learned α are 0.37-0.63
 
 
 @dataclass
@@ -51,15 +53,17 @@ class TrainResult:
 
 
 def training_synapse(bundle_synapse: VisualSynapse, config: TrainConfig) -> VisualSynapse:
-    """The bundle's synapse when the layout matches the config, else a new one in the asked layout."""
-    same = tuple(bundle_synapse.config.blocks) == config.blocks and bundle_synapse.config.share_alpha == config.share_alpha
-    if same and config.initial_alpha is None:
+    """A synapse in the run's layout with every α at `initial_alpha`; with `initial_alpha` None, the bundle's own."""
+    if config.initial_alpha is None:
+        layout = (tuple(bundle_synapse.config.blocks), bundle_synapse.config.share_alpha)
+        if layout != (config.blocks, config.share_alpha):
+            raise InputError("initial_alpha", f"the bundle's α belong to blocks {list(layout[0])} (shared: {layout[1]}), "
+                             f"not to this run's {list(config.blocks)} (shared: {config.share_alpha}); give a start value")
         synapse = bundle_synapse
     else:
-        initial = NEW_SYNAPSE_ALPHA if config.initial_alpha is None else config.initial_alpha
         synapse = VisualSynapse(
             blocks=config.blocks,
-            initial_alphas=(initial,),
+            initial_alphas=(config.initial_alpha,),
             share_alpha=config.share_alpha,
             image_grid=bundle_synapse.config.image_grid,
             token_matching=bundle_synapse.config.token_matching,
@@ -144,14 +148,22 @@ class TrainBatch:
     latents: torch.Tensor  # (B, C, T, F) z_0^M, a posterior sample, scaled
     noise: torch.Tensor  # (B, C, T, F) ε_t^M
     timesteps: torch.Tensor  # (B,) t ∈ [0, T), uniform (eq. 7)
-    trajectories: torch.Tensor  # (B, steps, c, h, w) the images' SD latents on the cache grid
+    image_segments: torch.Tensor  # (B, 2, c, h, w) each image's cached SD latents at the grid points around t
     image_strength: torch.Tensor  # (B,) 1 where the row sees its image, 0 where it is dropped
 
 
 def draw_batch(
-    pipe: MelFusionPipeline, examples: list[Example], generators: list[torch.Generator], dropout: Dropout
+    pipe: MelFusionPipeline,
+    examples: list[Example],
+    generators: list[torch.Generator],
+    dropout: Dropout,
+    image_grid: torch.Tensor,
 ) -> TrainBatch:
-    """Read the rows' cached encodings and make each row's random draws from its own generator."""
+    """Make each row's random draws from its own generator and read what they need of the cache.
+
+    `image_grid`: the cached trajectories' timesteps (`ImageKeyValues.grid`); of each trajectory only the
+    two steps around the row's t are read.
+    """
     num_timesteps = pipe.scheduler.config.num_train_timesteps
     captions, latents, noises, timesteps, strengths = [], [], [], [], []
     for example, generator in zip(examples, generators):
@@ -162,14 +174,36 @@ def draw_batch(
         drop_caption, drop_image = dropout.draw(generator)
         captions.append("" if drop_caption else example.caption)
         strengths.append(0.0 if drop_image else 1.0)
+    timesteps = torch.cat(timesteps)
     return TrainBatch(
         captions=captions,
         latents=torch.stack(latents) * pipe.mel_vae.config.scaling_factor,
         noise=torch.stack(noises),
-        timesteps=torch.cat(timesteps),
-        trajectories=load_trajectories(examples),
+        timesteps=timesteps,
+        image_segments=load_image_segments(examples, grid_segments(image_grid, timesteps)),
         image_strength=torch.tensor(strengths),
     )
+
+
+class Prefetcher:
+    """Reads micro-batch m + 1 from the cache in a thread while micro-batch m trains.
+
+    `read(m)` must be a pure function of m (draw_batch is), so prefetching never changes what is trained.
+    """
+
+    def __init__(self, read: Callable[[int], TrainBatch], end: int):
+        self.read, self.end = read, end  # micro-steps past `end - 1` are never read
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="melfusion-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def __call__(self, micro_step: int) -> TrainBatch:
+        future = self.pending.pop(micro_step, None) or self.pool.submit(self.read, micro_step)
+        if micro_step + 1 < self.end:
+            self.pending[micro_step + 1] = self.pool.submit(self.read, micro_step + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
 
 def diffusion_loss(
@@ -184,8 +218,8 @@ def diffusion_loss(
     noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)  # z_t^M
     target = training_target(noise_scheduler, batch.latents, batch.noise, batch.timesteps)
     with torch.no_grad():
-        text_states, text_mask = pipe.encode_captions(batch.captions, with_unconditional=False)  # c (line 4)
-    features = image_key_values(batch.trajectories, batch.timesteps)  # K_l^I, V_l^I at each row's t (line 7)
+        text_states, text_mask = pipe.encode_captions(batch.captions)  # c (line 4)
+    features = image_key_values(batch.image_segments, batch.timesteps)  # K_l^I, V_l^I at each row's t (line 7)
     prediction = model(
         noisy.to(device), batch.timesteps.to(device), text_states, text_mask, features, batch.image_strength.to(device)
     )
@@ -221,7 +255,9 @@ def image_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.distributed_timeout_minutes))
+    """Accelerate's processes, whose collectives (the training all-reduces) time out after `collective_timeout_minutes`."""
+    refuse_single_process_cpu_launch()
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.collective_timeout_minutes))
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
         kwargs_handlers=[timeout], cpu=not torch.cuda.is_available(),  # several CPU processes: DDP over gloo
@@ -230,15 +266,32 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def encode_data(pipe: MelFusionPipeline, config: TrainConfig, accelerator: Accelerator) -> list[Example]:
+def make_barrier(accelerator: Accelerator, config: TrainConfig) -> Callable[[], None]:
+    """Wait for every process, for up to `barrier_timeout_minutes`, on a gloo group of its own.
+
+    A cache fill or a 10 GB checkpoint write keeps the other processes waiting for hours or minutes; a
+    training all-reduce never should. One timeout for both let a wedged process hold every GPU for the
+    barrier's 3 hours; with the group apart, the training collectives keep their own short timeout.
+    Every process must call this at the same point (it creates a process group).
+    """
+    if accelerator.num_processes == 1:
+        return lambda: None
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(minutes=config.barrier_timeout_minutes))
+    return functools.partial(torch.distributed.barrier, group=group)
+
+
+def encode_data(
+    pipe: MelFusionPipeline, config: TrainConfig, accelerator: Accelerator, barrier: Callable[[], None] | None = None
+) -> list[Example]:
     """Algorithm 1's frozen encoders over the data set, split across the processes (a filled cache is free)."""
+    barrier = barrier or make_barrier(accelerator, config)
     triplets = read_triplets(config.data)
     image_side_to(pipe, accelerator.device, image_dtype(config, accelerator.device))
     examples = prepare_examples(
         pipe, triplets, fingerprint=frozen_fingerprint(config.bundle), cache_dir=config.cache,
         steps=config.feature_steps, seconds=config.seconds or pipe.config.default_seconds,
         batch_size=config.encode_batch_size, rank=accelerator.process_index, world=accelerator.num_processes,
-        wait_for_everyone=accelerator.wait_for_everyone, log=accelerator.print,
+        wait_for_everyone=barrier, log=accelerator.print,
     )
     accelerator.print(triplets.summary())
     if not examples:
@@ -249,9 +302,10 @@ def encode_data(pipe: MelFusionPipeline, config: TrainConfig, accelerator: Accel
 def encode(config: TrainConfig) -> list[Example]:
     """Fill the cache without training (`melfusion encode`): the same processes, shards and files."""
     accelerator = make_accelerator(config)
+    barrier = make_barrier(accelerator, config)
     pipe = load_pipeline(config.bundle, device=accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    return encode_data(pipe, config, accelerator)
+    return encode_data(pipe, config, accelerator, barrier)
 
 
 def export_bundle(config: TrainConfig, pipe: MelFusionPipeline) -> None:
@@ -265,6 +319,7 @@ def train(config: TrainConfig) -> TrainResult:
     """Train, checkpoint every `checkpoint_every` steps and at the end, export the bundle to `config.out`."""
     # 1. Processes, devices, precision and accumulation: Accelerate's business
     accelerator = make_accelerator(config)
+    barrier = make_barrier(accelerator, config)  # long waits (cache fill, checkpoints) apart from the collectives
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 2. The bundle, the synapse to train, and the state to resume from
@@ -277,7 +332,11 @@ def train(config: TrainConfig) -> TrainResult:
     step = resumed["step"] if resumed else 0
 
     # 3. Data: every process encodes its share of the images and clips, then the SD VAE and CLIP leave the GPU
-    examples = encode_data(pipe, config, accelerator)
+    examples = encode_data(pipe, config, accelerator, barrier)
+    max_steps = config.steps_for(len(examples), world)
+    if config.epochs is not None:
+        accelerator.print(f"{config.epochs:g} epochs of {len(examples)} rows in steps of {world} process(es) x "
+                          f"{config.batch_size} rows x {config.gradient_accumulation} micro-batches: {max_steps} steps")
     image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)  # keeps CLIP's "" embedding
     pipe.image_vae.to("cpu")
     pipe.image_text_encoder.to("cpu")
@@ -293,44 +352,48 @@ def train(config: TrainConfig) -> TrainResult:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     dropout = Dropout(text=config.text_dropout, caption=config.caption_dropout, image=config.image_dropout)
 
+    def read_batch(micro_step: int) -> TrainBatch:
+        positions = batch_positions(micro_step, config.batch_size, rank, world)
+        generators = [row_generator(config.seed, micro_step, p) for p in positions]
+        return draw_batch(pipe, batch_examples(examples, positions, config.seed), generators, dropout,
+                          image_key_values.grid)
+
     # 5. The loop: Algorithm 1, one optimiser step per `gradient_accumulation` micro-batches
     result = TrainResult(bundle=config.out, step=step)
     log = LossLog(config.work_dir / "loss.csv", len(pipe.synapse.alphas), append=resumed is not None,
                   enabled=accelerator.is_main_process)
-    bar = tqdm(total=config.max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
-    while step < config.max_steps:
-        started, losses = time.perf_counter(), []
-        for micro in range(config.gradient_accumulation):
-            micro_step = step * config.gradient_accumulation + micro
-            positions = batch_positions(micro_step, config.batch_size, rank, world)
-            generators = [row_generator(config.seed, micro_step, p) for p in positions]
-            batch = draw_batch(pipe, batch_examples(examples, positions, config.seed), generators, dropout)
-            with accelerator.accumulate(model):
-                loss = diffusion_loss(pipe, model, noise_scheduler, image_key_values, batch)
-                accelerator.backward(loss)
-                optimizer.step()  # Accelerate holds it back until the last micro-batch
-                optimizer.zero_grad()
-                pipe.synapse.alphas.data.clamp_(0.0, 1.0)  # projected step: α stays where eq. 5 is convex
-            losses.append(accelerator.gather(loss.detach()[None]).mean().item())
-        step += 1
-        result.losses.append(sum(losses) / len(losses))
-        log.write(step, result.losses[-1], time.perf_counter() - started, pipe.synapse.alphas.detach().cpu())
-        bar.update()
-        bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
-            if accelerator.is_main_process:
-                path = checkpoint_path(config, step)
-                result.checkpoints.append(save_checkpoint(
-                    path, config=config, step=step, pipe=pipe, optimizer=optimizer, scaler=accelerator.scaler))
-                prune_checkpoints(config)
-            accelerator.wait_for_everyone()
+    bar = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_main_process)
+    with contextlib.closing(Prefetcher(read_batch, end=max_steps * config.gradient_accumulation)) as batches:
+        while step < max_steps:
+            started, losses = time.perf_counter(), []
+            for micro in range(config.gradient_accumulation):
+                batch = batches(step * config.gradient_accumulation + micro)
+                with accelerator.accumulate(model):
+                    loss = diffusion_loss(pipe, model, noise_scheduler, image_key_values, batch)
+                    accelerator.backward(loss)
+                    optimizer.step()  # Accelerate holds it back until the last micro-batch
+                    optimizer.zero_grad()
+                    pipe.synapse.alphas.data.clamp_(0.0, 1.0)  # projected step: α stays where eq. 5 is convex
+                losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+            step += 1
+            result.losses.append(sum(losses) / len(losses))
+            log.write(step, result.losses[-1], time.perf_counter() - started, pipe.synapse.alphas.detach().cpu())
+            bar.update()
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            if step % config.checkpoint_every == 0 or step == max_steps:
+                if accelerator.is_main_process:
+                    path = checkpoint_path(config, step)
+                    result.checkpoints.append(save_checkpoint(
+                        path, config=config, step=step, pipe=pipe, optimizer=optimizer, scaler=accelerator.scaler))
+                    prune_checkpoints(config)
+                barrier()
     bar.close()
 
     # 6. Export: the trained synapse and UNet with the frozen parts, a bundle a worker can serve
     result.step = step
     if accelerator.is_main_process:
         export_bundle(config, pipe)
-    accelerator.wait_for_everyone()
+    barrier()
     if result.losses:
         accelerator.print(f"trained {len(result.losses)} steps to step {step}: "
                           f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")

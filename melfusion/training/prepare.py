@@ -194,8 +194,18 @@ def prepare_examples(
 
 
 def load_trajectories(examples: list[Example]) -> torch.Tensor:
-    """(B, steps, C, h, w) float32."""
+    """(B, steps, C, h, w) float32: every step of the rows' trajectories."""
     return torch.stack([_read(example.trajectory, "latents") for example in examples]).float()
+
+
+def load_image_segments(examples: list[Example], first_steps: torch.Tensor) -> torch.Tensor:
+    """(B, 2, C, h, w) float32: steps i and i + 1 of row b's trajectory, i = first_steps[b]; only those
+    bytes are read from the memory-mapped file."""
+    segments = []
+    for example, step in zip(examples, first_steps.tolist()):
+        with safe_open(example.trajectory, framework="pt") as handle:
+            segments.append(handle.get_slice("latents")[step:step + 2])
+    return torch.stack(segments).float()
 
 
 def load_posterior(example: Example) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,10 +100,11 @@ class Stack:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
-    def add_worker(self) -> Child:
+    def add_worker(self, *, ready_timeout: float = 120) -> Child:
         worker = start_worker(env=self.env, log_dir=self.log_dir, name=f"worker-{len(self.workers)}")
         self.workers.append(worker)
-        wait_until(lambda: self.is_ready(), timeout=120, what=f"{self.name}: /readyz with a worker", process=worker)
+        wait_until(lambda: self.is_ready(), timeout=ready_timeout, what=f"{self.name}: /readyz with a worker",
+                   process=worker)  # fmt: skip
         return worker
 
     def is_ready(self) -> bool:
@@ -117,7 +118,7 @@ class Stack:
 
 
 def launch_stack(name: str, *, workdir: Path, redis_port: int, db: int, bundle: Path, with_worker: bool = True,
-                 **settings) -> Stack:  # fmt: skip
+                 ready_timeout: float = 120, **settings) -> Stack:  # fmt: skip
     log_dir = workdir / name
     env = settings_env(
         redis_url=f"redis://127.0.0.1:{redis_port}/{db}",
@@ -129,7 +130,7 @@ def launch_stack(name: str, *, workdir: Path, redis_port: int, db: int, bundle: 
     )
     stack = Stack(name, env, log_dir, start_api(env=env, log_dir=log_dir, name=f"{name}-api"))
     if with_worker:
-        stack.add_worker()
+        stack.add_worker(ready_timeout=ready_timeout)
     return stack
 
 

@@ -1,5 +1,5 @@
 """The request fields through the real service (API, queue, worker, storage): caption-only and image-only
-jobs, negative_caption, num_outputs, expires_in, the Cancel-After header."""
+jobs, negative_caption, num_outputs, expires_in, the Cancel-After header, and a job queued by an older API."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import time
 import httpx
 import numpy as np
 import soundfile as sf
+from rq import Queue
+from rq.serializers import JSONSerializer
 from servers import ALICE, wait_for_job
+
+from jobs.queue import TASK
 
 FAST = {"seconds": 0.5, "steps": 2, "guidance_scale": 3.0}
 PCM_STEP = 2 / 32768  # two 16-bit quantisation steps: batch rows agree within ~1e-7 before rounding
@@ -83,8 +87,8 @@ def test_cancel_after_aborts_a_job_not_started_and_cancels_a_running_one(local_s
     canceled = wait_for_job(client, running.id, lambda j: j.is_done, what="ended", timeout=60)
     assert canceled.status == "canceled" and 0 < canceled.progress < 1, canceled.raw
     assert "Cancel-After" in canceled.error["message"]
-    ran_for = dt.datetime.fromisoformat(canceled.raw["finished_at"]) - dt.datetime.fromisoformat(canceled.raw["created_at"])
-    assert dt.timedelta(seconds=6) <= ran_for < dt.timedelta(seconds=30)
+    created, finished = (dt.datetime.fromisoformat(canceled.raw[name]) for name in ("created_at", "finished_at"))
+    assert dt.timedelta(seconds=5.5) <= finished - created < dt.timedelta(seconds=30)  # created: just after the deadline
     aborted = client.wait(waiting.id, timeout=60)
     assert aborted.status == "aborted" and aborted.error["code"] == "aborted", aborted.raw
     assert aborted.raw["started_at"] is None and aborted.progress == 0 and aborted.result is None
@@ -94,3 +98,18 @@ def test_cancel_after_aborts_a_job_not_started_and_cancels_a_running_one(local_s
         for bad in ("soon", "-5s", "0", "5x"):
             answer = http.post("/jobs", files={"caption": (None, "x")}, headers={"Cancel-After": bad})
             assert answer.status_code == 422 and answer.json()["error"]["field"] == "Cancel-After", bad
+
+
+def test_a_job_queued_by_an_older_api_runs(local_stack):
+    """A payload from before image_steps, negative_caption and num_outputs (and with no photo key change):
+    the worker gives each missing field its declared default."""
+    owner = hashlib.sha256(ALICE.encode()).hexdigest()[:24]  # as service.deps.get_owner digests the key
+    old_params = {"caption": "from the old API", "seconds": 0.5, "steps": 2, "guidance_scale": 3.0,
+                  "image_strength": 1.0, "image_guidance": "conditional", "scheduler": "ddim", "seed": 3,
+                  "preset": None}  # fmt: skip
+    queue = Queue("melfusion", connection=local_stack.redis, serializer=JSONSerializer)
+    job = queue.enqueue_call(TASK, kwargs={"image_key": None, "params": old_params}, result_ttl=600,
+                             meta={"owner": owner, "progress": 0.0, "max_retries": 0})  # fmt: skip
+    done = local_stack.client(ALICE).wait(job.id, timeout=180)
+    assert done.status == "succeeded", done.raw
+    assert len(done.outputs) == 1 and done.params["caption"] == "from the old API"

@@ -41,6 +41,19 @@ def test_worker_with_a_missing_bundle_stops_with_a_message(tmp_path):
     assert "Traceback" not in start.stderr
 
 
+def test_a_compiled_worker_needs_its_warm_up_shapes_and_no_batch_above_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("MELFUSION_STORAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("MELFUSION_COMPILE_MODE", "check")
+    with pytest.raises(SystemExit, match="MELFUSION_WARMUP_BATCH_SIZES"):
+        load_settings()
+    monkeypatch.setenv("MELFUSION_WARMUP_BATCH_SIZES", "1,2,4")
+    monkeypatch.setenv("MELFUSION_WARMUP_SECONDS", "10")
+    with pytest.raises(SystemExit, match="MELFUSION_MAX_BATCH=8 exceeds the largest warmed batch"):
+        load_settings()
+    monkeypatch.setenv("MELFUSION_MAX_BATCH", "4")
+    assert load_settings().warmup_caption_tokens == [32, 128]
+
+
 def test_the_api_explains_itself_without_any_settings():
     env = {name: value for name, value in settings_env().items() if not name.startswith("MELFUSION_")}
     run = subprocess.run([sys.executable, "-m", "service", "--help"], env=env, cwd=PROJECT_ROOT, capture_output=True,
@@ -48,4 +61,3 @@ def test_the_api_explains_itself_without_any_settings():
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("usage: python -m service") and "FORWARDED_ALLOW_IPS" in run.stdout
     assert "MELFUSION_STORE_WAIT_SECONDS" in run.stdout and "MELFUSION_S3_SECRET_KEY" in run.stdout
-

@@ -8,6 +8,9 @@ import pytest
 import torch
 from synthetic import write_triplets
 
+from melfusion.bundle import save_bundle
+from melfusion.pipeline import MelFusionPipeline
+from melfusion.presets import build_components
 from melfusion.training.config import TrainConfig
 
 SECONDS = 0.5  # latent (8, 16, 16) on the tiny bundle: a training step in well under a second
@@ -25,6 +28,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def v_prediction_bundle(tmp_path_factory) -> Path:
+    """The tiny bundle with TANGO's v-prediction schedule (the tiny preset keeps the paper's epsilon)."""
+    pipe = MelFusionPipeline(**build_components("tiny", prediction_type="v_prediction"))
+    return save_bundle(pipe, tmp_path_factory.mktemp("bundles") / "tiny-v", source="create-tiny")
+
+
+@pytest.fixture(scope="session")
 def manifest(tmp_path_factory) -> Path:
     return write_triplets(tmp_path_factory.mktemp("data"), count=4, seconds=SECONDS)
 
@@ -39,8 +49,8 @@ def make_config(tiny_bundle, manifest, feature_cache, tmp_path):
     """TrainConfig for the tiny bundle and synthetic set; every batch is the whole set (4 rows)."""
 
     def make(name: str = "out", **overrides) -> TrainConfig:
-        settings = {"max_steps": 2, "batch_size": 4, "seconds": SECONDS, "feature_steps": FEATURE_STEPS,
-                    "cache_dir": feature_cache, "checkpoint_every": 1000}
-        return TrainConfig(bundle=tiny_bundle, data=manifest, out=tmp_path / name, **(settings | overrides))
+        settings = {"bundle": tiny_bundle, "data": manifest, "max_steps": 2, "batch_size": 4, "seconds": SECONDS,
+                    "feature_steps": FEATURE_STEPS, "cache_dir": feature_cache, "checkpoint_every": 1000}
+        return TrainConfig(out=tmp_path / name, **(settings | overrides))
 
     return make

@@ -1,4 +1,5 @@
-"""A tiny synthetic triplet data set written by the tests: noise PNGs, captions, sine tones as WAV."""
+"""Tiny synthetic triplet data sets written by the tests: noise PNGs, captions, sine tones as WAV; and a toy
+where only the image says which tone plays."""
 
 from __future__ import annotations
 
@@ -24,6 +25,25 @@ def write_triplets(folder: Path, count: int = 4, seconds: float = 1.0) -> Path:
         t = np.arange(int(seconds * TONE_RATE)) / TONE_RATE
         sf.write(folder / f"tone{i}.wav", 0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t), TONE_RATE)
         lines.append({"image": f"img{i}.png", "caption": CAPTIONS[i % len(CAPTIONS)], "audio": f"tone{i}.wav"})
+    manifest = folder / "data.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+COLOUR_TONES = {(220, 30, 30): 300.0, (30, 30, 220): 2400.0}  # red image: a low tone; blue image: a high tone
+
+
+def write_colour_tones(folder: Path, count: int = 8, seconds: float = 0.32) -> Path:
+    """`count` rows alternating red/blue images with a low/high tone and one caption for all: only the
+    image tells the two sounds apart. Returns the JSONL manifest's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * TONE_RATE)) / TONE_RATE
+    lines = []
+    for i in range(count):
+        colour, pitch = list(COLOUR_TONES.items())[i % len(COLOUR_TONES)]
+        Image.new("RGB", (64, 64), colour).save(folder / f"colour{i}.png")
+        sf.write(folder / f"pitch{i}.wav", 0.5 * np.sin(2 * np.pi * pitch * t), TONE_RATE)
+        lines.append({"image": f"colour{i}.png", "caption": "a melody", "audio": f"pitch{i}.wav"})
     manifest = folder / "data.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest

@@ -15,6 +15,7 @@ def test_train_step_benchmark_runs_on_the_cpu_at_tiny_size(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and "cache fill, batches of 2" in out
+    assert "cache read per training row: whole trajectory (25,600 B)" in out and "the two steps around t (1,024 B)" in out
 
 
 def test_the_training_benchmark_explains_itself_without_the_training_extra():

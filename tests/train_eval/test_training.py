@@ -7,14 +7,24 @@ import torch
 from diffusers import DDPMScheduler
 
 from melfusion.bundle import load_pipeline, read_manifest, verify_bundle
-from melfusion.cli import main
+from melfusion.cli import build_parser, main
 from melfusion.dataset.manifest import read_triplets
+from melfusion.errors import InputError
 from melfusion.images import load_image
 from melfusion.presets import sd_scheduler
 from melfusion.training.checkpoint import load_trainer_state
 from melfusion.training.denoiser import SynapseDenoiser
 from melfusion.training.image_side import ImageKeyValues
-from melfusion.training.loop import Dropout, diffusion_loss, draw_batch, row_generator, train, training_target
+from melfusion.training.cli import config_from
+from melfusion.training.loop import (
+    Dropout,
+    diffusion_loss,
+    draw_batch,
+    row_generator,
+    train,
+    training_synapse,
+    training_target,
+)
 from melfusion.training.prepare import frozen_fingerprint, prepare_examples
 
 FROZEN = ("image_vae", "image_unet", "image_text_encoder", "text_encoder", "mel_vae", "vocoder")
@@ -31,8 +41,8 @@ def fixed_batch_loss(config, bundle) -> float:
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     image_key_values = ImageKeyValues(pipe, pipe.synapse, config.feature_steps)
     with torch.no_grad():
-        batches = [draw_batch(pipe, examples, [row_generator(99, i, p) for p in range(len(examples))], Dropout())
-                   for i in range(4)]
+        batches = [draw_batch(pipe, examples, [row_generator(99, i, p) for p in range(len(examples))], Dropout(),
+                              image_key_values.grid) for i in range(4)]
         losses = [diffusion_loss(pipe, model, scheduler, image_key_values, batch) for batch in batches]
     return float(torch.stack(losses).mean())
 
@@ -43,8 +53,11 @@ def files_of(bundle, component: str) -> dict:
     return {k: v["sha256"] for k, v in files if k.startswith(component + "/") and k.endswith(".safetensors")}
 
 
-def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(make_config):
-    config = make_config(max_steps=8, unet_lr=1e-3, alpha_lr=1e-2, text_dropout=0.0)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])  # the paper's and TANGO's parametrisation
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(make_config, v_prediction_bundle, prediction_type):
+    bundle = {"v_prediction": {"bundle": v_prediction_bundle}}.get(prediction_type, {})
+    config = make_config(max_steps=8, unet_lr=1e-3, alpha_lr=1e-2, text_dropout=0.0, **bundle)
+    assert load_pipeline(config.bundle).scheduler.config.prediction_type == prediction_type
     before = fixed_batch_loss(config, config.bundle)
     result = train(config)
     after = fixed_batch_loss(config, result.bundle)
@@ -58,7 +71,7 @@ def test_every_alpha_gets_gradient_and_moves_at_its_own_lr(make_config):
     result = train(config)
     trained = load_pipeline(result.bundle)
     # Adam's first step moves each parameter by lr · g/(|g| + eps): exactly lr wherever the gradient is non-zero
-    alpha_moves = (trained.synapse.alphas - start.synapse.alphas).abs()
+    alpha_moves = (trained.synapse.alphas - config.initial_alpha).abs()  # from 0.5, not the bundle's α
     assert torch.allclose(alpha_moves, torch.full_like(alpha_moves, 1e-2), rtol=1e-3), alpha_moves
     unet_moves = torch.cat([(a - b).abs().flatten() for a, b in zip(trained.music_unet.parameters(), start.music_unet.parameters())])
     assert 0.99e-4 <= unet_moves.max() <= 1.001e-4
@@ -127,41 +140,6 @@ def test_the_loss_targets_what_the_bundle_scheduler_predicts(prediction_type):
         assert torch.allclose(target, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
 
 
-def test_table14_experiment_trains_one_run_per_fixed_alpha_and_tabulates_them_with_tango(
-    tiny_bundle, manifest, feature_cache, tmp_path
-):
-    from melfusion.training.experiments import build_parser, run
-
-    args = build_parser().parse_args([
-        "table14", "--bundle", str(tiny_bundle), "--data", str(manifest), "--test-data", str(manifest),
-        "--out-dir", str(tmp_path / "t14"), "--alphas", "0", "0.9", "--max-steps", "1", "--batch-size", "4",
-        "--seconds", "0.5", "--feature-steps", "4", "--cache-dir", str(feature_cache), "--steps", "2",
-    ])
-    table = run(args).read_text()
-    assert [row.split(" | ")[0] for row in table.splitlines() if row.startswith("| ") and "---" not in row][1:] == [
-        "| TANGO (untouched UNet, caption only)", "| alpha 0 (fixed in training)", "| alpha 0.9 (fixed in training)",
-        "| learned alpha"]
-    assert torch.equal(load_pipeline(tmp_path / "t14" / "alpha-0-9--fixed-in-training").synapse.alphas, torch.full((3,), 0.9))
-    learned = load_pipeline(tmp_path / "t14" / "learned-alpha").synapse.alphas
-    assert (learned - 0.5).abs().max() > 0 and (learned - 0.5).abs().max() < 1e-3  # started at 0.5, not the bundle's α
-
-
-@pytest.mark.parametrize(("table", "layouts"), [
-    ("table2", [("down_blocks.0", "down_blocks.1", "down_blocks.2"), None, ("up_blocks.1", "up_blocks.2", "up_blocks.3")]),
-    ("table11", [("up_blocks.1",), ("up_blocks.1", "up_blocks.2"), ("up_blocks.1", "up_blocks.2", "up_blocks.3")]),
-])
-def test_table2_and_table11_arms_start_from_one_alpha_in_their_layouts(make_config, table, layouts):
-    from melfusion.training.experiments import arms
-    from melfusion.training.loop import training_synapse
-
-    bundle_synapse = load_pipeline(make_config().bundle).synapse
-    for (name, overrides), layout in zip(arms(table, []).items(), layouts):
-        synapse = training_synapse(bundle_synapse, make_config(initial_alpha=0.5, **overrides))
-        assert torch.equal(synapse.alphas, torch.full_like(synapse.alphas, 0.5)), name
-        if layout is not None:
-            assert tuple(synapse.config.blocks) == layout, name
-
-
 def test_encode_command_fills_the_cache_that_training_then_reads(make_config, tmp_path, capsys):
     config = make_config(cache_dir=tmp_path / "cache")
     flags = ["--bundle", str(config.bundle), "--data", str(config.data), "--out", str(config.out), "--seconds",
@@ -171,3 +149,26 @@ def test_encode_command_fills_the_cache_that_training_then_reads(make_config, tm
     assert len(list((tmp_path / "cache" / "images").glob("*.safetensors"))) == 4
     assert main(["train", *flags, "--max-steps", "1"]) == 0
     assert "writing 0 image trajectories" in capsys.readouterr().out
+
+
+def test_epochs_set_the_steps_from_rows_processes_batch_and_accumulation(make_config, capsys):
+    paper = make_config(epochs=30, batch_size=8, gradient_accumulation=4)
+    assert paper.steps_for(11_250, 8) == 1_319  # README: MeLBench, 8 GPUs x 8 rows x 4 micro-batches
+    assert paper.steps_for(11_250, 1) == 10_547  # one GPU: 8 times the steps
+    result = train(make_config(epochs=1.5, max_steps=99, batch_size=2))  # 4 rows: 1.5 passes = 3 steps of 2
+    assert len(result.losses) == 3
+    assert "1.5 epochs of 4 rows in steps of 1 process(es) x 2 rows x 1 micro-batches: 3 steps" in capsys.readouterr().out
+    with pytest.raises(InputError, match="epochs: must be positive"):
+        make_config(epochs=0)
+
+
+def test_a_run_starts_every_alpha_at_one_value_unless_told_to_keep_the_bundles(make_config):
+    bundle_synapse = load_pipeline(make_config().bundle).synapse
+    assert training_synapse(bundle_synapse, make_config()).alphas.tolist() == [0.5, 0.5, 0.5]  # not the paper's
+    assert training_synapse(bundle_synapse, make_config(initial_alpha=None)) is bundle_synapse
+    with pytest.raises(InputError, match="initial_alpha: the bundle's α belong to blocks"):
+        training_synapse(bundle_synapse, make_config(initial_alpha=None, placement="encoder"))
+    parsed = build_parser().parse_args(["train", "--bundle", "b", "--data", "d", "--out", "o", "--initial-alpha", "bundle"])
+    assert config_from(parsed).initial_alpha is None
+    with pytest.raises(SystemExit):  # one length or the other
+        build_parser().parse_args(["train", "--bundle", "b", "--data", "d", "--out", "o", "--epochs", "3", "--max-steps", "9"])
