@@ -263,10 +263,11 @@ class S3Storage:
 
     def signed_url(self, key: str, *, not_after: dt.datetime | None = None) -> SignedUrl:
         expires_at = _expiry(self.url_ttl_seconds, not_after)
+        lifetime = self.url_ttl_seconds if not_after is None else max(1, round(expires_at.timestamp() - time.time()))
         url = self.public_client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": content_type_of(key)},
-            ExpiresIn=max(1, int(expires_at.timestamp() - time.time())),
+            ExpiresIn=lifetime,
         )
         return SignedUrl(url, expires_at)
 

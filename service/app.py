@@ -19,7 +19,9 @@ from redis.asyncio import Redis as AsyncRedis
 from jobs.queue import open_queue, open_redis
 from jobs.settings import Settings, load_settings
 from jobs.storage import open_storage
+from melfusion.errors import BundleError
 from melfusion.limits import GenerationLimits, read_limits
+from melfusion.manifest import default_tiny_bundle_dir
 
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
@@ -106,13 +108,16 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def bundle_limits(settings: Settings) -> GenerationLimits:
-    """The configured bundle's limits, read without torch; with none configured, the embedded tiny bundle's
-    (built on first use, which imports torch: the quick start only)."""
+    """The configured bundle's limits, read without torch; with none configured, the tiny bundle's. The API
+    never builds weights (its image has no torch): the worker, `melfusion generate` or the embedded stack
+    build the tiny bundle, so one of them starts first."""
     if settings.bundle_dir is not None:
         return read_limits(settings.bundle_dir)
-    from melfusion.bundle import ensure_tiny_bundle
-
-    return read_limits(ensure_tiny_bundle())
+    tiny = default_tiny_bundle_dir()
+    if not tiny.is_dir():
+        raise BundleError(f"no bundle: set MELFUSION_BUNDLE_DIR, or start a worker first (it builds the tiny "
+                          f"bundle at {tiny})")  # fmt: skip
+    return read_limits(tiny)
 
 
 def document_job_form(app: FastAPI) -> None:
@@ -138,7 +143,11 @@ def serve(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings()
     proxies = trusted_proxies(settings.host)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+    try:
+        app = create_app(settings)
+    except BundleError as exc:
+        raise SystemExit(f"melfusion-api: {exc}") from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
                 proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)  # fmt: skip
 
 
