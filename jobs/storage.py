@@ -19,15 +19,18 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import urlencode
 
+from melfusion.audio import AUDIO_FORMATS, DEFAULT_FORMAT, format_of_extension
 from melfusion.files import write_atomically
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-WAV = "audio/wav"
+WAV = AUDIO_FORMATS["wav"].content_type
 PNG = "image/png"
-_SAFE_KEY = re.compile(r"^(inputs|outputs)/[A-Za-z0-9-]+(\.[0-9])?\.(png|jpg|webp|wav)$")
+AUDIO_CONTENT_TYPES = tuple(dict.fromkeys(f.content_type for f in AUDIO_FORMATS.values()))
+_AUDIO_EXTENSIONS = "|".join(f.extension for f in AUDIO_FORMATS.values())
+_SAFE_KEY = re.compile(rf"^(inputs|outputs)/[A-Za-z0-9-]+(\.[0-9])?\.(png|jpg|webp|{_AUDIO_EXTENSIONS})$")
 
 
 class StorageUnavailable(Exception):
@@ -64,9 +67,9 @@ def input_key(job_id: str, extension: str) -> str:
     return f"inputs/{job_id}.{extension}"
 
 
-def output_key(job_id: str, index: int = 0) -> str:
-    """The WAV of a job's output `index` (the first keeps the name it had before jobs had several)."""
-    return f"outputs/{job_id}{_output_suffix(index)}.wav"
+def output_key(job_id: str, index: int = 0, format: str = DEFAULT_FORMAT) -> str:
+    """The clip of a job's output `index` (the first keeps the name it had before jobs had several)."""
+    return f"outputs/{job_id}{_output_suffix(index)}.{AUDIO_FORMATS[format].extension}"
 
 
 def spectrogram_key(job_id: str, index: int = 0) -> str:
@@ -83,7 +86,8 @@ def job_id_of(key: str) -> str:
 
 
 def content_type_of(key: str) -> str:
-    return PNG if key.endswith(".png") else WAV
+    audio = format_of_extension(key.rpartition(".")[2])
+    return audio.content_type if audio else PNG
 
 
 def check_key(key: str) -> str:

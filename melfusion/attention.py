@@ -224,6 +224,10 @@ class SynapseState:
         self._source: torch.Tensor | None = None  # (steps, B_img + 1, W): the call's features, a zero row last
         self._source_rows = torch.zeros(0, dtype=torch.long)  # (R,) the source row each UNet row reads
         self.feature_steps: list[int] = []  # music step i reads feature step feature_steps[i]
+        self._step = 0  # the music step `select_step` last gathered
+        # The call's rows (CFG: [uncond…, cond…] of every clip): source row, strength, token matching. The
+        # UNet's R rows are all of them, or (`select_rows`) the rows a batch of windows reads.
+        self._call_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def load(
         self,
@@ -235,16 +239,19 @@ class SynapseState:
         feature_steps: list[int],
         num_tokens: int,
         dtype: torch.dtype,
+        unet_rows: torch.Tensor | None = None,
     ) -> None:
-        """Set the call's tensors: UNet row r reads image `feature_rows[r]` of `features` (-1: no image, zeros).
+        """Set the call's tensors: call row r reads image `feature_rows[r]` of `features` (-1: no image, zeros).
 
-        `features` None is a caption-only call: every row reads zeros (at strength 0).
+        `features` None is a caption-only call: every row reads zeros (at strength 0). The UNet's rows
+        read call rows `unet_rows` (default: all, in order), until `select_rows` points them at others.
         """
         device = token_matching.device
         missing = set(self.widths) - set(features.keys) if features is not None else set()
         if missing:
             raise ValueError(f"image features lack synapse sites {sorted(missing)}")
-        rows = len(feature_rows)
+        unet_rows = torch.arange(len(feature_rows)) if unet_rows is None else unet_rows
+        rows = len(unet_rows)
         layout = [(store, site, num_tokens * width)  # every site's K, then every site's V
                   for store in ("keys", "values") for site, width in self.widths.items()]  # fmt: skip
         self._buffer = _reuse(self._buffer, (rows, sum(size for *_, size in layout)), dtype, device)
@@ -263,19 +270,31 @@ class SynapseState:
                 source[:, :images, offset : offset + size] = getattr(features, store)[site].flatten(2)
                 offset += size
             self._source = source
-            self._source_rows = torch.where(feature_rows < 0, images, feature_rows).to(device)
             self.feature_steps = feature_steps
-        self.row_strength = _assign(self.row_strength, row_strength.to(device=device, dtype=torch.float32))
+        source_rows = torch.where(feature_rows < 0, 0 if features is None else features.batch_size, feature_rows)
+        self._call_rows = (source_rows.to(device), row_strength.to(device=device, dtype=torch.float32), token_matching)
+        self._step = 0
+        self.select_rows(unet_rows)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Point the UNet's rows at call rows `rows` (a batch of windows, each reading its own clip's image,
+        strength and caption) and gather their image K/V at the current step, into the same buffers."""
+        source_rows, row_strength, token_matching = (value[rows.to(value.device)] for value in self._call_rows)
+        self._source_rows = _assign(self._source_rows, source_rows)
+        self.row_strength = _assign(self.row_strength, row_strength)
         self.token_matching = _assign(self.token_matching, token_matching)
+        if self.feature_steps:
+            self.select_step(self._step)
 
     def select_step(self, step: int) -> None:
         """Gather the image K/V each row meets at music step `step` into the mixers' buffer (lines 7-9)."""
+        self._step = step
         if self._source is not None:
             torch.index_select(self._source[self.feature_steps[step]], 0, self._source_rows, out=self._buffer)
 
     def release(self) -> None:
         """Drop the call's features (the buffer keeps the last step's K/V until the next `load`)."""
-        self._source, self.feature_steps = None, []
+        self._source, self.feature_steps, self._call_rows = None, [], None
 
 
 def _reuse(buffer: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

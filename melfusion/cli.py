@@ -2,8 +2,9 @@
 distill.
 
 Cheap checks (image, caption, ranges from the bundle's config, device and dtype) run before torch or any
-model is imported, so a bad request fails in well under a second; the WAV is written atomically, so a
-failure leaves no file. Torch gets the fair share of the cores this process may use (`--threads`).
+model is imported, so a bad request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3:
+--format, else --out's extension) is written atomically, so a failure leaves no file. Torch gets the fair
+share of the cores this process may use (`--threads`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from .cpus import let_idle_threads_sleep, set_torch_threads
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
+from .audio import AUDIO_FORMATS, format_of_extension
 from .images import load_image
 from .limits import DTYPES, check_device, read_limits
 from .manifest import default_tiny_bundle_dir
@@ -29,9 +31,9 @@ EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
 
 def add_generate_parser(commands) -> None:
-    parser = commands.add_parser("generate", help="image and/or caption -> WAV")
+    parser = commands.add_parser("generate", help="image and/or caption -> WAV (or FLAC, Ogg, Opus, MP3)")
     parser.add_argument("--image", help="JPEG, PNG or WebP file; without it the clip follows the caption only")
-    parser.add_argument("--out", required=True, type=Path, help="WAV file to write (output i > 1: NAME-i.wav)")
+    parser.add_argument("--out", required=True, type=Path, help="file to write, .wav .flac .ogg .opus or .mp3 (output i > 1: NAME-i.EXT)")
     parser.add_argument("--bundle", type=Path, help="model bundle folder (default: the embedded tiny bundle)")
     add_request_flags(parser)
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps or xpu; default cpu")
@@ -44,11 +46,13 @@ def add_generate_parser(commands) -> None:
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per GenerationRequest field (`--image-strength` for image_strength), its help and choices
-    from the declaration; ranges that depend on the bundle are checked once it is known."""
+    from the declaration; ranges that depend on the bundle are checked once it is known. A flag not given
+    is absent from the namespace (so `--loudness-lufs off`, null, differs from leaving the default)."""
     for described in GenerationRequest.interface():
+        switch = {"nargs": "?", "const": True} if described.kind is bool else {}  # `--loop` = `--loop true`
         parser.add_argument(
-            f"--{described.name.replace('_', '-')}", dest=described.name, type=described.kind,
-            choices=described.choices, help=described.help,
+            f"--{described.name.replace('_', '-')}", dest=described.name, type=described.from_text,
+            choices=described.choices, help=described.help, default=argparse.SUPPRESS, **switch,
         )  # fmt: skip
 
 
@@ -57,12 +61,18 @@ def run_generate(args: argparse.Namespace) -> int:
     check_device(args.device, args.dtype)
     if args.threads is not None and args.threads < 1:
         raise InputError("threads", f"must be at least 1, got {args.threads}")
-    if args.out.suffix.lower() != ".wav":
-        raise InputError("out", f"must end in .wav, got {args.out.name}")
+    given = {name: getattr(args, name) for name in GenerationRequest.field_names() if hasattr(args, name)}
+    by_extension = format_of_extension(args.out.suffix)
+    if by_extension is None:
+        extensions = ", ".join(f".{f.extension}" for f in AUDIO_FORMATS.values())
+        raise InputError("out", f"must end in one of {extensions}, got {args.out.name}")
+    given.setdefault("format", by_extension.name)
+    if given["format"] != by_extension.name:
+        written_to = AUDIO_FORMATS[given["format"]].extension
+        raise InputError("out", f"format {given['format']} is written to .{written_to} files, got {args.out.name}")
     image = load_image(args.image) if args.image else None
     bundle = args.bundle or default_tiny_bundle_dir()
-    given = {name: getattr(args, name) for name in GenerationRequest.field_names()}
-    request = GenerationRequest(**{name: value for name, value in given.items() if value is not None})
+    request = GenerationRequest(**given)
     request.check_condition(has_image=image is not None)
     with contextlib.suppress(BundleError):  # not there yet (the tiny bundle is built below) or broken (verified below)
         request = request.resolved(read_limits(bundle))
@@ -71,8 +81,9 @@ def run_generate(args: argparse.Namespace) -> int:
     silence_library_noise()
     import torch
 
-    from .audio import write_wav
+    from .files import write_atomically
     from .bundle import ensure_tiny_bundle, load_pipeline, verify_bundle
+    from .mastering import deliver
 
     require_device(torch, args.device)
     if args.bundle is None:
@@ -85,10 +96,12 @@ def run_generate(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     output = pipe.generate([request], [image])
     generated = time.perf_counter()
-    for index, (audio, seed) in enumerate(zip(output.audios, output.seeds, strict=True), start=1):
+    for index, seed in enumerate(output.seeds, start=1):
         out = args.out if index == 1 else args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")
-        path = write_wav(out, audio, output.sampling_rate)
-        print(f"wrote {path.resolve()} ({request.seconds:g} s at {output.sampling_rate} Hz, "
+        audio, encoded = deliver(output.clip(index - 1), output.sampling_rate, request)
+        path = write_atomically(out, encoded)
+        seconds = audio.size / output.sampling_rate
+        print(f"wrote {path.resolve()} ({request.format}, {seconds:g} s at {output.sampling_rate} Hz, "
               f"{request.steps} {request.scheduler} steps, seed {seed})")
     print(f"load {loaded - started:.1f} s, generate {generated - loaded:.1f} s")
     return 0

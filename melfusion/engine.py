@@ -22,11 +22,14 @@ class Clips(Protocol):
     """What `Engine.generate` returns: one waveform row per clip, in request order (each request's
     `num_outputs` variations together), and the seed each row used."""
 
-    audios: np.ndarray  # (clips, samples), float in [-1, 1]
+    audios: np.ndarray  # (clips, samples), float in [-1, 1]; a clip shorter than the longest ends in zeros
     sampling_rate: int
     seeds: list[int]
+    lengths: list[int]  # samples of each clip
     errors: list[Exception | None] | None  # per clip: why it is unusable (NaN/inf), else None
 
+    def clip(self, row: int) -> np.ndarray:
+        """Row `row`'s waveform at its own length."""
 
 @runtime_checkable
 class Engine(Protocol):
@@ -45,7 +48,7 @@ class Engine(Protocol):
         callback: Callable[[Any], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> Clips:
-        """Every clip of resolved requests sharing one `batch_key`, in one call. `callback` gets an object
+        """Every clip of resolved requests sharing one `batch_key(limits)`, in one call. `callback` gets an object
         with `step`, `total` and `fraction` after each step; `should_cancel()` True stops it
         (GenerationCancelled)."""
 

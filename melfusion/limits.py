@@ -6,7 +6,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from .errors import BundleError, InputError
@@ -19,6 +19,8 @@ SCHEDULERS = TEACHER_SCHEDULERS + STUDENT_SCHEDULERS
 STUDENT_SCHEDULER_CLASS = "LCMScheduler"  # the scheduler class that makes a bundle a student
 IMAGE_GUIDANCE_MODES = ("conditional", "both")
 MAX_GUIDANCE_SCALE = 50.0
+DEFAULT_WINDOW_SECONDS = 10.0  # TANGO's training clips (256 latent frames); bundles may say otherwise
+LOUDNESS_RANGE_LUFS = (-40.0, -5.0)  # quieter is inaudible on a phone, louder cannot keep 1 dB of true-peak headroom
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 
@@ -67,6 +69,7 @@ class GenerationLimits:
     default_steps: int
     default_guidance_scale: float
     schedulers: tuple[str, ...] = TEACHER_SCHEDULERS  # `bundle_schedulers` of the bundle's scheduler class
+    window_seconds: float = DEFAULT_WINDOW_SECONDS  # the trained clip length: longer clips run in windows of it
 
     @property
     def default_scheduler(self) -> str:
@@ -96,11 +99,14 @@ class GenerationLimits:
 
     @classmethod
     def from_config(cls, config: Mapping) -> GenerationLimits:
-        """From a bundle's model_index.json, or the pipeline's config (which hold the same keys); the samplers
-        from its scheduler's class (`bundle_schedulers`)."""
-        numbers = {f.name: {"float": float, "int": int}[f.type] for f in fields(cls) if f.name != "schedulers"}
-        return cls(**{name: kind(config[name]) for name, kind in numbers.items()},
-                   schedulers=bundle_schedulers(config["scheduler"][1]))  # fmt: skip
+        """From a bundle's model_index.json, or the pipeline's config (which hold the same keys; a key added
+        since a bundle was written takes its default); the samplers from its scheduler's class
+        (`bundle_schedulers`)."""
+        kinds = {"float": float, "int": int}
+        return cls(**{
+            f.name: kinds[f.type](config[f.name]) for f in fields(cls)
+            if f.name != "schedulers" and (f.name in config or f.default is MISSING)
+        }, schedulers=bundle_schedulers(config["scheduler"][1]))  # fmt: skip
 
 
 def check_device(device: str, dtype: str = "float32") -> None:

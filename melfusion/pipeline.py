@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, get_args
 
 import numpy as np
@@ -41,13 +42,14 @@ from .audio import latent_frames
 from .errors import GenerationCancelled, InputError
 from .feature_cache import ImageFeatureCache
 from .images import fit_square
-from .limits import SCHEDULERS, GenerationLimits
+from .limits import DEFAULT_WINDOW_SECONDS, SCHEDULERS, GenerationLimits
 from .precision import NonFiniteOutput, finite_rows, first_non_finite, keep_float32_modules
 from .request import GenerationRequest, random_seed
 from .schedulers import GridDDIMInverseScheduler, GridDDIMScheduler
 from .shapes import ShapeBuckets
 from .student import guidance_embedding
 from .synapse import VisualSynapse
+from .windows import TimeWindows, plan_windows
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ ImageFeatureSource = Literal["inversion", "redenoise"]
 # Without shape buckets, captions are padded (masked) to a multiple of this many tokens: a handful of
 # caption shapes (one for every caption up to 32 tokens) instead of one per caption length.
 TEXT_PAD_MULTIPLE = 32
+LOOP_DECODE_CONTEXT = 16  # latent frames (0.64 s at 16 kHz) decoded on each side of a loop's seam
 NonFinitePolicy = Literal["raise", "report"]
 
 
@@ -80,10 +83,15 @@ class StepInfo:
 
 @dataclass
 class MelFusionOutput(BaseOutput):
-    audios: np.ndarray  # (B, samples) float32 in [-1, 1]-ish, at `sampling_rate`
+    audios: np.ndarray  # (B, samples) float32 in [-1, 1]-ish, at `sampling_rate`; shorter clips end in zeros
     sampling_rate: int
     seeds: list[int]
+    lengths: list[int]  # samples of each clip
     errors: list[NonFiniteOutput | None] | None = None  # per row: NaN/inf and where it began (on_non_finite="report")
+
+    def clip(self, row: int) -> np.ndarray:
+        """Row `row`'s waveform at its own length."""
+        return self.audios[row, : self.lengths[row]]
 
 
 class _StepTracker:
@@ -147,6 +155,7 @@ class MelFusionPipeline(DiffusionPipeline):
         default_guidance_scale: float = 7.0,
         timestep_spacing: str = "trailing",
         image_features_from: str = "inversion",  # an ImageFeatureSource (a plain str for diffusers' config)
+        window_seconds: float = DEFAULT_WINDOW_SECONDS,
     ):
         super().__init__()
         if image_features_from not in get_args(ImageFeatureSource):
@@ -183,6 +192,7 @@ class MelFusionPipeline(DiffusionPipeline):
             default_guidance_scale=default_guidance_scale,
             timestep_spacing=timestep_spacing,
             image_features_from=image_features_from,
+            window_seconds=window_seconds,
         )
         # The synapse's processors are attached once, here; per-call and per-step state lives in tensors.
         attach_recorders(self.image_unet, self.synapse)
@@ -306,6 +316,20 @@ class MelFusionPipeline(DiffusionPipeline):
             self._shape_miss("seconds", f"{seconds} s, warmed {self.shape_buckets.seconds}")
         return bucket or seconds
 
+    def _latent_frames(self, seconds: list[float], loops: list[bool]) -> list[int]:
+        """Each clip's latent frames. Longer clips and loops run in windows of the trained length (which
+        the buckets should hold); a shorter clip is sampled at its clip-length bucket and cut from it."""
+        window = self.window_frames
+        frames = [self.clip_frames(length, loop) for length, loop in zip(seconds, loops)]
+        short = {length for length, count, loop in zip(seconds, frames, loops) if not loop and count < window}
+        bucketed = {length: self.music_latent_shape(1, self._latent_seconds(length))[2] for length in short}
+        frames = [bucketed.get(length, count) if not loop else count for length, count, loop in zip(seconds, frames, loops)]
+        windowed = any(loop or count > window for count, loop in zip(frames, loops))
+        buckets = self.shape_buckets
+        if windowed and buckets is not None and window not in {self.music_latent_shape(1, s)[2] for s in buckets.seconds}:
+            self._shape_miss("seconds", f"windows of {self.config.window_seconds} s, warmed {buckets.seconds}")
+        return frames
+
     def _padded_image_rows(self, images: int) -> int:
         """The image-UNet batch for `images` new photos: up to a warmed size (padded rows are thrown away)."""
         if self.shape_buckets is None:
@@ -345,9 +369,30 @@ class MelFusionPipeline(DiffusionPipeline):
         """A few-step student (`melfusion distill`): guidance is an input of its UNet, not a CFG batch."""
         return isinstance(self.scheduler, LCMScheduler)
 
+    @property
+    def samples_per_latent_frame(self) -> int:
+        return self.config.hop_length * self.mel_vae_scale
+
+    @property
+    def mel_vae_scale(self) -> int:
+        return 2 ** (len(self.mel_vae.config.block_out_channels) - 1)
+
+    @property
+    def window_frames(self) -> int:
+        """The latent length the music UNet was trained on (`window_seconds`): longer clips and loops are
+        denoised in overlapping windows of it (`melfusion.windows`)."""
+        return self.music_latent_shape(1, self.config.window_seconds)[2]
+
+    def clip_frames(self, seconds: float, loop: bool) -> int:
+        """A clip's latent length: rounded up to what the UNet can halve, or for a loop the nearest whole
+        number of frames (its windows wrap, so any length works, and the loop lasts exactly that long)."""
+        if loop:
+            return max(1, round(seconds * self.sampling_rate / self.samples_per_latent_frame))
+        return self.music_latent_shape(1, seconds)[2]
+
     def music_latent_shape(self, batch_size: int, seconds: float) -> tuple[int, int, int, int]:
         """(B, C, T, F): the mel VAE shrinks time and mel axes by its scale; T must halve through the UNet."""
-        vae_scale = 2 ** (len(self.mel_vae.config.block_out_channels) - 1)
+        vae_scale = self.mel_vae_scale
         unet_scale = 2 ** (len(self.music_unet.config.block_out_channels) - 1)
         frames = latent_frames(
             seconds,
@@ -534,11 +579,16 @@ class MelFusionPipeline(DiffusionPipeline):
         return states.to(self.music_unet.dtype), mask
 
     def prepare_music_latents(
-        self, shape: tuple[int, ...], generators: list[torch.Generator], scheduler
+        self, shape: tuple[int, ...], generators: list[torch.Generator], scheduler, frames: list[int] | None = None
     ) -> torch.Tensor:
         """z_T^M ~ N(0, I) (line 2). Drawn on the CPU, one generator per item, so a seed gives the same
-        clip on any device and whether or not the item shares a batch."""
-        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+        clip on any device and whether or not the item shares a batch; row r has `frames[r]` frames (the
+        rest of the row, up to the batch's longest clip, stays 0 and is never read)."""
+        frames = frames or [shape[2]] * shape[0]
+        latents = torch.zeros(shape, dtype=torch.float32)
+        for row, (generator, length) in enumerate(zip(generators, frames, strict=True)):
+            one = (1, shape[1], length, *shape[3:])
+            latents[row, :, :length] = randn_tensor(one, generator=generator, device=torch.device("cpu"), dtype=torch.float32)[0]
         latents = latents.to(device=self._execution_device, dtype=self.music_unet.dtype)
         return latents * scheduler.init_noise_sigma
 
@@ -559,6 +609,19 @@ class MelFusionPipeline(DiffusionPipeline):
         outputs = (("music_unet", latents), ("mel_vae", mel), ("vocoder", audio))
         checks = (*earlier_checks, *((name, out.dtype, finite_rows(out)) for name, out in outputs))
         return audio.float().cpu().numpy(), first_non_finite(checks)
+
+    def decode_loop(
+        self, latents: torch.Tensor, earlier_checks: tuple[tuple[str, torch.dtype, torch.Tensor], ...] = ()
+    ) -> tuple[np.ndarray, list[NonFiniteOutput | None]]:
+        """A loop's (1, C, T, F) latent -> exactly T frames of audio that wrap (and its NaN/inf check, as
+        `decode_latents`): decoded with LOOP_DECODE_CONTEXT frames of its own end before it and of its
+        start after it, then cut to one period, so the decoders see the seam as they see any other frame."""
+        length = latents.shape[2]
+        wrapped = torch.arange(-LOOP_DECODE_CONTEXT, length + LOOP_DECODE_CONTEXT, device=latents.device) % length
+        samples = (length + 2 * LOOP_DECODE_CONTEXT) * self.samples_per_latent_frame
+        audio, errors = self.decode_latents(latents[:, :, wrapped], samples, earlier_checks)
+        start = LOOP_DECODE_CONTEXT * self.samples_per_latent_frame
+        return audio[:, start : start + length * self.samples_per_latent_frame], errors
 
     def image_rows(
         self, strength: torch.Tensor, has_image: torch.Tensor, with_unconditional: bool, image_guidance: str
@@ -584,22 +647,26 @@ class MelFusionPipeline(DiffusionPipeline):
         text_mask: torch.Tensor,
         row_strength: torch.Tensor,
         feature_steps: list[int],
+        unet_rows: torch.Tensor | None = None,
     ) -> None:
         """Hand the mixers this call's image K/V (lines 7-9).
 
         Batch row b reads image feature_rows[b] of `features` (-1: none); in the UNet batch [uncond…, cond…]
         a row at strength 0 reads zeros instead, so it is exactly text-to-music whatever its image holds.
+        `unet_rows`: the call rows the UNet's batch reads first, when it runs the call's windows a few at
+        a time (`select_rows`).
         """
         num_tokens = self.synapse.config.image_grid**2
-        unet_rows = torch.tensor(feature_rows).repeat(len(row_strength) // len(feature_rows))
+        image_of_row = torch.tensor(feature_rows).repeat(len(row_strength) // len(feature_rows))
         self.synapse_state.load(
             features,
             token_matching=self.synapse.token_matching_matrix(text_mask, num_tokens).to(text_mask.device),
             row_strength=row_strength,
-            feature_rows=torch.where(row_strength.cpu() > 0, unet_rows, -1),
+            feature_rows=torch.where(row_strength.cpu() > 0, image_of_row, -1),
             feature_steps=feature_steps,
             num_tokens=num_tokens,
             dtype=self.music_unet.dtype,
+            unet_rows=unet_rows,
         )
 
     # -- Algorithm 2 --------------------------------------------------------------------------------
@@ -610,7 +677,8 @@ class MelFusionPipeline(DiffusionPipeline):
         image: Image.Image | list[Image.Image | None] | None = None,
         *,
         image_features: ImageFeatures | None = None,
-        seconds: float | None = None,
+        seconds: float | list[float] | None = None,
+        loop: bool | list[bool] = False,
         num_inference_steps: int | None = None,
         guidance_scale: float | list[float] | None = None,
         image_strength: float | list[float] | None = None,
@@ -631,7 +699,11 @@ class MelFusionPipeline(DiffusionPipeline):
             caption: text prompt(s), one clip each; None rows follow their image only.
             image: one image for all captions, one per caption (None rows: caption only), or None.
             image_features: features from `encode_image` on the image grid; skips the image side.
-            seconds: clip length (bundle default if None), at most the bundle's `max_seconds`.
+            seconds: clip length (bundle default if None), at most the bundle's `max_seconds`; one for all
+                or one per caption. Clips of `window_seconds` or longer are denoised in windows of that
+                length (`melfusion.windows`); shorter ones share a call only with clips of their length.
+            loop: make the clip a seamless loop (circular windows, wrapped decoding), one for all or per
+                caption; it lasts `seconds` rounded to a whole latent frame (40 ms at 16 kHz, hop 160).
             num_inference_steps: denoising steps of the music loop.
             guidance_scale: CFG scale, one for all or one per caption (bundle default, the paper's 7);
                 <= 1 disables CFG (in a batch where others use CFG, such a row is its conditional branch).
@@ -658,21 +730,24 @@ class MelFusionPipeline(DiffusionPipeline):
         images = self._per_row("image", image, batch)
         columns = zip(
             captions, self._per_row("negative_caption", negative_caption, batch),
+            self._per_row("seconds", seconds, batch), self._per_row("loop", loop, batch),
             self._per_row("guidance_scale", guidance_scale, batch),
             self._per_row("image_strength", image_strength, batch), self._seeds(seed, batch), strict=True,
         )  # fmt: skip
         requests = [
             _request_of(
-                caption=row_caption, negative_caption=row_negative, seconds=seconds, steps=num_inference_steps,
+                caption=row_caption, negative_caption=row_negative, seconds=row_seconds, loop=row_loop, steps=num_inference_steps,
                 guidance_scale=row_guidance, image_strength=row_strength, image_guidance=image_guidance,
                 scheduler=scheduler, seed=row_seed, image_steps=image_steps, guidance_start=guidance_start,
                 guidance_end=guidance_end,
             ).resolved(self.limits)
-            for row_caption, row_negative, row_guidance, row_strength, row_seed in columns
+            for row_caption, row_negative, row_seconds, row_loop, row_guidance, row_strength, row_seed in columns
         ]  # fmt: skip
         first = requests[0]
-        seconds, steps, image_steps, scheduler = first.seconds, first.steps, first.image_steps, first.scheduler
+        steps, image_steps, scheduler = first.steps, first.image_steps, first.scheduler
         guidance_start, guidance_end = first.guidance_start, first.guidance_end
+        seconds = [request.seconds for request in requests]
+        loops = [request.loop for request in requests]
         guidance = [request.guidance_scale for request in requests]
         strength = [request.image_strength for request in requests]
         seeds = [request.seed for request in requests]
@@ -685,14 +760,11 @@ class MelFusionPipeline(DiffusionPipeline):
         captions = [request.caption or "" for request in requests]  # image only: the empty caption
         negatives = [request.negative_caption or "" for request in requests]
 
-        # 1b. Static shapes (compiled pipelines): rows padded to a warmed batch (caption only, thrown away),
-        #     the latent to its clip-length bucket (the clip is cut from it); captions are padded in step 4
+        # 1b. Static shapes (compiled pipelines): the UNet runs `rows` windows at a time, a warmed batch (the
+        #     last group topped up with copies of its last window, thrown away); a clip shorter than the
+        #     window is sampled at its clip-length bucket (and cut from it); captions are padded in step 4
         rows = self._padded_rows(batch, with_unconditional)
-        pad = rows - batch
-        captions, images, has_image = captions + captions[-1:] * pad, images + [None] * pad, has_image + [False] * pad
-        negatives = negatives + negatives[-1:] * pad
-        strength, guidance, row_seeds = strength + [0.0] * pad, guidance + [1.0] * pad, seeds + seeds[-1:] * pad
-        latent_seconds = self._latent_seconds(seconds)
+        frames = self._latent_frames(seconds, loops)
 
         # 2. Timestep grids: the music sampler's, and the image side's (the same, or a coarser one)
         timesteps = self.timestep_grid(steps)
@@ -712,26 +784,33 @@ class MelFusionPipeline(DiffusionPipeline):
             # 4. Encode the caption: c = T^M(Y) (line 3), plus "" for the CFG branch
             text_states, text_mask = self.encode_captions(captions, negatives if with_unconditional else None)
 
-            # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row
-            generators = [torch.Generator("cpu").manual_seed(row_seed) for row_seed in row_seeds]
-            shape = self.music_latent_shape(rows, latent_seconds)
-            latents = self.prepare_music_latents(shape, generators, music_scheduler)
-            step_options = self._step_options(music_scheduler, generators, row_seeds, latents.device)
+            # 5. Music latent z_T^M ~ N(0, I) (line 2), one seeded generator per row, and its time windows
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            try:
+                windows = plan_windows(frames, loops, self.window_frames)
+            except ValueError as exc:
+                raise InputError("seconds", str(exc)) from None
+            shape = self.music_latent_shape(batch, 1.0)[:2] + (max(frames), self.music_latent_shape(1, 1.0)[3])
+            latents = self.prepare_music_latents(shape, generators, music_scheduler, frames)
+            step_options = self._step_options(music_scheduler, generators, seeds, latents.device)
 
-            # 6. Denoising loop with the visual synapse (lines 4-10)
+            # 6. Denoising loop with the visual synapse (lines 4-10), over windows of at most the trained
+            # length, `rows` at a time: the UNet sees the shapes of a warmed batch at a warmed length
             device = latents.device
 
-            def rows_for(cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-                """A step's UNet rows, [uncond…, cond…] with CFG, else cond only: caption states and mask, and
-                which image each row's mixers read at which strength."""
-                count = rows * (1 + cfg)
+            def rows_for(cfg: bool) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+                """A step's call rows, [uncond…, cond…] with CFG, else cond only: caption states and mask, the
+                windows in UNet batches with the rows each reads, and the mixers loaded with those rows' images."""
+                count = batch * (1 + cfg)
                 row_strength = self.image_rows(torch.tensor(strength), torch.tensor(has_image), cfg, first.image_guidance)
-                feature_steps = nearest_steps(timesteps, image_grid)
-                self.load_synapse(image_features, feature_rows, text_mask[-count:], row_strength, feature_steps)
-                return text_states[-count:], text_mask[-count:]
+                chunks = window_chunks(windows, rows, batch, cfg)
+                self.load_synapse(
+                    image_features, feature_rows, text_mask[-count:], row_strength, nearest_steps(timesteps, image_grid),
+                    unet_rows=chunks[0][1],
+                )  # fmt: skip
+                return text_states[-count:], text_mask[-count:], chunks
 
             scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
-            scale = scale.view(-1, *[1] * (latents.dim() - 1))  # (B, 1, 1, 1): each row its own guidance
             guided = guided_steps(steps, guidance_start, guidance_end) if with_unconditional else [False] * steps
             # A compiled pipeline is warmed on the CFG batch only (shapes.py): it runs the steps outside the
             # interval on that batch too and uses their conditional half, so the interval saves no UNet time there
@@ -741,33 +820,62 @@ class MelFusionPipeline(DiffusionPipeline):
             for i, t in enumerate(music_scheduler.timesteps):  # t on the host: no step waits for the device
                 tracker.check_cancel()
                 if i == 0 or cfg_batch[i] != cfg_batch[i - 1]:  # CFG starts or stops: another UNet batch
-                    states, mask = rows_for(cfg_batch[i])
+                    states, mask, chunks = rows_for(cfg_batch[i])
                 self.synapse_state.select_step(i)  # K_l^I, V_l^I met by music step i (lines 7-9)
-                model_input = torch.cat([latents] * 2) if cfg_batch[i] else latents
-                model_input = music_scheduler.scale_model_input(model_input, t)
-                noise_pred = self.music_unet(
-                    model_input, unet_timesteps[i], encoder_hidden_states=states, encoder_attention_mask=mask,
-                    timestep_cond=condition, return_dict=False,
-                )[0]  # fmt: skip
-                if cfg_batch[i]:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + scale * (cond - uncond) if guided[i] else cond
+                window_latents = windows.gather(latents)
+                predictions = torch.empty_like(window_latents)
+                for chunk, unet_rows in chunks:
+                    if len(chunks) > 1:
+                        self.synapse_state.select_rows(unet_rows)  # each window reads its clip's image and strength
+                    chunk_latents = window_latents[chunk]
+                    model_input = torch.cat([chunk_latents] * 2) if cfg_batch[i] else chunk_latents
+                    model_input = music_scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.music_unet(
+                        model_input, unet_timesteps[i], encoder_hidden_states=states[unet_rows],
+                        encoder_attention_mask=mask[unet_rows],
+                        timestep_cond=None if condition is None else condition[windows.rows[chunk]], return_dict=False,
+                    )[0]  # fmt: skip
+                    if cfg_batch[i]:
+                        uncond, cond = noise_pred.chunk(2)
+                        row_scale = scale[windows.rows[chunk]].view(-1, 1, 1, 1)  # each row its own guidance
+                        noise_pred = uncond + row_scale * (cond - uncond) if guided[i] else cond
+                    count = min(len(chunk), len(windows) - int(chunk[0]))  # the top-up copies are thrown away
+                    predictions[chunk[:count]] = noise_pred[:count]
+                noise_pred = windows.blend(predictions, latents)  # the cross-faded mean where windows overlap
                 latents = music_scheduler.step(noise_pred, t, latents, **step_options).prev_sample  # line 10
                 tracker.advance("music_denoise", t)
         finally:
             tracker.close()
             self.synapse_state.release()  # a cached ImageFeatures object is not kept alive here
 
-        # 7. Decode the real rows: s = D^M(z_0^M), w = V(s) (lines 11-12); NaN/inf judged row by row
-        text_of_rows = text_states.unflatten(0, (-1, rows))[:, :batch].transpose(0, 1)  # (B, 1 or 2 branches, S, D)
+        # 7. Decode: s = D^M(z_0^M), w = V(s) (lines 11-12), each clip at its length; NaN/inf judged row by row
+        text_of_rows = text_states.unflatten(0, (-1, batch)).transpose(0, 1)  # (B, 1 or 2 branches, S, D)
         checks = (
-            ("image_unet", self.image_unet.dtype, self._finite_image_rows(image_features, feature_rows[:batch])),
+            ("image_unet", self.image_unet.dtype, self._finite_image_rows(image_features, feature_rows)),
             ("text_encoder", text_states.dtype, finite_rows(text_of_rows)),
         )
-        audios, errors = self.decode_latents(latents[:batch], round(seconds * self.sampling_rate), checks)
+        lengths = [
+            length * self.samples_per_latent_frame if row_loop else round(row_seconds * self.sampling_rate)
+            for length, row_loop, row_seconds in zip(frames, loops, seconds)
+        ]
+        if len(set(frames)) == 1 and not any(loops):
+            audios, errors = self.decode_latents(latents, max(lengths), checks)
+            for row, length in enumerate(lengths):
+                audios[row, length:] = 0
+        else:  # one clip at a time, each at its own length
+            audios, errors = np.zeros((batch, max(lengths)), dtype=np.float32), []
+            for row, (length, row_loop) in enumerate(zip(frames, loops)):
+                latent = latents[row : row + 1, :, :length]
+                row_checks = tuple((name, dtype, finite[row : row + 1]) for name, dtype, finite in checks)
+                decode = self.decode_loop if row_loop else partial(self.decode_latents, num_samples=lengths[row])
+                decoded, row_errors = decode(latent, earlier_checks=row_checks)
+                audios[row, : lengths[row]] = decoded[0]
+                errors += row_errors
         if on_non_finite == "raise" and any(errors):
             raise next(error for error in errors if error is not None)
-        return MelFusionOutput(audios=audios, sampling_rate=self.sampling_rate, seeds=seeds, errors=errors)
+        return MelFusionOutput(
+            audios=audios, sampling_rate=self.sampling_rate, seeds=seeds, lengths=lengths, errors=errors
+        )
 
     def _image_features_of_rows(
         self,
@@ -849,10 +957,11 @@ class MelFusionPipeline(DiffusionPipeline):
         Returns:
             The clips, with `errors` per row: a row with NaN/inf fails alone (NonFiniteOutput naming the component).
         """
-        if len({request.batch_key for request in requests}) != 1:
+        if len({request.batch_key(self.limits) for request in requests}) != 1:
             raise InputError(
-                "requests", "rows of one batch must share seconds, steps, image steps, scheduler, image guidance, CFG "
-                "and its interval"
+                "requests",
+                "rows of one batch must share the UNet's clip length (see batch_key), steps, image steps, "
+                "scheduler, image guidance, CFG and its interval",
             )
         if len(images) != len(requests):
             raise InputError("image", f"give one image (or None) per request ({len(requests)})")
@@ -865,7 +974,8 @@ class MelFusionPipeline(DiffusionPipeline):
             [row.caption for row, _ in rows],
             None if features or all(image is None for image in images) else [image for _, image in rows],
             image_features=ImageFeatures.concat([image for _, image in rows]) if features else None,
-            seconds=first.seconds,
+            seconds=[row.seconds for row, _ in rows],
+            loop=[row.loop for row, _ in rows],
             num_inference_steps=first.steps,
             guidance_scale=[row.guidance_scale for row, _ in rows],
             image_strength=[row.image_strength for row, _ in rows],
@@ -919,6 +1029,20 @@ class MelFusionPipeline(DiffusionPipeline):
             raise InputError("image_features", "captured on another timestep grid (different steps?)")
         if features.batch_size not in (1, batch_size):
             raise InputError("image_features", f"batch of {features.batch_size} for {batch_size} captions")
+
+
+def window_chunks(
+    windows: TimeWindows, rows: int, clips: int, with_unconditional: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows in groups of `rows` (the last one topped up by repeating its last window), each with the
+    rows of the CFG batch [uncond…, cond…] of `clips` clips its windows read: text states, mask, synapse."""
+    count = len(windows)
+    chunks = []
+    for start in range(0, count, rows):
+        chunk = torch.arange(start, start + rows).clamp(max=count - 1)
+        clip_rows = windows.rows[chunk]
+        chunks.append((chunk, torch.cat([clip_rows, clip_rows + clips]) if with_unconditional else clip_rows))
+    return chunks
 
 
 def _request_of(**given) -> GenerationRequest:

@@ -16,12 +16,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .audio import AUDIO_FORMATS, DEFAULT_FORMAT
 from .errors import InputError
-from .limits import IMAGE_GUIDANCE_MODES, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, STUDENT_SCHEDULERS, GenerationLimits
+from .limits import (
+    IMAGE_GUIDANCE_MODES, LOUDNESS_RANGE_LUFS, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, STUDENT_SCHEDULERS, GenerationLimits,
+)  # fmt: skip
 
 MAX_SEED = 2**32 - 1  # seeds are drawn from [0, MAX_SEED] and accepted in it: any uint32 works
 DEFAULT_GUIDANCE_INTERVAL = (0.0, 1.0)  # CFG at every step
 MAX_OUTPUTS = 8  # variations of one request in one batched call; 8 rows cost about one at batch 1 on a GPU
+DEFAULT_LOUDNESS_LUFS = -14.0  # the level streaming and social platforms normalise to
+OFF = "off"  # how a form or a command line says null for a field whose default is not null
 
 FromLimits = Callable[[GenerationLimits], Any]  # a bound or default that depends on the bundle
 
@@ -38,6 +43,7 @@ class Declaration:
     choices: tuple | FromLimits | None = None
     text: bool = False  # free text, capped by the service's MELFUSION_MAX_CAPTION_CHARS
     bundle_default: FromLimits | None = None  # named in the help text (when a preset does not set it)
+    nullable: bool = False  # null is a value of its own (spelled OFF in forms and flags), not "unset"
 
 
 def declare(help: str, *, default: Any = None, **promises: Any) -> Any:
@@ -52,7 +58,7 @@ class FieldInterface:
     bounded by a bundle the caller did not name)."""
 
     name: str
-    kind: type  # str, int or float
+    kind: type  # str, int, float or bool
     default: Any
     help: str
     ge: float | None
@@ -61,6 +67,17 @@ class FieldInterface:
     le: float | None
     choices: tuple | None
     text: bool
+    nullable: bool = False
+
+    def from_text(self, text: str) -> Any:
+        """The value a form field or a flag spells: OFF is null for a nullable field; true/false for a bool."""
+        if self.nullable and text.strip().lower() == OFF:
+            return None
+        if self.kind is bool:
+            if text.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{self.name}: true or false, got {text!r}")
+            return text.strip().lower() in ("true", "1")
+        return self.kind(text)
 
     def check(self, value: Any) -> None:
         """Raise InputError naming this field if `value` breaks its type or range (None: not given)."""
@@ -68,6 +85,8 @@ class FieldInterface:
             return
         if self.kind is str and (not isinstance(value, str) or (self.text and not value.strip())):
             raise InputError(self.name, "must be a non-empty string")
+        if self.kind is bool and not isinstance(value, bool):
+            raise InputError(self.name, f"must be true or false, got {value!r}")
         if self.kind in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise InputError(self.name, f"must be a number, got {value!r}")
         if self.kind is int and value != int(value):
@@ -152,6 +171,18 @@ class GenerationRequest:
         ge=1,
         le=MAX_OUTPUTS,
     )
+    format: str = declare("file format of the clip (16-bit WAV and FLAC; Ogg Vorbis; Opus at 48 kHz; MP3 at 32 kHz)", default=DEFAULT_FORMAT,
+                          choices=tuple(AUDIO_FORMATS))  # fmt: skip
+    loudness_lufs: float | None = declare(
+        f"integrated loudness of the clip in LUFS (ITU-R BS.1770-4); {OFF} (null) = the level as generated; "
+        "a true-peak limiter keeps every clip under -1 dBTP",
+        default=DEFAULT_LOUDNESS_LUFS, ge=LOUDNESS_RANGE_LUFS[0], le=LOUDNESS_RANGE_LUFS[1], nullable=True,
+    )  # fmt: skip
+    loop: bool = declare(
+        "a seamless loop: the end flows into the start (circular windows; no fades); it lasts `seconds` "
+        "rounded to a whole latent frame (40 ms at 16 kHz)",
+        default=False,
+    )
 
     @staticmethod
     def field_names() -> tuple[str, ...]:
@@ -175,7 +206,7 @@ class GenerationRequest:
                 name=f.name, kind=kind, default=f.default, help=help_text, ge=_for_bundle(declaration.ge, limits),
                 gt=_for_bundle(declaration.gt, limits), lt=_for_bundle(declaration.lt, limits),
                 le=_for_bundle(declaration.le, limits),
-                choices=_for_bundle(declaration.choices, limits), text=declaration.text,
+                choices=_for_bundle(declaration.choices, limits), text=declaration.text, nullable=declaration.nullable,
             ))  # fmt: skip
         return tuple(described)
 
@@ -235,10 +266,12 @@ class GenerationRequest:
         """Whether the request needs an unconditional batch (a student takes its guidance as an input)."""
         return self.guidance_scale > 1.0 and self.scheduler not in STUDENT_SCHEDULERS
 
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (same latent shape, grids, sampler, CFG rows)."""
-        return (self.seconds, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg,
+    def batch_key(self, limits: GenerationLimits) -> tuple:
+        """Requests with equal keys can share one pipeline call (same UNet shape, grids, sampler, CFG rows and
+        interval): clips of the trained length or longer, and loops, all run in windows of the trained length,
+        so they batch together whatever their length; shorter clips batch with clips of their length."""
+        shape = "windows" if self.loop or self.seconds >= limits.window_seconds else self.seconds
+        return (shape, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg,
                 self.guidance_start, self.guidance_end)
 
     def to_dict(self) -> dict[str, Any]:

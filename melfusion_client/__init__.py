@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import httpx
 
-from melfusion.request import GenerationRequest
+from melfusion.request import OFF, GenerationRequest
 
 TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 
@@ -105,6 +105,7 @@ class MelFusionClient:
         request = request or GenerationRequest(caption=caption, **fields)
         defaults = {f.name: f.default for f in dataclass_fields(GenerationRequest)}
         form = {name: value for name, value in request.to_dict().items() if value != defaults[name]}
+        form |= {name: OFF for name, value in form.items() if value is None}  # null where the default is not
         form |= {"webhook_url": webhook_url, "webhook_events": webhook_events, "expires_in": expires_in}
         parts = [(name, (None, str(item))) for name, value in form.items() if value is not None
                  for item in (value if isinstance(value, list) else [value])]  # fmt: skip
@@ -196,8 +197,8 @@ class MelFusionClient:
         return None
 
     def download(self, job: Job, path: str | os.PathLike, *, output: int = 0) -> Path:
-        """Fetch output `output`'s WAV (0: `result`) from its URL and check it against the sha256 the service
-        reported."""
+        """Fetch output `output`'s clip (0: `result`; in the job's `format`, see `result["content_type"]`) from
+        its URL and check it against the sha256 the service reported."""
         if job.result is None:
             raise ValueError(f"job {job.id} is {job.status}; it has no result")
         result = (job.outputs or [job.result])[output]

@@ -203,6 +203,7 @@ def _public_result(stored: dict, *, storage: Storage, base_url: str, not_after: 
     """One stored clip as the API shows it, with fresh signed URLs (none outliving the job)."""
     signed = storage.signed_url(stored["key"], not_after=not_after)
     fields = {name: stored[name] for name in ("content_type", "seconds", "sample_rate", "bytes", "sha256")}
+    fields["format"] = stored.get("format", "wav")  # a clip stored before formats existed is a WAV
     picture = None
     if "spectrogram_key" in stored:
         picture = storage.signed_url(stored["spectrogram_key"], not_after=not_after).url

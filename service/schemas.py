@@ -15,14 +15,16 @@ from melfusion.request import GenerationRequest
 
 class JobResult(BaseModel):
     url: str = Field(
-        description="time-limited download URL of the WAV: absolute for S3 or when MELFUSION_PUBLIC_URL is set, "
-        "else relative to this API"
+        description="time-limited download URL of the clip (in the job's `format`): absolute for S3 or when "
+        "MELFUSION_PUBLIC_URL is set, else relative to this API"
     )
     spectrogram_url: str | None = Field(
         None, description="time-limited URL of a PNG of the clip's mel spectrogram (time and frequency axes), "
         "absolute or relative like `url`"
     )
-    content_type: str = "audio/wav"
+    content_type: str = Field("audio/wav", description="of the clip: audio/wav, audio/flac, audio/ogg (Vorbis), "
+                              "audio/ogg; codecs=opus, audio/mpeg (MP3)")
+    format: str = Field("wav", description="the clip's file format, as asked for")
     seconds: float
     sample_rate: int
     bytes: int

@@ -23,7 +23,7 @@ from jobs.settings import Settings
 from jobs.webhooks import DEFAULT_EVENTS as DEFAULT_WEBHOOK_EVENTS
 from jobs.webhooks import EVENTS as WEBHOOK_EVENTS
 from melfusion.limits import GenerationLimits
-from melfusion.request import GenerationRequest
+from melfusion.request import OFF, GenerationRequest
 
 from .errors import UnsupportedMediaType
 from .forms import FormFieldInvalid, parse_strict_form
@@ -111,6 +111,8 @@ class JobForm:
             if described.text:
                 promises |= {"min_length": 1, "max_length": settings.max_caption_chars}
             promises = {name: value for name, value in promises.items() if value is not None}
+            if described.nullable:  # the bounds hold for the value; OFF is the form's spelling of null
+                kind, promises = Annotated[kind, Field(**promises)] | Literal[OFF], {}
             field_info = Field(described.default, description=described.help, **promises)
             definitions[described.name] = (kind | None, field_info)
         definitions |= job_options(settings)
@@ -155,7 +157,8 @@ class JobForm:
         try:
             return self.model.model_validate(values).model_dump(exclude_unset=True)
         except ValidationError as exc:
-            raise RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in exc.errors()])
+            # named by the form field alone: a union's branch ("constrained-float") is no field of the form
+            raise RequestValidationError([{**error, "loc": ("body", error["loc"][0])} for error in exc.errors()])
 
 
 async def read_submission(request: Request) -> Submission:
@@ -182,7 +185,7 @@ async def read_submission(request: Request) -> Submission:
     webhook = None
     if webhook_url is not None:
         webhook = WebhookSubscription(url=webhook_url, events=events or list(DEFAULT_WEBHOOK_EVENTS))
-    request = GenerationRequest(**values)
+    request = GenerationRequest(**{name: None if value == OFF else value for name, value in values.items()})  # OFF: null
     params = request.resolved(job_form.limits)
     params.check_condition(has_image=image is not None)
     return Submission(request, params, image, image_type, webhook, expires_in)

@@ -53,6 +53,21 @@ def test_without_an_image_the_clip_follows_the_caption_only(tmp_path, png, tiny_
     assert not np.array_equal(clips["caption"], clips["image"])
 
 
+def test_format_loudness_and_loop(tmp_path, tiny_bundle, capsys):
+    """The extension picks the format; the clip lands at the asked loudness; a loop is whole frames long."""
+    from melfusion.mastering import integrated_loudness
+
+    common = ["--caption", "calm piano", "--bundle", str(tiny_bundle), "--steps", "2", "--seed", "3"]
+    mp3 = tmp_path / "clip.mp3"
+    assert main(["generate", *common, "--seconds", "2", "--loudness-lufs", "-20", "--out", str(mp3)]) == 0
+    assert "wrote" in capsys.readouterr().out and sf.info(mp3).format == "MP3"
+    decoded, rate = sf.read(mp3)
+    assert rate == 32000 and abs(integrated_loudness(decoded, rate) - (-20)) <= 1.0  # MP3 is written at 32 kHz
+    loop = tmp_path / "loop.flac"
+    assert main(["generate", *common, "--seconds", "1.01", "--loop", "--loudness-lufs", "off", "--out", str(loop)]) == 0
+    assert (sf.info(loop).format, sf.info(loop).frames) == ("FLAC", 16000)  # 1.01 s -> 25 frames of 40 ms
+
+
 def _bad_image_files(directory: Path, png: Path) -> dict[str, Path]:
     text = directory / "notes.png"
     text.write_text("this is not an image")
@@ -73,6 +88,9 @@ def _bad_image_files(directory: Path, png: Path) -> dict[str, Path]:
         ("zero steps", {"--steps": "0"}, "steps"),
         ("negative strength", {"--image-strength": "-0.1"}, "image_strength"),
         ("more image passes than steps", {"--image-steps": "3"}, "image_steps"),
+        ("loudness out of range", {"--loudness-lufs": "0"}, "loudness_lufs"),
+        ("format other than the file's", {"--format": "mp3"}, "out"),
+        ("unknown extension", {"--out": "clip.aiff"}, "out"),
     ],
 )
 def test_bad_input_fails_clearly_and_leaves_no_file(tmp_path, png, tiny_bundle, capsys, case, overrides, field):
@@ -99,7 +117,7 @@ def test_unknown_bundle_is_a_bundle_error_not_a_traceback(tmp_path, png, capsys)
 def test_bad_flags_answer_in_one_line_before_torch_is_imported(tmp_path, tiny_bundle):
     """Each bad invocation exits 2 with one line; torch, diffusers and transformers are never imported (the
     embedded bundle's limits are read from its JSON once it exists: after the first use)."""
-    cases = [["--out", "clip.mp3"], ["--device", "foo"], ["--dtype", "float16"], ["--threads", "0"],
+    cases = [["--out", "clip.aiff"], ["--device", "foo"], ["--dtype", "float16"], ["--threads", "0"],
              ["--steps", "0"], ["--image", str(tmp_path / "absent.png")]]  # fmt: skip
     code = f"""
 import contextlib, io, sys

@@ -88,7 +88,7 @@ def test_variations_take_consecutive_seeds_and_one_output_each():
     request = GenerationRequest("x", num_outputs=3, seed=MAX_SEED - 1).resolved(LIMITS)
     variations = request.variations()
     assert [v.seed for v in variations] == [MAX_SEED - 1, MAX_SEED, 0]  # wraps within the seed range
-    assert {v.num_outputs for v in variations} == {1} and {v.batch_key for v in variations} == {request.batch_key}
+    assert {v.num_outputs for v in variations} == {1} and {v.batch_key(LIMITS) for v in variations} == {request.batch_key(LIMITS)}
     for bad in (0, 9):
         with pytest.raises(InputError, match="num_outputs"):
             GenerationRequest("x", num_outputs=bad).resolved(LIMITS)
@@ -113,8 +113,33 @@ def test_interface_states_the_bundle_bounds_and_defaults():
 def test_batch_key_groups_what_can_share_one_pipeline_call():
     base = GenerationRequest("a", seconds=2.0, steps=4, seed=1, guidance_scale=3.0).resolved(LIMITS)
     partner = GenerationRequest("b", seconds=2.0, steps=4, seed=9, guidance_scale=5.0, image_strength=0.2)
-    assert partner.resolved(LIMITS).batch_key == base.batch_key
+    assert partner.resolved(LIMITS).batch_key(LIMITS) == base.batch_key(LIMITS)
     for other in ({"steps": 5}, {"seconds": 3.0}, {"scheduler": "dpmpp"}, {"image_guidance": "both"},
                   {"guidance_scale": 1.0}, {"image_steps": 2}):  # fmt: skip
         changed = GenerationRequest(**{"caption": "b", "seconds": 2.0, "steps": 4, **other}).resolved(LIMITS)
-        assert changed.batch_key != base.batch_key, other
+        assert changed.batch_key(LIMITS) != base.batch_key(LIMITS), other
+
+
+def test_clips_run_in_windows_batch_together_whatever_their_length():
+    """Clips of the trained length and longer, and loops, all meet the UNet as windows of the trained length."""
+    key = lambda **fields: GenerationRequest("a", steps=4, **fields).resolved(LIMITS).batch_key(LIMITS)  # noqa: E731
+    window = LIMITS.window_seconds
+    assert key(seconds=window) == key(seconds=LIMITS.max_seconds) == key(seconds=1.0, loop=True)
+    assert key(seconds=window / 2) != key(seconds=window)
+    assert key(seconds=1.0, format="mp3", loudness_lufs=None) == key(seconds=1.0)  # post-processing only
+
+
+def test_delivery_fields_resolve_and_are_checked():
+    request = GenerationRequest("a").resolved(LIMITS)
+    assert (request.format, request.loudness_lufs, request.loop) == ("wav", -14.0, False)
+    assert GenerationRequest("a", loudness_lufs=None).resolved(LIMITS).loudness_lufs is None  # off
+    with pytest.raises(InputError, match="format"):
+        GenerationRequest("a", format="aiff").resolved(LIMITS)
+    with pytest.raises(InputError, match="loudness_lufs"):
+        GenerationRequest("a", loudness_lufs=0.0).resolved(LIMITS)
+
+
+def test_a_payload_from_before_the_delivery_fields_loads_with_their_defaults():
+    current = GenerationRequest("a", steps=3).resolved(LIMITS).to_dict()
+    older = {name: value for name, value in current.items() if name not in ("loop", "format", "loudness_lufs")}
+    assert GenerationRequest.from_dict(older) == GenerationRequest.from_dict(current)

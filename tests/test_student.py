@@ -21,12 +21,12 @@ from melfusion.student import ddim_step, guidance_embedding, student_scheduler, 
 FAST = {"seconds": 0.5, "num_inference_steps": 4}
 
 
-def make_student() -> MelFusionPipeline:
+def make_student(**config) -> MelFusionPipeline:
     """The tiny pipeline with an untrained student UNet (the teacher's weights, a zero guidance projection)."""
     components = get_dummy_components()
     music_unet = student_unet_from(components["music_unet"])
     pipe = MelFusionPipeline(**{**components, "music_unet": music_unet, "scheduler": student_scheduler(components["scheduler"].config, 40)},
-                             default_steps=4, max_steps=8)  # fmt: skip
+                             default_steps=4, max_steps=8, **config)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -184,6 +184,29 @@ def test_guidance_interval_fields_are_checked_and_keep_batches_apart():
         assert error.value.field == field
     base = GenerationRequest("x", steps=4).resolved(limits)
     assert (base.guidance_start, base.guidance_end) == (0.0, 1.0)
-    assert GenerationRequest("x", steps=4, guidance_end=0.5).resolved(limits).batch_key != base.batch_key
+    assert GenerationRequest("x", steps=4, guidance_end=0.5).resolved(limits).batch_key(limits) != base.batch_key(limits)
     older = {k: v for k, v in base.to_dict().items() if k not in ("guidance_start", "guidance_end")}
     assert GenerationRequest.from_dict(older) == base  # a queue payload from before the interval
+
+
+def test_long_clips_keep_the_guidance_interval_and_a_students_guidance_in_every_window():
+    """Clips longer than the trained window run in windows, `batch` at a time: outside the interval the
+    teacher's windows run on their conditional rows only, and a student's windows each read their clip's
+    guidance input; every clip is what it is alone."""
+    teacher, few = make_pipeline(window_seconds=1.0), make_student(window_seconds=1.0)
+    cases = ((teacher, {"guidance_start": 0.5}, [2, 2, 4, 4]), (few, {}, [2, 2, 2, 2]))
+    for pipe, fields, batch_per_step in cases:
+        requests = [GenerationRequest("calm piano", seconds=2.5, steps=4, seed=3, guidance_scale=3.0, **fields),
+                    GenerationRequest("rainy jazz", seconds=1.5, steps=4, seed=4, guidance_scale=7.0, **fields)]  # fmt: skip
+        requests = [request.resolved(pipe.limits) for request in requests]
+        calls, hook = unet_calls(pipe)
+        try:
+            batch = pipe.generate(requests, [None, None])
+        finally:
+            hook.remove()
+        chunks = len(calls) // 4  # the windows of both clips, two at a time, at every step
+        assert chunks > 1 and [size for size, _ in calls[::chunks]] == batch_per_step
+        assert all((condition is None) == (pipe is teacher) for _, condition in calls)
+        for row, request in enumerate(requests):
+            alone = pipe.generate([request], [None])
+            np.testing.assert_allclose(batch.clip(row), alone.clip(0), atol=1e-5)

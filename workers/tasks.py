@@ -1,5 +1,5 @@
 """The job function RQ names (`jobs.queue.TASK`) and the batch every job runs in: fetch the images, generate
-all clips in one pipeline call, store each WAV, and end every job on its own.
+all clips in one pipeline call, store each clip (mastered, in its format), and end every job on its own.
 
 Each job of a batch keeps its own status, progress, cancel flag, result and error: an undecodable image
 fails only its job; a clip with NaN/inf fails only its job (`non_finite_output`, naming the component); a
@@ -32,10 +32,11 @@ from rq.utils import now
 from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
 from jobs.queue import CANCEL_AT, ErrorCode, JobStatus, cancel_key
-from jobs.storage import PNG, WAV, StorageUnavailable, output_key, retry_storage, spectrogram_key
-from melfusion.audio import encode_wav
+from jobs.storage import PNG, StorageUnavailable, output_key, retry_storage, spectrogram_key
+from melfusion.audio import audio_format
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
+from melfusion.mastering import deliver
 from melfusion.precision import NonFiniteOutput
 from melfusion.request import GenerationRequest
 
@@ -184,7 +185,7 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
             if error is not None:
                 outcome = error
             else:
-                outputs = [store_clip(runtime, row.job.id, index, audio, sampling_rate)
+                outputs = [store_clip(runtime, row.job.id, index, row.request, audio, sampling_rate)
                            for index, audio in enumerate(audios)]  # fmt: skip
                 outcome = {**outputs[0], "outputs": outputs}
         except Exception as exc:
@@ -230,8 +231,8 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
                 first = clips.stop
                 if not row.ended:
                     row.ended = True  # the writer ends it from here on
-                    write(row.job.id, partial(finish_row, row, output.audios[clips], output.sampling_rate,
-                                              output.errors[clips]))  # fmt: skip
+                    audios = [output.clip(index) for index in range(clips.start, clips.stop)]  # each at its length
+                    write(row.job.id, partial(finish_row, row, audios, output.sampling_rate, output.errors[clips]))
             return
         # Out of memory: the exception (and the frames holding the failed call's tensors) is gone by now.
         if torch.cuda.is_available():
@@ -243,13 +244,15 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
     generate_part(batch)
 
 
-def store_clip(runtime: Runtime, job_id: str, index: int, audio, sampling_rate: int) -> dict:
-    """Write output `index`'s WAV, then its spectrogram PNG, to storage; returns the record the API reads."""
-    wav = encode_wav(audio, sampling_rate)
-    key = output_key(job_id, index)
+def store_clip(runtime: Runtime, job_id: str, index: int, request: GenerationRequest, audio, sampling_rate: int) -> dict:
+    """Master and encode output `index` as the request asks (format, loudness, loop), write it, then its
+    spectrogram PNG, to storage; returns the record the API reads."""
+    audio, encoded = deliver(audio, sampling_rate, request)
+    kind = audio_format(request.format)
+    key = output_key(job_id, index, request.format)
     picture = spectrogram_key(job_id, index)
     png = runtime.get_pipeline().spectrogram_png(audio)
-    for stored_key, data, content_type in ((key, wav, WAV), (picture, png, PNG)):
+    for stored_key, data, content_type in ((key, encoded, kind.content_type), (picture, png, PNG)):
         retry_storage(
             lambda: runtime.storage.put(stored_key, data, content_type=content_type),
             for_seconds=runtime.settings.storage_retry_seconds,
@@ -258,11 +261,12 @@ def store_clip(runtime: Runtime, job_id: str, index: int, audio, sampling_rate: 
     return {
         "key": key,
         "spectrogram_key": picture,
-        "content_type": WAV,
+        "content_type": kind.content_type,
+        "format": kind.name,
         "seconds": audio.shape[-1] / sampling_rate,
         "sample_rate": sampling_rate,
-        "bytes": len(wav),
-        "sha256": hashlib.sha256(wav).hexdigest(),
+        "bytes": len(encoded),
+        "sha256": hashlib.sha256(encoded).hexdigest(),
     }
 
 

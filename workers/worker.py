@@ -174,7 +174,8 @@ class MelFusionWorker(SimpleWorker):
         claimed: dict[Job, Execution] = {}
         if wanted <= 0:
             return claimed
-        key = leading.batch_key
+        limits = self.runtime.get_pipeline().limits
+        key = leading.batch_key(limits)
         judged: set[str] = {leader.id}
         deadline = time.monotonic() + settings.batch_wait_ms / 1000
         while True:
@@ -186,7 +187,7 @@ class MelFusionWorker(SimpleWorker):
                     continue
                 judged.add(candidate.id)
                 request = GenerationRequest.from_dict(candidate.kwargs["params"])
-                if request.batch_key == key and request.num_outputs <= wanted:
+                if request.batch_key(limits) == key and request.num_outputs <= wanted:
                     execution = self._claim(candidate, queue)
                     if execution is not None:
                         claimed[candidate] = execution

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from jobs.storage import PNG, WAV, StorageKeyInvalid, check_key, content_type_of
+from jobs.storage import AUDIO_CONTENT_TYPES, PNG, StorageKeyInvalid, check_key, content_type_of
 
 from ..deps import StorageDep
 from ..errors import ErrorResponse, JobNotFound, LinkInvalid
@@ -19,7 +19,11 @@ router = APIRouter(tags=["files"])
 @router.get(
     "/files/{key:path}",
     response_class=FileResponse,
-    responses={200: {"content": {WAV: {}, PNG: {}}}, 403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    responses={
+        200: {"content": {**{kind: {} for kind in AUDIO_CONTENT_TYPES}, PNG: {}}},
+        403: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+    },
 )
 def download_file(key: str, expires: Annotated[int, Query()], signature: Annotated[str, Query()], storage: StorageDep):
     try:

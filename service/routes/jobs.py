@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs.queue import TERMINAL, JobStatus, ended_key
+from jobs.storage import AUDIO_CONTENT_TYPES
 from jobs.webhooks import read_attempts
 
 from ..deps import (
@@ -184,16 +185,17 @@ def cancel(
 @router.get(
     "/{job_id}/audio",
     response_class=Response,
-    responses={**ERRORS, 200: {"content": {"audio/wav": {}}}, 307: {"description": "to the storage URL"},
+    responses={**ERRORS, 200: {"content": {kind: {} for kind in AUDIO_CONTENT_TYPES}},
+               307: {"description": "to the storage URL"},
                409: {"model": ErrorResponse}},
 )  # fmt: skip
 def get_audio(job_id: JobId, redis: RedisDep, storage: StorageDep, owner: OwnerDep, base_url: BaseUrlDep):
-    """The WAV: streamed from the local store, or a redirect to a presigned S3 URL."""
+    """The clip, in its format: streamed from the local store, or a redirect to a presigned S3 URL."""
     job = find_job(redis=redis, job_id=job_id, owner=owner)
     public = describe_job(job, redis=redis, storage=storage, base_url=base_url)
     if public.status is not JobStatus.SUCCEEDED:
         raise JobStateConflict(f"job {job_id} is {public.status.value}, there is no audio", field="id")
     if storage.serves_via_api:  # the signed link would lead back here: send the file at once
-        return FileResponse(storage.path(result_key(job)), media_type="audio/wav")
+        return FileResponse(storage.path(result_key(job)), media_type=public.result.content_type)
     return RedirectResponse(public.result.url, status_code=307)
 

@@ -6,8 +6,8 @@ const HISTORY_KEY = "melfusion.history";
 const API_KEY = "melfusion.apiKey";  // in sessionStorage (gone with the tab), or localStorage if "remember" is ticked
 const HISTORY_SIZE = 5;
 // Every form field but the image; an empty one is left out (the service's default).
-const OPTIONAL_FIELDS = ["caption", "negative_caption", "num_outputs", "seconds", "steps", "image_steps",
-  "image_strength", "guidance_scale", "seed", "expires_in"];
+const OPTIONAL_FIELDS = ["caption", "negative_caption", "num_outputs", "seconds", "format", "loudness_lufs", "steps",
+  "image_steps", "image_strength", "guidance_scale", "seed", "expires_in"];
 
 function authHeaders() {
   const key = $("api-key").value.trim();
@@ -51,16 +51,18 @@ function render(job) {
     $("result").hidden = false;
     $("audio").src = job.result.url;
     $("spectrogram").src = job.result.spectrogram_url || "";
+    const format = job.params.format || "wav";  // the file's extension is the format's name
     $("download").href = job.result.url;
-    $("download").setAttribute("download", `melfusion-${job.id}.wav`);
+    $("download").setAttribute("download", `melfusion-${job.id}.${format}`);
+    $("download").textContent = `Download ${format.toUpperCase()}`;
     $("seed-used").textContent = job.params.seed;
     $("more-outputs").replaceChildren(...(job.outputs || []).slice(1).map((output, i) => {
       const li = document.createElement("li");
       const audio = document.createElement("audio");
       Object.assign(audio, { controls: true, preload: "metadata", src: output.url });
       const link = document.createElement("a");
-      Object.assign(link, { href: output.url, download: `melfusion-${job.id}-${i + 2}.wav` });
-      link.textContent = `Download WAV (seed ${job.params.seed + i + 1})`;
+      Object.assign(link, { href: output.url, download: `melfusion-${job.id}-${i + 2}.${format}` });
+      link.textContent = `Download ${format.toUpperCase()} (seed ${job.params.seed + i + 1})`;
       li.append(audio, link);
       return li;
     }));
@@ -136,6 +138,7 @@ async function submit(event) {
   }
   if (file) form.append("image", file);
   for (const name of OPTIONAL_FIELDS) if ($(name).value !== "") form.append(name, $(name).value);
+  if ($("loop").checked) form.append("loop", "true");
   $("submit").disabled = true;
   $("result").hidden = true;
   try {

@@ -153,3 +153,16 @@ def test_image_passes_reach_the_pipeline_and_keep_apart_in_batches(batching_stac
     clips = [audio(batching_stack, job).astype(int) for job in jobs]
     assert np.array_equal(clips[0], clips[2])  # one image pass per step is the default
     assert np.abs(clips[1] - clips[0]).max() > 2  # one image pass for three steps is another clip
+
+
+def test_clips_of_the_trained_length_longer_ones_and_loops_share_one_batch(batching_stack, sample_png):
+    """The tiny bundle's window is 10 s: a 10 s clip, a 12 s clip (two windows) and a 3 s loop (two circular
+    windows) all meet the UNet as 10 s windows, so the worker runs them as one batch; each keeps its length."""
+    shapes = [{"seconds": 10.0}, {"seconds": 12.0}, {"seconds": 3.0, "loop": True}]
+    requests = [{"caption": f"row {i}", "steps": 2, "seed": 30 + i, **shape} for i, shape in enumerate(shapes)]
+    ids = queued_behind_blocker(batching_stack, sample_png, requests)
+    client = batching_stack.client()
+    jobs = [client.wait(job_id, timeout=300) for job_id in ids]
+    assert all(job.status == "succeeded" for job in jobs), [job.raw for job in jobs]
+    assert ids in batch_lines(batching_stack)
+    assert [job.result["seconds"] for job in jobs] == [10.0, 12.0, 3.0]

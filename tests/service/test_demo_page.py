@@ -144,3 +144,30 @@ def test_caption_only_with_variations_and_a_negative_caption(live_stack, browser
     assert len(extra) == 1 and extra[0].get_attribute("src") != first
     assert "seed 8" in browser.find_element(By.ID, "more-outputs").text
     assert "kept until" in browser.find_element(By.ID, "expires").text
+
+
+def test_an_mp3_loop_at_a_chosen_loudness(live_stack, browser):
+    browser.get(f"{live_stack.base_url}/")
+    browser.find_element(By.ID, "caption").send_keys("a drum loop")
+    browser.find_element(By.CSS_SELECTOR, "#format option[value='mp3']").click()
+    browser.find_element(By.ID, "loop").click()
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    for name, value in (("seconds", "2"), ("steps", "2"), ("loudness_lufs", "-16")):
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "submit").click()
+    audio = WebDriverWait(browser, 300).until(lambda b: b.find_element(By.ID, "audio").get_attribute("src") and
+                                              b.find_element(By.ID, "audio"))  # fmt: skip
+    content_type = browser.execute_async_script(
+        "fetch(arguments[0]).then(r => arguments[1](r.headers.get('content-type')))", audio.get_attribute("src")
+    )
+    assert content_type == "audio/mpeg"
+    duration = browser.execute_async_script(
+        """const [audio, done] = arguments;
+        if (audio.readyState >= 1) done(audio.duration); else audio.onloadedmetadata = () => done(audio.duration);""",
+        audio,
+    )
+    assert 1.9 < duration < 2.2  # the browser decodes the MP3: a 2 s loop (50 frames of 40 ms)
+    link = browser.find_element(By.ID, "download")
+    assert link.text == "Download MP3" and link.get_attribute("download").endswith(".mp3")
