@@ -172,21 +172,25 @@ def small_generations(image: Image.Image, repeats: int, seconds: float, steps: i
     print(f"  output moved by the coarse image grid: {moved:.3f} RMS relative to the clip")
 
 
+def repeated_photo(index: int) -> tuple[Path | bytes, dict]:
+    """The service benches' default job: the sample photo, one caption, DPM-Solver++, the job's own seed."""
+    return SAMPLE_IMAGE, {"caption": CAPTION, "seed": index, "scheduler": "dpmpp"}
+
+
 def service_batching(
-    jobs: int, rounds: int, seconds: float, steps: int, *, bundle: Path | None = None, **worker_settings
-) -> dict[str, float]:
+    jobs: int, rounds: int, seconds: float, steps: int, *, bundle: Path | None = None,
+    job: Callable[[int], tuple[Path | bytes, dict]] = repeated_photo, **worker_settings,
+) -> dict[str, float]:  # fmt: skip
     """Clips per second through the real service (API, Redis, one worker, local storage; the tiny bundle
-    unless `bundle` is given) for `jobs` concurrent repeated-photo jobs, batching off (MELFUSION_MAX_BATCH=1)
-    vs on, alternating rounds. `worker_settings` are further MELFUSION_* settings (device, dtype, …).
-    Returns the median clips per second of each."""
+    unless `bundle` is given) for `jobs` concurrent jobs (`job(i)`: the photo and form fields of job i),
+    batching off (MELFUSION_MAX_BATCH=1) vs on, alternating rounds. `worker_settings` are further MELFUSION_*
+    settings (device, dtype, …). Returns the median clips per second of each."""
     from bench.service import private_redis, run_burst, running_service
 
-    print(f"service, {jobs} concurrent jobs, {bundle or 'tiny bundle'}, {seconds:g} s clip, {steps} DPM-Solver++ "
-          f"steps, one worker {worker_settings or '(1 thread)'}", flush=True)  # fmt: skip
+    print(f"service, {jobs} concurrent jobs, {bundle or 'tiny bundle'}, {seconds:g} s clip, {steps} steps, "
+          f"one worker {worker_settings or '(1 thread)'}", flush=True)  # fmt: skip
     worker_settings = worker_settings or {"torch_threads": 1}
-    photo = SAMPLE_IMAGE.read_bytes()
-    requests = [(photo, {"caption": CAPTION, "seconds": seconds, "steps": steps, "seed": i, "scheduler": "dpmpp"})
-                for i in range(jobs)]  # fmt: skip
+    requests = [(image, {"seconds": seconds, "steps": steps, **fields}) for image, fields in map(job, range(jobs))]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         bundle = bundle or create_tiny_bundle(work / "bundle")

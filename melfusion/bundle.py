@@ -19,6 +19,7 @@ import torch
 
 from .errors import BundleError
 from .files import replacing
+from .limits import STUDENT_SCHEDULER_CLASS
 from .manifest import (
     BUNDLE_VERSION,
     FORMAT,
@@ -123,6 +124,29 @@ def _check_configs_agree(directory: Path) -> None:
     unknown = set(synapse["blocks"]) - blocks
     if unknown:
         raise BundleError(f"{directory}: synapse blocks {sorted(unknown)} do not exist in music_unet")
+    _check_student(directory, _read_json(directory / "model_index.json"), music_unet, read_manifest(directory))
+
+
+def _check_student(directory: Path, index: dict, music_unet: dict, manifest: dict) -> None:
+    """A student (LCMScheduler) needs a music UNet with a guidance input, and only a student has one; its
+    default steps must be within its bounds, and its manifest's `origin` must name the teacher it was
+    distilled from and how (what `melfusion distill` writes), so a student is never served unexplained."""
+    student = index["scheduler"][1] == STUDENT_SCHEDULER_CLASS
+    guidance_input = music_unet.get("time_cond_proj_dim") is not None
+    if student != guidance_input:
+        raise BundleError(
+            f"{directory}: scheduler {index['scheduler'][1]} with a music_unet "
+            f"{'with' if guidance_input else 'without'} a guidance input (time_cond_proj_dim): a distilled student "
+            f"pairs {STUDENT_SCHEDULER_CLASS} with that input, a teacher neither"
+        )
+    if not 1 <= index["default_steps"] <= index["max_steps"]:
+        raise BundleError(f"{directory}: default_steps {index['default_steps']} outside [1, max_steps {index['max_steps']}]")
+    if student:
+        origin = manifest.get("origin") or {}
+        teacher, settings = origin.get("teacher"), origin.get("distillation")
+        if not isinstance(teacher, dict) or not teacher.get("bundle") or not isinstance(settings, dict):
+            raise BundleError(f"{directory}: a distilled student's manifest must name its teacher and the distillation "
+                              "settings (origin.teacher.bundle, origin.distillation)")
 
 
 def verify_bundle(directory: str | os.PathLike, *, hashes: bool = True, trust_stamp: bool = False) -> dict:

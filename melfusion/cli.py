@@ -1,4 +1,5 @@
-"""`melfusion` console script: `melfusion generate [--image IMG] [--caption TEXT] --out OUT.wav`.
+"""`melfusion` console script: `melfusion generate [--image IMG] [--caption TEXT] --out OUT.wav`; train, eval,
+distill.
 
 Cheap checks (image, caption, ranges from the bundle's config, device and dtype) run before torch or any
 model is imported, so a bad request fails in well under a second; the clip (WAV, FLAC, Ogg, Opus or MP3:
@@ -24,6 +25,7 @@ from .manifest import default_tiny_bundle_dir
 from .quiet import silence_library_noise
 from .request import GenerationRequest
 from .training.cli import add_train_parser
+from .training.distill_cli import add_distill_parser
 
 EXIT_INPUT, EXIT_BUNDLE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 3, 1, 130
 
@@ -99,7 +101,8 @@ def run_generate(args: argparse.Namespace) -> int:
         audio, encoded = deliver(output.clip(index - 1), output.sampling_rate, request)
         path = write_atomically(out, encoded)
         seconds = audio.size / output.sampling_rate
-        print(f"wrote {path.resolve()} ({request.format}, {seconds:g} s at {output.sampling_rate} Hz, seed {seed})")
+        print(f"wrote {path.resolve()} ({request.format}, {seconds:g} s at {output.sampling_rate} Hz, "
+              f"{request.steps} {request.scheduler} steps, seed {seed})")
     print(f"load {loaded - started:.1f} s, generate {generated - loaded:.1f} s")
     return 0
 
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(commands)
     add_train_parser(commands)
+    add_distill_parser(commands)
     add_eval_parser(commands)
     return parser
 

@@ -27,6 +27,8 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UNet2DConditionModel,
 )
 from diffusers.image_processor import VaeImageProcessor
@@ -45,6 +47,7 @@ from .precision import NonFiniteOutput, finite_rows, first_non_finite, keep_floa
 from .request import GenerationRequest, random_seed
 from .schedulers import GridDDIMInverseScheduler, GridDDIMScheduler
 from .shapes import ShapeBuckets
+from .student import guidance_embedding
 from .synapse import VisualSynapse
 from .windows import TimeWindows, plan_windows
 
@@ -138,7 +141,7 @@ class MelFusionPipeline(DiffusionPipeline):
         music_unet: UNet2DConditionModel,
         mel_vae: AutoencoderKL,
         vocoder: SpeechT5HifiGan,
-        scheduler: DDIMScheduler,
+        scheduler: DDIMScheduler | LCMScheduler,  # LCMScheduler: a distilled student (melfusion.student)
         synapse: VisualSynapse,
         hop_length: int = 160,
         n_fft: int = 1024,
@@ -362,6 +365,11 @@ class MelFusionPipeline(DiffusionPipeline):
         return GenerationLimits.from_config(self.config)
 
     @property
+    def is_student(self) -> bool:
+        """A few-step student (`melfusion distill`): guidance is an input of its UNet, not a CFG batch."""
+        return isinstance(self.scheduler, LCMScheduler)
+
+    @property
     def samples_per_latent_frame(self) -> int:
         return self.config.hop_length * self.mel_vae_scale
 
@@ -402,8 +410,10 @@ class MelFusionPipeline(DiffusionPipeline):
 
         "trailing" (Lin et al. 2023) starts every grid at t = 999 and ends it near 0. SD's "leading" starts
         at 1 + (n-1)·⌊1000/n⌋: 799 for the paper's 400 steps, i.e. sampling would begin from pure noise
-        at a step that expects some signal, and 1000 steps would index past the schedule.
+        at a step that expects some signal, and 1000 steps would index past the schedule. Settings that
+        `scheduler_class` does not take (a student's LCM settings, for its DDIM grid) are left out.
         """
+        config = {key: value for key, value in config.items() if key in scheduler_class._get_init_keys(scheduler_class)}
         return scheduler_class.from_config(config, timestep_spacing=self.config.timestep_spacing)
 
     def timestep_grid(self, num_inference_steps: int) -> torch.Tensor:
@@ -428,6 +438,10 @@ class MelFusionPipeline(DiffusionPipeline):
             scheduler = DPMSolverMultistepScheduler.from_config(
                 self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
             )
+            scheduler.set_timesteps(timesteps=timesteps.tolist())
+        elif name in ("tcd", "lcm"):  # a student's consistency steps: "lcm" draws fresh noise between them from
+            # the seeded generators, "tcd" (stepped with γ = 0) re-noises along the step's own predicted noise
+            scheduler = (TCDScheduler if name == "tcd" else LCMScheduler).from_config(self.scheduler.config)
             scheduler.set_timesteps(timesteps=timesteps.tolist())
         else:
             raise InputError("scheduler", f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
@@ -673,6 +687,8 @@ class MelFusionPipeline(DiffusionPipeline):
         seed: int | list[int] | None = None,
         image_steps: int | None = None,
         negative_caption: str | list[str | None] | None = None,
+        guidance_start: float | None = None,
+        guidance_end: float | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_non_finite: NonFinitePolicy = "raise",
@@ -691,13 +707,18 @@ class MelFusionPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps of the music loop.
             guidance_scale: CFG scale, one for all or one per caption (bundle default, the paper's 7);
                 <= 1 disables CFG (in a batch where others use CFG, such a row is its conditional branch).
+                A student takes it as an input of its UNet instead of a CFG batch.
             image_strength: scales every α, one for all or per caption: 0 = caption only, 1 = learned α.
             image_guidance: which CFG branch sees the image, "conditional" or "both" (see `image_rows`).
-            scheduler: "ddim" (the paper's), "dpmpp" (DPM-Solver++, good in ~20 steps) or "ddpm" (TANGO's).
+            scheduler: "ddim" (the paper's), "dpmpp" (DPM-Solver++, good in ~20 steps) or "ddpm" (TANGO's);
+                a distilled student's are "tcd" and "lcm" (see limits.STUDENT_SCHEDULERS). Default: the
+                bundle's first (ddim, or tcd).
             seed: int (item i gets seed + i) or one per caption; random if None, echoed in the output.
             image_steps: image passes on a coarser grid (default: one per music step); each music step
                 then reads the recorded step nearest to its timestep.
             negative_caption: replaces "" in the unconditional CFG branch, one for all or one per caption.
+            guidance_start, guidance_end: the guidance interval, fractions of the trajectory: CFG runs on the
+                steps i with start <= i/steps < end, the others on the conditional rows alone (`guided_steps`).
             callback: called with a StepInfo after every UNet step of every phase.
             should_cancel: polled before every step; True raises GenerationCancelled.
             on_non_finite: "raise" NonFiniteOutput if any clip has NaN/inf; "report" it per row in
@@ -717,12 +738,14 @@ class MelFusionPipeline(DiffusionPipeline):
             _request_of(
                 caption=row_caption, negative_caption=row_negative, seconds=row_seconds, loop=row_loop, steps=num_inference_steps,
                 guidance_scale=row_guidance, image_strength=row_strength, image_guidance=image_guidance,
-                scheduler=scheduler, seed=row_seed, image_steps=image_steps,
+                scheduler=scheduler, seed=row_seed, image_steps=image_steps, guidance_start=guidance_start,
+                guidance_end=guidance_end,
             ).resolved(self.limits)
             for row_caption, row_negative, row_seconds, row_loop, row_guidance, row_strength, row_seed in columns
         ]  # fmt: skip
         first = requests[0]
         steps, image_steps, scheduler = first.steps, first.image_steps, first.scheduler
+        guidance_start, guidance_end = first.guidance_start, first.guidance_end
         seconds = [request.seconds for request in requests]
         loops = [request.loop for request in requests]
         guidance = [request.guidance_scale for request in requests]
@@ -733,7 +756,7 @@ class MelFusionPipeline(DiffusionPipeline):
         for request, img in zip(requests, images, strict=True):
             request.check_condition(has_image=img is not None or image_features is not None)
         has_image = [(img is not None or image_features is not None) and s > 0 for img, s in zip(images, strength)]
-        with_unconditional = max(guidance) > 1.0
+        with_unconditional = max(guidance) > 1.0 and not self.is_student  # a student's guidance is an input
         captions = [request.caption or "" for request in requests]  # image only: the empty caption
         negatives = [request.negative_caption or "" for request in requests]
 
@@ -774,18 +797,30 @@ class MelFusionPipeline(DiffusionPipeline):
             # 6. Denoising loop with the visual synapse (lines 4-10), over windows of at most the trained
             # length, `rows` at a time: the UNet sees the shapes of a warmed batch at a warmed length
             device = latents.device
-            row_strength = self.image_rows(
-                torch.tensor(strength), torch.tensor(has_image), with_unconditional, first.image_guidance
-            )
-            chunks = window_chunks(windows, rows, batch, with_unconditional)
-            self.load_synapse(
-                image_features, feature_rows, text_mask, row_strength, nearest_steps(timesteps, image_grid),
-                unet_rows=chunks[0][1],
-            )
+
+            def rows_for(cfg: bool) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+                """A step's call rows, [uncond…, cond…] with CFG, else cond only: caption states and mask, the
+                windows in UNet batches with the rows each reads, and the mixers loaded with those rows' images."""
+                count = batch * (1 + cfg)
+                row_strength = self.image_rows(torch.tensor(strength), torch.tensor(has_image), cfg, first.image_guidance)
+                chunks = window_chunks(windows, rows, batch, cfg)
+                self.load_synapse(
+                    image_features, feature_rows, text_mask[-count:], row_strength, nearest_steps(timesteps, image_grid),
+                    unet_rows=chunks[0][1],
+                )  # fmt: skip
+                return text_states[-count:], text_mask[-count:], chunks
+
             scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
+            guided = guided_steps(steps, guidance_start, guidance_end) if with_unconditional else [False] * steps
+            # A compiled pipeline is warmed on the CFG batch only (shapes.py): it runs the steps outside the
+            # interval on that batch too and uses their conditional half, so the interval saves no UNet time there
+            cfg_batch = [with_unconditional] * steps if self.shape_buckets is not None else guided
+            condition = self.guidance_condition(guidance, device) if self.is_student else None
             unet_timesteps = music_scheduler.timesteps.to(device)  # on the device: no copy per step
             for i, t in enumerate(music_scheduler.timesteps):  # t on the host: no step waits for the device
                 tracker.check_cancel()
+                if i == 0 or cfg_batch[i] != cfg_batch[i - 1]:  # CFG starts or stops: another UNet batch
+                    states, mask, chunks = rows_for(cfg_batch[i])
                 self.synapse_state.select_step(i)  # K_l^I, V_l^I met by music step i (lines 7-9)
                 window_latents = windows.gather(latents)
                 predictions = torch.empty_like(window_latents)
@@ -793,16 +828,17 @@ class MelFusionPipeline(DiffusionPipeline):
                     if len(chunks) > 1:
                         self.synapse_state.select_rows(unet_rows)  # each window reads its clip's image and strength
                     chunk_latents = window_latents[chunk]
-                    model_input = torch.cat([chunk_latents] * 2) if with_unconditional else chunk_latents
+                    model_input = torch.cat([chunk_latents] * 2) if cfg_batch[i] else chunk_latents
                     model_input = music_scheduler.scale_model_input(model_input, t)
                     noise_pred = self.music_unet(
-                        model_input, unet_timesteps[i], encoder_hidden_states=text_states[unet_rows],
-                        encoder_attention_mask=text_mask[unet_rows], return_dict=False,
+                        model_input, unet_timesteps[i], encoder_hidden_states=states[unet_rows],
+                        encoder_attention_mask=mask[unet_rows],
+                        timestep_cond=None if condition is None else condition[windows.rows[chunk]], return_dict=False,
                     )[0]  # fmt: skip
-                    if with_unconditional:
+                    if cfg_batch[i]:
                         uncond, cond = noise_pred.chunk(2)
                         row_scale = scale[windows.rows[chunk]].view(-1, 1, 1, 1)  # each row its own guidance
-                        noise_pred = uncond + row_scale * (cond - uncond)
+                        noise_pred = uncond + row_scale * (cond - uncond) if guided[i] else cond
                     count = min(len(chunk), len(windows) - int(chunk[0]))  # the top-up copies are thrown away
                     predictions[chunk[:count]] = noise_pred[:count]
                 noise_pred = windows.blend(predictions, latents)  # the cross-faded mean where windows overlap
@@ -884,8 +920,9 @@ class MelFusionPipeline(DiffusionPipeline):
     @staticmethod
     def _step_options(
         scheduler, generators: list[torch.Generator], seeds: list[int], device: torch.device
-    ) -> dict[str, list[torch.Generator]]:
-        """`scheduler.step`'s generators: DDPM (TANGO's sampler) draws fresh noise every step.
+    ) -> dict:
+        """`scheduler.step`'s options: DDPM (TANGO's sampler) and a student's "lcm" draw fresh noise every
+        step, through these generators; a student's "tcd" is stepped with γ = 0 and draws none.
 
         The noise is drawn on the device the loop runs on, one generator per row, so no step copies noise
         from the host: on the CPU each row's own generator goes on after z_T; on an accelerator a generator
@@ -893,7 +930,9 @@ class MelFusionPipeline(DiffusionPipeline):
         of device (CPU and CUDA generators draw different numbers); DDIM and DPM-Solver++ draw nothing after
         z_T, which is drawn on the CPU: their clips are the same on any device.
         """
-        if not isinstance(scheduler, DDPMScheduler):
+        if isinstance(scheduler, TCDScheduler):
+            return {"eta": 0.0}  # TCD's γ = 0: deterministic, a seed follows the teacher's trajectory
+        if not isinstance(scheduler, DDPMScheduler | LCMScheduler):
             return {}
         if device.type == "cpu":
             return {"generator": generators}
@@ -922,7 +961,7 @@ class MelFusionPipeline(DiffusionPipeline):
             raise InputError(
                 "requests",
                 "rows of one batch must share the UNet's clip length (see batch_key), steps, image steps, "
-                "scheduler, image guidance, CFG",
+                "scheduler, image guidance, CFG and its interval",
             )
         if len(images) != len(requests):
             raise InputError("image", f"give one image (or None) per request ({len(requests)})")
@@ -944,11 +983,18 @@ class MelFusionPipeline(DiffusionPipeline):
             scheduler=first.scheduler,
             seed=[row.seed for row, _ in rows],
             image_steps=first.image_steps,
+            guidance_start=first.guidance_start,
+            guidance_end=first.guidance_end,
             negative_caption=[row.negative_caption for row, _ in rows],
             callback=callback,
             should_cancel=should_cancel,
             on_non_finite="report",
         )
+
+    def guidance_condition(self, guidance: list[float], device: torch.device) -> torch.Tensor:
+        """(B, D) a student UNet's guidance input, one scale per row (`melfusion.student.guidance_embedding`)."""
+        embedding = guidance_embedding(torch.tensor(guidance), self.music_unet.config.time_cond_proj_dim)
+        return embedding.to(device=device, dtype=self.music_unet.dtype)
 
     def spectrogram_png(self, audio: np.ndarray) -> bytes:
         """The clip's log-mel spectrogram as a PNG (`melfusion.spectrogram`; needs matplotlib)."""
@@ -1008,3 +1054,10 @@ def nearest_steps(timesteps: torch.Tensor, image_grid: torch.Tensor) -> list[int
     """For each music timestep, the index of the nearest image-grid timestep (the same index on one grid)."""
     distance = (timesteps[:, None].float() - image_grid[None, :].float()).abs()
     return distance.argmin(dim=1).tolist()
+
+
+def guided_steps(steps: int, start: float, end: float) -> list[bool]:
+    """Which steps run CFG under the guidance interval [start, end) (fractions of the trajectory, 0 = pure
+    noise): step i if start <= i/steps < end. Guidance matters less at some noise levels (Kynkäänniemi et
+    al. 2024 found it harmful at the noisiest); each step outside the interval halves the UNet's batch."""
+    return [start <= i / steps < end for i in range(steps)]

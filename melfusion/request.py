@@ -18,10 +18,12 @@ from typing import Any
 
 from .audio import AUDIO_FORMATS, DEFAULT_FORMAT
 from .errors import InputError
-from .limits import IMAGE_GUIDANCE_MODES, LOUDNESS_RANGE_LUFS, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, GenerationLimits
+from .limits import (
+    IMAGE_GUIDANCE_MODES, LOUDNESS_RANGE_LUFS, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, STUDENT_SCHEDULERS, GenerationLimits,
+)  # fmt: skip
 
 MAX_SEED = 2**32 - 1  # seeds are drawn from [0, MAX_SEED] and accepted in it: any uint32 works
-DEFAULT_SCHEDULER = "ddim"  # the paper's sampler, when neither the request nor a preset names one
+DEFAULT_GUIDANCE_INTERVAL = (0.0, 1.0)  # CFG at every step
 MAX_OUTPUTS = 8  # variations of one request in one batched call; 8 rows cost about one at batch 1 on a GPU
 DEFAULT_LOUDNESS_LUFS = -14.0  # the level streaming and social platforms normalise to
 OFF = "off"  # how a form or a command line says null for a field whose default is not null
@@ -36,6 +38,7 @@ class Declaration:
     help: str
     ge: float | FromLimits | None = None
     gt: float | FromLimits | None = None
+    lt: float | FromLimits | None = None
     le: float | FromLimits | None = None
     choices: tuple | FromLimits | None = None
     text: bool = False  # free text, capped by the service's MELFUSION_MAX_CAPTION_CHARS
@@ -60,6 +63,7 @@ class FieldInterface:
     help: str
     ge: float | None
     gt: float | None
+    lt: float | None
     le: float | None
     choices: tuple | None
     text: bool
@@ -89,11 +93,12 @@ class FieldInterface:
             raise InputError(self.name, f"must be a whole number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise InputError(self.name, f"must be one of {self.choices}, got {value!r}")
-        low, high = self.gt if self.gt is not None else self.ge, self.le
+        low, high = self.gt if self.gt is not None else self.ge, self.lt if self.lt is not None else self.le
         too_low = low is not None and (value <= low if self.gt is not None else value < low)
-        if too_low or (high is not None and value > high):
-            opening = "(" if self.gt is not None else "["
-            raise InputError(self.name, f"must be in {opening}{low}, {high}], got {value}")
+        too_high = high is not None and (value >= high if self.lt is not None else value > high)
+        if too_low or too_high:
+            opening, closing = "(" if self.gt is not None else "[", ")" if self.lt is not None else "]"
+            raise InputError(self.name, f"must be in {opening}{low}, {high}{closing}, got {value}")
 
 
 def random_seed() -> int:
@@ -121,6 +126,20 @@ class GenerationRequest:
         "classifier-free guidance scale; <= 1 turns CFG off", ge=0, le=MAX_GUIDANCE_SCALE,
         bundle_default=lambda limits: limits.default_guidance_scale,
     )  # fmt: skip
+    guidance_start: float = declare(
+        "guidance interval: CFG runs on the steps from this fraction of the trajectory (0 = pure noise) "
+        "until `guidance_end`; the other steps run the conditional branch alone, half the UNet work "
+        "(teacher bundles only)",
+        default=DEFAULT_GUIDANCE_INTERVAL[0],
+        ge=0,
+        lt=1,
+    )
+    guidance_end: float = declare(
+        "guidance interval's end, a fraction of the trajectory (1: CFG to the last step)",
+        default=DEFAULT_GUIDANCE_INTERVAL[1],
+        gt=0,
+        le=1,
+    )
     image_strength: float = declare("scales every α: 0 = caption only, 1 = learned α", default=1.0, ge=0, le=1)
     image_guidance: str = declare(
         "CFG branch that sees the image: conditional (guidance amplifies image and caption) "
@@ -129,7 +148,9 @@ class GenerationRequest:
         choices=IMAGE_GUIDANCE_MODES,
     )
     scheduler: str | None = declare(
-        f"sampler (default: the preset's, else {DEFAULT_SCHEDULER})", choices=lambda limits: limits.schedulers
+        "sampler (default: the preset's, else the bundle's: ddim; a distilled student serves only tcd, its "
+        "default, and lcm)",
+        choices=lambda limits: limits.schedulers,
     )
     seed: int | None = declare(
         f"in [0, {MAX_SEED}]; chosen and echoed if omitted; output i gets seed + i", ge=0, le=MAX_SEED
@@ -183,7 +204,8 @@ class GenerationRequest:
                 help_text += f"; default {declaration.bundle_default(limits)} (or the preset's)"
             described.append(FieldInterface(
                 name=f.name, kind=kind, default=f.default, help=help_text, ge=_for_bundle(declaration.ge, limits),
-                gt=_for_bundle(declaration.gt, limits), le=_for_bundle(declaration.le, limits),
+                gt=_for_bundle(declaration.gt, limits), lt=_for_bundle(declaration.lt, limits),
+                le=_for_bundle(declaration.le, limits),
                 choices=_for_bundle(declaration.choices, limits), text=declaration.text, nullable=declaration.nullable,
             ))  # fmt: skip
         return tuple(described)
@@ -194,24 +216,38 @@ class GenerationRequest:
         Idempotent, so a queue payload from an older version resolves to the same request plus new defaults.
 
         Raises:
-            InputError: an unknown preset or an out-of-range field (names the field).
+            InputError: an unknown preset, one the bundle cannot run, or an out-of-range field (names the field).
         """
         for described in GenerationRequest.interface(limits):
             described.check(getattr(self, described.name))
-        preset = SAMPLING_PRESETS.get(self.preset)
+        preset = limits.preset(self.preset)
         request = replace(
             self,
             seconds=_first(self.seconds, limits.default_seconds),
             steps=_first(self.steps, preset and preset.steps, limits.default_steps),
             guidance_scale=_first(self.guidance_scale, preset and preset.guidance_scale, limits.default_guidance_scale),
-            scheduler=_first(self.scheduler, preset and preset.scheduler, DEFAULT_SCHEDULER),
+            scheduler=_first(self.scheduler, preset and preset.scheduler, limits.default_scheduler),
             seed=_first(self.seed, random_seed()),
         )
         request = replace(request, image_steps=_first(self.image_steps, request.steps))
         if request.image_steps > request.steps:
             raise InputError("image_steps", f"must be in [1, steps = {request.steps}], got {request.image_steps}")
         if request.negative_caption is not None and not request.uses_cfg:
-            raise InputError("negative_caption", f"needs guidance_scale > 1, got {request.guidance_scale}")
+            raise InputError("negative_caption", f"needs guidance_scale > 1 and a teacher's sampler (a CFG batch), "
+                             f"got {request.guidance_scale} with {request.scheduler}")  # fmt: skip
+        if request.guidance_end <= request.guidance_start:
+            raise InputError("guidance_end", f"must be in (guidance_start = {request.guidance_start}, 1], "
+                             f"got {request.guidance_end}")  # fmt: skip
+        if request.scheduler in STUDENT_SCHEDULERS:
+            # a student has no unconditional batch: guidance is an input, distilled with the image in the
+            # conditional branch (the default), and there is no CFG pass for an interval to skip
+            if request.image_guidance != "conditional":
+                raise InputError("image_guidance", "a distilled student takes guidance as an input, distilled as "
+                                 "'conditional' (guidance amplifies caption and image together)")  # fmt: skip
+            if (request.guidance_start, request.guidance_end) != DEFAULT_GUIDANCE_INTERVAL:
+                named = "guidance_start" if request.guidance_start != DEFAULT_GUIDANCE_INTERVAL[0] else "guidance_end"
+                raise InputError(named, "a distilled student runs no CFG batch, so there is no guidance "
+                                 "interval to set (leave it at 0-1)")  # fmt: skip
         return request
 
     def check_condition(self, *, has_image: bool) -> None:
@@ -227,14 +263,16 @@ class GenerationRequest:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Whether the request needs an unconditional batch (a student takes its guidance as an input)."""
+        return self.guidance_scale > 1.0 and self.scheduler not in STUDENT_SCHEDULERS
 
     def batch_key(self, limits: GenerationLimits) -> tuple:
-        """Requests with equal keys can share one pipeline call (same UNet shape, grids, sampler, CFG rows):
-        clips of the trained length or longer, and loops, all run in windows of the trained length, so
-        they batch together whatever their length; shorter clips batch with clips of their length."""
+        """Requests with equal keys can share one pipeline call (same UNet shape, grids, sampler, CFG rows and
+        interval): clips of the trained length or longer, and loops, all run in windows of the trained length,
+        so they batch together whatever their length; shorter clips batch with clips of their length."""
         shape = "windows" if self.loop or self.seconds >= limits.window_seconds else self.seconds
-        return (shape, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg)
+        return (shape, self.steps, self.image_steps, self.scheduler, self.image_guidance, self.uses_cfg,
+                self.guidance_start, self.guidance_end)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the queue payload)."""

@@ -28,8 +28,11 @@ def describe(directory: Path, manifest: dict) -> str:
             f"{total:,} bytes ({total / 2**30:.2f} GiB), source {manifest['source']}, created {manifest['created']}"
         )
     ]
-    for repo, commit in manifest.get("origin", {}).items():
-        lines.append(f"  from {repo} @ {commit}")
+    for source, detail in manifest.get("origin", {}).items():
+        if isinstance(detail, dict):  # a student: its teacher and the distillation settings
+            lines.append(f"  {source}: " + ", ".join(f"{key} {value}" for key, value in detail.items()))
+        else:
+            lines.append(f"  from {source} @ {detail}")
     for name, component in manifest["components"].items():
         size = sum(manifest["files"][f]["bytes"] for f in component["files"])
         dtype = component["dtype"] or "-"

@@ -107,7 +107,7 @@ class JobForm:
         definitions = {}
         for described in GenerationRequest.interface(limits):
             kind = Literal[described.choices] if described.choices else described.kind  # type: ignore[valid-type]
-            promises = {"ge": described.ge, "gt": described.gt, "le": described.le}
+            promises = {"ge": described.ge, "gt": described.gt, "lt": described.lt, "le": described.le}
             if described.text:
                 promises |= {"min_length": 1, "max_length": settings.max_caption_chars}
             promises = {name: value for name, value in promises.items() if value is not None}

@@ -48,6 +48,6 @@ def limits_only_bundle(tmp_path: Path) -> Path:
     bundle.mkdir()
     (bundle / "model_index.json").write_text(json.dumps({
         "max_seconds": 30, "default_seconds": 10, "max_steps": 1000, "default_steps": 100,
-        "default_guidance_scale": 7,
+        "default_guidance_scale": 7, "scheduler": ["diffusers", "DDIMScheduler"],  # the class names its samplers
     }))  # fmt: skip
     return bundle

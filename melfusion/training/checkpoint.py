@@ -57,6 +57,11 @@ def save_checkpoint(
         "scaler": None if scaler is None else scaler.state_dict(),
         "rng": {"seed": config.seed, "torch": torch.get_rng_state()},
     }
+    return write_checkpoint(path, weights, trainer)
+
+
+def write_checkpoint(path: Path, weights: dict[str, torch.Tensor], trainer: dict) -> Path:
+    """The two files into a staging folder, then swapped in: a crash mid-write leaves older checkpoints intact."""
     with replacing(path, folder=True) as staging:  # the old folder goes only once the new one is whole
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS)
         torch.save(trainer, staging / TRAINER)
@@ -81,11 +86,16 @@ def restore_weights(pipe: MelFusionPipeline, path: Path, trainer_state: dict) ->
     """Put the checkpoint's synapse (its layout wins over the config's) and music UNet into `pipe`."""
     synapse_config = {k: v for k, v in trainer_state["synapse_config"].items() if not k.startswith("_")}
     synapse = VisualSynapse(**synapse_config).to(pipe.device)
-    device = str(pipe.device)
+    load_weights(path, {"synapse.": synapse, "music_unet.": pipe.music_unet}, device=str(pipe.device))
+    pipe.register_modules(synapse=synapse)
+    torch.set_rng_state(trainer_state["rng"]["torch"])
+
+
+def load_weights(path: Path, modules: dict[str, torch.nn.Module], *, device: str) -> None:
+    """Each module gets the checkpoint's tensors under its prefix, copied straight to `device` from the
+    memory-mapped file; a module whose prefix the checkpoint lacks is left as it is."""
     with safe_open(path / WEIGHTS, framework="pt", device=device) as handle:
-        for prefix, module in (("synapse.", synapse), ("music_unet.", pipe.music_unet)):
+        for prefix, module in modules.items():
             names = [name for name in handle.keys() if name.startswith(prefix)]  # noqa: SIM118
             if names:
                 module.load_state_dict({name.removeprefix(prefix): handle.get_tensor(name) for name in names})
-    pipe.register_modules(synapse=synapse)
-    torch.set_rng_state(trainer_state["rng"]["torch"])

@@ -32,6 +32,23 @@ NUMBERS = [
 ]
 
 
+def add_number_arguments(parser: argparse.ArgumentParser, numbers: list[tuple[str, type, str]], defaults) -> None:
+    """One `--name` option per (field, type, help) entry, defaulting to the field's value in `defaults`."""
+    for name, kind, text in numbers:
+        default = getattr(defaults, name)
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text + shown)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Precision, resume and cache options, shared by `train`, `encode` and `distill`."""
+    parser.add_argument("--image-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="frozen SD side while encoding and training (auto: bfloat16 on a GPU)")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: as accelerate launch says")
+    parser.add_argument("--resume", type=Path, help="checkpoint folder (OUT.train/checkpoints/step-...) to continue from")
+    parser.add_argument("--cache-dir", type=Path, help="encoding cache, e.g. on a shared filesystem (default OUT.train/cache)")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, type=Path, help="starting model bundle")
     parser.add_argument("--data", required=True, type=Path, help="JSONL/CSV manifest or folder of triplets")
@@ -44,19 +61,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-alpha", type=initial_alpha, default=defaults.initial_alpha,
                         help=f"every α's start (default {defaults.initial_alpha}, as the experiments'); 'bundle' "
                              "keeps the bundle's own α, e.g. to go on training a trained synapse")
-    for name, kind, text in NUMBERS:
-        default = getattr(defaults, name)
-        shown = "" if default is None else f" (default {default})"
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=text + shown)
+    add_number_arguments(parser, NUMBERS, defaults)
     parser.add_argument("--freeze-unet", action="store_true", help="train α only")
     parser.add_argument("--share-alpha", action="store_true", help="one α for all synapse blocks")
     parser.add_argument("--placement", choices=tuple(PLACEMENTS), default=defaults.placement, help="synapse blocks")
     parser.add_argument("--synapse-blocks", nargs="+", help="explicit synapse blocks, e.g. up_blocks.1 (Table 11)")
-    parser.add_argument("--image-dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="frozen SD side while encoding and training (auto: bfloat16 on a GPU)")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: as accelerate launch says")
-    parser.add_argument("--resume", type=Path, help="checkpoint folder (OUT.train/checkpoints/step-...) to continue from")
-    parser.add_argument("--cache-dir", type=Path, help="encoding cache, e.g. on a shared filesystem (default OUT.train/cache)")
+    add_run_arguments(parser)
 
 
 def add_train_parser(commands) -> None:

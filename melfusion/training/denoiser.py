@@ -27,11 +27,13 @@ class SynapseDenoiser(torch.nn.Module):
         text_mask: torch.Tensor,  # (B, S)
         features: ImageFeatures,  # one pseudo-step: row b's K_l^I, V_l^I at timesteps[b]
         image_strength: torch.Tensor,  # (B,) 1 where the row sees its image, 0 where it is dropped
+        timestep_cond: torch.Tensor | None = None,  # (B, D) a few-step student's guidance input (melfusion.student)
     ) -> torch.Tensor:
         """ε_θ(z_t^M, c, t) (or v) with eq. 5-6 applied in the synapse blocks (Algorithm 1, lines 8-10)."""
         with mixing_image_features(
             self.music_unet, self.synapse, features, text_mask=text_mask, row_strength=image_strength
         ):
             return self.music_unet(
-                noisy_latents, timesteps, encoder_hidden_states=text_states, encoder_attention_mask=text_mask
+                noisy_latents, timesteps, encoder_hidden_states=text_states, encoder_attention_mask=text_mask,
+                timestep_cond=timestep_cond,
             ).sample

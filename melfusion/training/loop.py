@@ -104,6 +104,16 @@ def batch_examples(examples: list[Example], positions: range, seed: int) -> list
     return [examples[epoch_order(len(examples), p // len(examples), seed)[p % len(examples)]] for p in positions]
 
 
+def micro_step_rows(
+    examples: list[Example], config: TrainConfig, micro_step: int, rank: int, world: int
+) -> tuple[list[Example], list[torch.Generator]]:
+    """This process's rows of micro-batch `micro_step` and each row's generator (`draw_batch` draws from it
+    first; `melfusion distill` goes on drawing from it)."""
+    positions = batch_positions(micro_step, config.batch_size, rank, world)
+    generators = [row_generator(config.seed, micro_step, position) for position in positions]
+    return batch_examples(examples, positions, config.seed), generators
+
+
 def row_generator(seed: int, micro_step: int, position: int) -> torch.Generator:
     """The generator for one row's draws (t, posterior sample, ε, CFG dropout).
 
@@ -353,9 +363,7 @@ def train(config: TrainConfig) -> TrainResult:
     dropout = Dropout(text=config.text_dropout, caption=config.caption_dropout, image=config.image_dropout)
 
     def read_batch(micro_step: int) -> TrainBatch:
-        positions = batch_positions(micro_step, config.batch_size, rank, world)
-        generators = [row_generator(config.seed, micro_step, p) for p in positions]
-        return draw_batch(pipe, batch_examples(examples, positions, config.seed), generators, dropout,
+        return draw_batch(pipe, *micro_step_rows(examples, config, micro_step, rank, world), dropout,
                           image_key_values.grid)
 
     # 5. The loop: Algorithm 1, one optimiser step per `gradient_accumulation` micro-batches

@@ -83,6 +83,9 @@ def test_bad_image(local_stack, name, image, content_type, status):
         ("preset", "fast"),
         ("image_steps", "0"),
         ("image_steps", "1001"),
+        ("guidance_start", "1"),
+        ("guidance_end", "0"),
+        ("guidance_end", "1.5"),
     ],
 )
 def test_out_of_range_parameter(local_stack, sample_png, field, value):
@@ -93,6 +96,11 @@ def test_out_of_range_parameter(local_stack, sample_png, field, value):
 def test_more_image_passes_than_steps_names_image_steps(local_stack, sample_png):
     form = {**GOOD_FORM, "steps": "4", "image_steps": "5"}
     assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, form), 422, "image_steps")
+
+
+def test_a_guidance_interval_ending_before_it_starts_names_guidance_end(local_stack, sample_png):
+    form = {**GOOD_FORM, "guidance_start": "0.6", "guidance_end": "0.4"}
+    assert_error(post_job(local_stack, {"image": ("s.png", sample_png, "image/png")}, form), 422, "guidance_end")
 
 
 def test_a_caption_or_an_image_is_needed(local_stack, sample_png):
@@ -171,7 +179,7 @@ def test_openapi_states_the_bundle_ranges(local_stack):
     assert form["steps"]["anyOf"][0]["maximum"] == 1000
     assert form["scheduler"]["anyOf"][0]["enum"] == ["ddim", "dpmpp", "ddpm"]
     assert form["image_guidance"]["anyOf"][0]["enum"] == ["conditional", "both"]
-    assert form["preset"]["anyOf"][0]["enum"] == ["tango", "paper"]
+    assert form["preset"]["anyOf"][0]["enum"] == ["tango", "paper", "fast"]  # fast: a student bundle's (422 here)
     assert form["num_outputs"]["anyOf"][0]["maximum"] == 8 and form["num_outputs"]["default"] == 1
     assert form["caption"]["anyOf"][0]["maxLength"] == 1000 and "negative_caption" in form
     assert "TANGO" in form["preset"]["description"]  # the help text comes from GenerationRequest
