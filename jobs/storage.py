@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import urlencode
 
-from melfusion.audio import AUDIO_FORMATS, DEFAULT_FORMAT, format_of_extension
+from melfusion.formats import AUDIO_FORMATS, DEFAULT_FORMAT, format_of_extension
 from melfusion.files import write_atomically
 
 from .settings import Settings

@@ -18,7 +18,7 @@ from pathlib import Path
 from .cpus import let_idle_threads_sleep, set_torch_threads
 from .errors import BundleError, GenerationCancelled, InputError, MelFusionError
 from .evaluation.cli import add_eval_parser
-from .audio import AUDIO_FORMATS, format_of_extension
+from .formats import AUDIO_FORMATS, format_of_extension
 from .images import load_image
 from .limits import DTYPES, check_device, read_limits
 from .manifest import default_tiny_bundle_dir

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .audio import AUDIO_FORMATS, DEFAULT_FORMAT
+from .formats import AUDIO_FORMATS, DEFAULT_FORMAT
 from .errors import InputError
 from .limits import (
     IMAGE_GUIDANCE_MODES, LOUDNESS_RANGE_LUFS, MAX_GUIDANCE_SCALE, SAMPLING_PRESETS, STUDENT_SCHEDULERS, GenerationLimits,

@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from melfusion import mastering
-from melfusion.audio import AUDIO_FORMATS, audio_format, encode_audio
+from melfusion.audio import encode_audio
+from melfusion.formats import AUDIO_FORMATS, audio_format
 from melfusion.errors import InputError
 
 RATE = 16000

@@ -33,7 +33,7 @@ from jobs.lifecycle import announce
 from jobs.metrics import QUEUE_WAIT, RUN_TIME, observe
 from jobs.queue import CANCEL_AT, ErrorCode, JobStatus, cancel_key
 from jobs.storage import PNG, StorageUnavailable, output_key, retry_storage, spectrogram_key
-from melfusion.audio import audio_format
+from melfusion.formats import audio_format
 from melfusion.errors import GenerationCancelled, InputError
 from melfusion.images import load_image
 from melfusion.mastering import deliver
