@@ -77,8 +77,9 @@ def test_training_learns_to_use_the_image(make_config, v_prediction_bundle, tmp_
     spectrum = lambda audio: log_mel(torch.as_tensor(np.asarray(audio, dtype=np.float32))[None])[0]  # noqa: E731
     samples = round(SECONDS * pipe.sampling_rate)
     with torch.no_grad():
-        tones = [spectrum(pipe.decode_latents(load_posterior(e)[0][None] * pipe.mel_vae.config.scaling_factor,
-                                              samples)[0]) for e in examples[:2]]
+        decoded = [pipe.decode_latents(load_posterior(e)[0][None] * pipe.mel_vae.config.scaling_factor, samples)
+                   for e in examples[:2]]  # (audio, where NaN/inf began) per tone
+        tones = [spectrum(audio[0]) for audio, _ in decoded]
     assert list(COLOUR_TONES) == [load_image(row.image).getpixel((0, 0)) for row in rows[:2]]
     for colour, row in enumerate(rows[:2]):
         # the image's trajectory on the training grid: a random SD UNet's DDIM path depends on its grid
