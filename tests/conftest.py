@@ -7,11 +7,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from dummies import make_pipeline, noise_image
 from PIL import Image
 
 from melfusion.bundle import create_tiny_bundle
 from melfusion.pipeline import MelFusionPipeline
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """A test that runs the CLI in-process (`generate` sets torch's thread count for the machine) leaves the
+    count as it found it: later tests' numerics, and the feature caches they share, depend on it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,10 @@ FEATURE_STEPS = 4  # a coarse grid keeps the one-off image encoding cheap
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """The models here are tiny: a second intra-op thread gains little alone and, on a busy 2-core machine,
-    costs up to 6x in spin-waits (measured: 15 s vs 97 s for this folder)."""
+    costs up to 6x in spin-waits (measured: 15 s vs 97 s for this folder). One thread also fixes the
+    numerics: a random SD UNet's DDIM path turns the rounding differences between thread counts and batch
+    sizes into different trajectories (measured: 2.3 apart at 2 threads), which the shared feature cache
+    and the learning test would see (the root conftest restores the count after each test)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
