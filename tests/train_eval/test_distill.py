@@ -28,7 +28,9 @@ from melfusion.training.distill_cli import DistillConfig
 SECONDS = 0.5
 GUIDANCE = 3.0  # the student learns one scale here, so a few minutes of CPU teach it
 HELD_OUT_SEEDS = list(range(1000, 1008))  # training draws its noise from other generators
-STEPS, LR = 150, 1e-3  # about two minutes of one CPU thread
+# about three minutes of one CPU thread. lr 10⁻³ wrecks the random UNet faster than it folds the guidance
+# in (4 steps: 1.29); at 10⁻⁴ the batch decides: 4 steps 0.92 at batch 2, 0.86 at 4, 0.81 at 8, 0.78 at 16
+STEPS, LR, BATCH = 150, 1e-4, 16
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +55,20 @@ def make_config(teacher, manifest, feature_cache, tmp_path):
 def distilled(teacher, manifest, feature_cache, tmp_path_factory) -> Path:
     """The student of the quality test (the run that the other module tests read too)."""
     out = tmp_path_factory.mktemp("distilled") / "student"
-    train = TrainConfig(bundle=teacher, data=manifest, out=out, max_steps=STEPS, batch_size=2, seconds=SECONDS,
+    train = TrainConfig(bundle=teacher, data=manifest, out=out, max_steps=STEPS, batch_size=BATCH, seconds=SECONDS,
                         feature_steps=4, cache_dir=feature_cache, checkpoint_every=10**6, unet_lr=LR, weight_decay=0.0)
     distill(DistillConfig(train, guidance_min=GUIDANCE, guidance_max=GUIDANCE))
     return out
 
 
-def test_distillation_brings_the_students_one_step_nearer_the_teachers_many_than_the_teachers_own(
+def test_distillation_brings_the_students_4_steps_nearer_the_teachers_50_than_the_teachers_own_4(
     teacher, distilled, manifest
 ):
-    """Prints the ratio at 1, 2, 4 and 8 steps. Issue 17 asks for ≤ 0.8 at 4 steps; two minutes of CPU on a
-    random teacher do not reach it (README, "Few-step students": measured ratios and why), so this asserts
-    what they do buy: the 1-step clip, where the teacher's own DDIM is worst, moves toward the teacher's
-    50 steps (an undistilled student gives exactly 1)."""
+    """Issue 17's measure: over held-out seeds, the mean L2 of the student's clips from the teacher's 50-step
+    clips, divided by that of the teacher's own DDIM clips at the same step count, ≤ 0.8 at 4 steps (it
+    prints 1, 2, 4 and 8). The student starts as the teacher's conditional branch (its guidance input is
+    zero), so it must fold guidance 3 in as well as take longer steps: undistilled it gives 0.88, 0.91,
+    1.05 and 1.62."""
     rows = read_triplets(manifest).rows
     captions = [rows[i % len(rows)].caption for i in range(len(HELD_OUT_SEEDS))]
     images = [load_image(rows[i % len(rows)].image) for i in range(len(HELD_OUT_SEEDS))]
@@ -77,8 +80,8 @@ def test_distillation_brings_the_students_one_step_nearer_the_teachers_many_than
     print("\nmean L2 from the teacher's 50-step clips (student n steps | teacher n steps | ratio):")
     for n, (student, teacher_n) in distances.items():
         print(f"  {n} steps: {student:.4f} | {teacher_n:.4f} | {student / teacher_n:.3f}")
-    student_1, teacher_1 = distances[1]
-    assert student_1 <= 0.9 * teacher_1, distances  # measured 0.82
+    student_4, teacher_4 = distances[4]
+    assert student_4 <= 0.8 * teacher_4, distances  # measured 0.78
 
 
 def test_a_student_bundle_verifies_loads_names_its_teacher_and_samples_in_few_steps(teacher, distilled, image):
