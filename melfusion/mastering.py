@@ -49,8 +49,9 @@ def true_peak_dbtp(waveform: np.ndarray, sampling_rate: int, *, loop: bool = Fal
 
 def integrated_loudness(waveform: np.ndarray, sampling_rate: int) -> float:
     """Integrated loudness in LUFS (gated, BS.1770-4); clips shorter than the 400 ms gating block are
-    measured as one block."""
-    block = min(0.4, waveform.size / sampling_rate)
+    measured as one block (half a sample short of the clip: pyloudnorm refuses a block that `size / rate`
+    rounding makes a hair longer than the clip, e.g. 2007 samples at 16 kHz)."""
+    block = min(0.4, (waveform.size - 0.5) / sampling_rate)
     return float(pyloudnorm.Meter(sampling_rate, block_size=block).integrated_loudness(waveform.astype(np.float64)))
 
 

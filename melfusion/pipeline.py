@@ -992,8 +992,10 @@ class MelFusionPipeline(DiffusionPipeline):
         )
 
     def guidance_condition(self, guidance: list[float], device: torch.device) -> torch.Tensor:
-        """(B, D) a student UNet's guidance input, one scale per row (`melfusion.student.guidance_embedding`)."""
-        embedding = guidance_embedding(torch.tensor(guidance), self.music_unet.config.time_cond_proj_dim)
+        """(B, D) a student UNet's guidance input, one scale per row (`melfusion.student.guidance_embedding`).
+        A scale ≤ 1 means no guidance, as for the teacher: the student learned it as 1, never below."""
+        scales = torch.tensor([max(g, 1.0) for g in guidance])
+        embedding = guidance_embedding(scales, self.music_unet.config.time_cond_proj_dim)
         return embedding.to(device=device, dtype=self.music_unet.dtype)
 
     def spectrogram_png(self, audio: np.ndarray) -> bytes:

@@ -62,6 +62,13 @@ def test_a_student_runs_one_unet_row_per_clip_with_each_rows_guidance_as_input(s
     assert all(torch.equal(condition, expected) for _, condition in calls)
 
 
+def test_a_student_reads_guidance_up_to_1_as_1_like_its_teacher(student):
+    # ≤ 1 turns guidance off; distillation draws scales ≥ 1, so below 1 the student is asked for 1
+    dim = student.music_unet.config.time_cond_proj_dim
+    assert torch.equal(student.guidance_condition([0.0, 0.5, 1.0, 3.0], torch.device("cpu")),
+                       guidance_embedding(torch.tensor([1.0, 1.0, 1.0, 3.0]), dim))  # fmt: skip
+
+
 @pytest.mark.parametrize("scheduler", ["tcd", "lcm"])
 def test_student_clips_are_seeded_and_strength_zero_is_caption_only(student, image, other_image, scheduler):
     run = lambda *args, **kwargs: student(*args, scheduler=scheduler, **FAST, **kwargs).audios

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import InputError
 from ..files import replacing
 from ..pipeline import MelFusionPipeline
 from ..synapse import VisualSynapse
@@ -77,9 +78,18 @@ def prune_checkpoints(config: TrainConfig) -> list[Path]:
     return stale
 
 
-def load_trainer_state(path: Path) -> dict:
-    """The small part (config, step, optimiser, scaler, RNG), memory-mapped rather than read."""
-    return torch.load(path / TRAINER, map_location="cpu", weights_only=False, mmap=True)
+def load_trainer_state(path: Path, *, made_by: str | None = None) -> dict:
+    """The small part (config, step, optimiser, scaler, RNG), memory-mapped rather than read.
+
+    With `made_by` ("train" or "distill"), an InputError naming `resume` unless `path` is a checkpoint of
+    that command: before the optimiser meets another model's parameter groups."""
+    if not (path / TRAINER).is_file():
+        raise InputError("resume", f"{path} is not a checkpoint folder (it has no {TRAINER})")
+    state = torch.load(path / TRAINER, map_location="cpu", weights_only=False, mmap=True)
+    made = "distill" if "distill" in state["config"] else "train"
+    if made_by is not None and made != made_by:
+        raise InputError("resume", f"{path} is a `melfusion {made}` checkpoint: resume it with `melfusion {made}`")
+    return state
 
 
 def restore_weights(pipe: MelFusionPipeline, path: Path, trainer_state: dict) -> None:

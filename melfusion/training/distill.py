@@ -233,7 +233,7 @@ def distill(config: DistillConfig) -> TrainResult:
     pipe.synapse.requires_grad_(False)
     student_unet = student_unet_from(pipe.music_unet, config.guidance_embedding_dim).train()
     target_unet = student_unet_from(pipe.music_unet, config.guidance_embedding_dim).requires_grad_(False).eval()
-    resumed = load_trainer_state(settings.resume) if settings.resume else None
+    resumed = load_trainer_state(settings.resume, made_by="distill") if settings.resume else None
     if resumed is not None:
         load_weights(settings.resume, {STUDENT: student_unet, TARGET: target_unet}, device=str(accelerator.device))
         torch.set_rng_state(resumed["rng"]["torch"])

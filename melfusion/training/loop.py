@@ -336,7 +336,7 @@ def train(config: TrainConfig) -> TrainResult:
     pipe = load_pipeline(config.bundle, device=accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.register_modules(synapse=training_synapse(pipe.synapse, config).to(accelerator.device))
-    resumed = load_trainer_state(config.resume) if config.resume else None
+    resumed = load_trainer_state(config.resume, made_by="train") if config.resume else None
     if resumed is not None:
         restore_weights(pipe, config.resume, resumed)
     step = resumed["step"] if resumed else 0

@@ -4,6 +4,7 @@ and a resumed run is the same run."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from diffusers import DDIMScheduler
 from melfusion.bundle import load_pipeline, verify_bundle
 from melfusion.cli import main
 from melfusion.dataset.manifest import read_triplets
+from melfusion.errors import InputError
 from melfusion.images import load_image
 from melfusion.manifest import read_manifest
 from melfusion.presets import sd_scheduler
@@ -24,6 +26,7 @@ from melfusion.training.checkpoint import load_trainer_state
 from melfusion.training.config import TrainConfig
 from melfusion.training.distill import distill, few_step_distances
 from melfusion.training.distill_cli import DistillConfig
+from melfusion.training.loop import train
 
 SECONDS = 0.5
 GUIDANCE = 3.0  # the student learns one scale here, so a few minutes of CPU teach it
@@ -114,6 +117,11 @@ def test_resuming_from_a_checkpoint_gives_the_same_run(make_config):
     assert resumed.losses == straight.losses[2:]
     a, b = (load_pipeline(result.bundle).music_unet for result in (straight, resumed))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    # a checkpoint of the other command, or no checkpoint at all, is refused by name before any step
+    with pytest.raises(InputError, match="resume it with `melfusion distill`"):
+        train(dataclasses.replace(make_config("as training").train, resume=halfway))
+    with pytest.raises(InputError, match="not a checkpoint folder"):
+        distill(make_config("nowhere", resume=halfway.parent / "step-9999999"))
 
 
 def test_cli_distils_and_generate_uses_the_students_sampler(make_config, tmp_path, capsys):
