@@ -162,9 +162,10 @@ def requeue_started(job: Job, queue: Queue) -> None:
 
 def get_attempts(job: Job, status: JobStatus) -> int:
     """How many times the job (now `status`) has been started (a lost worker's job runs again while
-    retries are left)."""
+    retries are left): a job canceled while queued, or aborted at its deadline before it ran, has none."""
     retries_used = job.meta.get("max_retries", 0) - (job.retries_left or 0)
-    return retries_used + (0 if status is JobStatus.QUEUED else 1)
+    never_ran = status in (JobStatus.QUEUED, JobStatus.ABORTED) or job.started_at is None
+    return retries_used + (0 if never_ran else 1)
 
 
 def cancel_key(job_id: str) -> str:

@@ -5,6 +5,7 @@ without reading the worker. Torch-free: only names for type checkers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -51,6 +52,10 @@ class Engine(Protocol):
         """Every clip of resolved requests sharing one `batch_key(limits)`, in one call. `callback` gets an object
         with `step`, `total` and `fraction` after each step; `should_cancel()` True stops it
         (GenerationCancelled)."""
+
+    @property
+    def shape_misses(self) -> Counter[str]:
+        """Calls that fit no warmed shape, by what missed; the worker reports and clears them after a batch."""
 
     def warm_up(self, buckets: ShapeBuckets) -> int:
         """Run every shape of `buckets` once, so that no job pays for compilation; returns the calls made."""

@@ -133,9 +133,8 @@ class JobEvents:
                 watch.woken.set()
 
 
-def _progress(job: JobPublic, progress: float | None = None) -> dict:
-    return {"id": job.id, "status": job.status.value, "progress": job.progress if progress is None else progress,
-            "queue_position": job.queue_position}  # fmt: skip
+def _progress(job: JobPublic) -> dict:
+    return {"id": job.id, "status": job.status.value, "progress": job.progress, "queue_position": job.queue_position}
 
 
 async def follow_job(events: JobEvents, job_id: str, describe: Callable[[], JobPublic]) -> AsyncIterator[

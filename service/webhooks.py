@@ -44,12 +44,13 @@ RETRIED_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # IPv6 ranges that carry an IPv4 address, which a translator or tunnel delivers to: RFC 6052 NAT64 prefixes
 # (the well-known /96, and the local-use /48 with each prefix length RFC 8215 allows in it), 6to4, Teredo
-# and the deprecated IPv4-compatible form; IPv4-mapped addresses are Python's `ipv4_mapped`.
+# the deprecated IPv4-compatible form and SIIT's IPv4-translated form (RFC 2765 `::ffff:0:a.b.c.d`); IPv4-mapped
+# addresses are Python's `ipv4_mapped`.
 NAT64_PREFIXES = (
     (ipaddress.ip_network("64:ff9b::/96"), (96,)),
     (ipaddress.ip_network("64:ff9b:1::/48"), (48, 56, 64, 96)),  # local use: any layout may be in use
 )
-IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+LOW_32_BITS_IPV4 = (ipaddress.ip_network("::/96"), ipaddress.ip_network("::ffff:0:0:0/96"))  # compatible, translated
 
 
 def _rfc6052_ipv4(address: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
@@ -68,7 +69,7 @@ def embedded_ipv4(address: Address) -> list[ipaddress.IPv4Address]:
     for network, lengths in NAT64_PREFIXES:
         if address in network:
             found += [_rfc6052_ipv4(address, length) for length in lengths]
-    if address in IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1, which are themselves
+    if any(address in network for network in LOW_32_BITS_IPV4) and int(address) > 1:  # :: and ::1 are themselves
         found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
     return [ipv4 for ipv4 in found if ipv4 is not None]
 

@@ -215,7 +215,8 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
             return  # every row was canceled, and each has ended
         except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError, whatever the device
             if len(part) == 1:
-                end(part[0], exc)
+                if not part[0].ended:  # a cancel or Cancel-After may have ended it during the call
+                    end(part[0], exc)
                 return
             log.warning("batch of %d (%s) ran out of device memory; running its halves", len(part),
                         ", ".join(row.job.id for row in part))  # fmt: skip
@@ -225,14 +226,14 @@ def run_batch(jobs: list[Job], runtime: Runtime, *, finish: FinishJob, write: Wr
                     end(row, exc)
             return
         else:
-            first = 0
+            first, errors = 0, output.errors or [None] * len(output.audios)
             for row in part:  # a job's `num_outputs` clips are consecutive rows
                 clips = slice(first, first + row.request.num_outputs)
                 first = clips.stop
                 if not row.ended:
                     row.ended = True  # the writer ends it from here on
                     audios = [output.clip(index) for index in range(clips.start, clips.stop)]  # each at its length
-                    write(row.job.id, partial(finish_row, row, audios, output.sampling_rate, output.errors[clips]))
+                    write(row.job.id, partial(finish_row, row, audios, output.sampling_rate, errors[clips]))
             return
         # Out of memory: the exception (and the frames holding the failed call's tensors) is gone by now.
         if torch.cuda.is_available():

@@ -91,7 +91,8 @@ def test_cancel_after_aborts_a_job_not_started_and_cancels_a_running_one(local_s
     assert dt.timedelta(seconds=5.5) <= finished - created < dt.timedelta(seconds=30)  # created: just after the deadline
     aborted = client.wait(waiting.id, timeout=60)
     assert aborted.status == "aborted" and aborted.error["code"] == "aborted", aborted.raw
-    assert aborted.raw["started_at"] is None and aborted.progress == 0 and aborted.result is None
+    assert aborted.raw["started_at"] is None and aborted.raw["attempts"] == 0  # a worker took it; it never ran
+    assert aborted.progress == 0 and aborted.result is None
     in_time = client.wait(client.submit(caption="in time", cancel_after="10m", **FAST).id, timeout=180)
     assert in_time.status == "succeeded"
     with local_stack.http(ALICE) as http:

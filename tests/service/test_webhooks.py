@@ -20,10 +20,11 @@ from service.webhooks import check_target, delivery_client, post_to_checked_addr
 
 FAST = {"seconds": 1, "steps": 4}
 # IPv6 forms that lead to 127.0.0.1 although Python's `is_global` calls them public (or may, by version):
-# NAT64 well-known and local-use (RFC 6052 /96 and /48 layouts), 6to4, IPv4-compatible, IPv4-mapped, Teredo
+# NAT64 well-known and local-use (RFC 6052 /96 and /48 layouts), 6to4, IPv4-compatible, IPv4-mapped, Teredo,
+# IPv4-translated (SIIT)
 EMBEDDING_LOOPBACK = [f"http://[{address}]/hook" for address in (
     "64:ff9b::7f00:1", "64:ff9b:1::7f00:1", "64:ff9b:1:7f00:0:100::", "2002:7f00:1::", "::127.0.0.1",
-    "::ffff:127.0.0.1", "2001:0:808:808:0:0:80ff:fffe",
+    "::ffff:127.0.0.1", "2001:0:808:808:0:0:80ff:fffe", "::ffff:0:7f00:1",
 )]  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def test_cancel_running_job_stops_it_and_queued_job_never_runs(local_stack, samp
     inputs = Path(local_stack.env["MELFUSION_STORAGE_DIR"]) / "inputs"
     assert any(inputs.glob(f"{queued.id}.*"))
     canceled = client.cancel(queued.id)
-    assert canceled.status == "canceled" and canceled.raw["finished_at"] is not None
+    assert canceled.status == "canceled" and canceled.raw["finished_at"] is not None and canceled.raw["attempts"] == 0
     assert not any(inputs.glob(f"{queued.id}.*"))  # a job that will never run keeps no photo
     client.cancel(running.id)
     stopped = wait_for_job(client, running.id, lambda j: j.status == "canceled", what="canceled")
