@@ -748,7 +748,7 @@ class MelFusionPipeline(DiffusionPipeline):
         guidance_start, guidance_end = first.guidance_start, first.guidance_end
         seconds = [request.seconds for request in requests]
         loops = [request.loop for request in requests]
-        guidance = [request.guidance_scale for request in requests]
+        guidance = [max(request.guidance_scale, 1.0) for request in requests]  # <= 1: no guidance, i.e. 1
         strength = [request.image_strength for request in requests]
         seeds = [request.seed for request in requests]
         if image_features is not None:
@@ -810,7 +810,7 @@ class MelFusionPipeline(DiffusionPipeline):
                 )  # fmt: skip
                 return text_states[-count:], text_mask[-count:], chunks
 
-            scale = torch.tensor([max(g, 1.0) for g in guidance], device=device, dtype=latents.dtype)
+            scale = torch.tensor(guidance, device=device, dtype=latents.dtype)
             guided = guided_steps(steps, guidance_start, guidance_end) if with_unconditional else [False] * steps
             # A compiled pipeline is warmed on the CFG batch only (shapes.py): it runs the steps outside the
             # interval on that batch too and uses their conditional half, so the interval saves no UNet time there
@@ -992,10 +992,8 @@ class MelFusionPipeline(DiffusionPipeline):
         )
 
     def guidance_condition(self, guidance: list[float], device: torch.device) -> torch.Tensor:
-        """(B, D) a student UNet's guidance input, one scale per row (`melfusion.student.guidance_embedding`).
-        A scale ≤ 1 means no guidance, as for the teacher: the student learned it as 1, never below."""
-        scales = torch.tensor([max(g, 1.0) for g in guidance])
-        embedding = guidance_embedding(scales, self.music_unet.config.time_cond_proj_dim)
+        """(B, D) a student UNet's guidance input, one scale (≥ 1) per row (`melfusion.student.guidance_embedding`)."""
+        embedding = guidance_embedding(torch.tensor(guidance), self.music_unet.config.time_cond_proj_dim)
         return embedding.to(device=device, dtype=self.music_unet.dtype)
 
     def spectrogram_png(self, audio: np.ndarray) -> bytes:

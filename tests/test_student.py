@@ -64,9 +64,13 @@ def test_a_student_runs_one_unet_row_per_clip_with_each_rows_guidance_as_input(s
 
 def test_a_student_reads_guidance_up_to_1_as_1_like_its_teacher(student):
     # ≤ 1 turns guidance off; distillation draws scales ≥ 1, so below 1 the student is asked for 1
-    dim = student.music_unet.config.time_cond_proj_dim
-    assert torch.equal(student.guidance_condition([0.0, 0.5, 1.0, 3.0], torch.device("cpu")),
-                       guidance_embedding(torch.tensor([1.0, 1.0, 1.0, 3.0]), dim))  # fmt: skip
+    calls, hook = unet_calls(student)
+    try:
+        student(["calm piano"] * 4, guidance_scale=[0.0, 0.5, 1.0, 3.0], seed=1, **FAST)
+    finally:
+        hook.remove()
+    expected = guidance_embedding(torch.tensor([1.0, 1.0, 1.0, 3.0]), student.music_unet.config.time_cond_proj_dim)
+    assert calls and all(torch.equal(condition, expected) for _, condition in calls)
 
 
 @pytest.mark.parametrize("scheduler", ["tcd", "lcm"])
